@@ -22,9 +22,9 @@ and evaluation batches may carry masks over rows, e.g. ``unseen`` BoolTensor [B]
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -55,22 +55,34 @@ def fixed_batch_loader(batches: list[Batch]) -> DataLoader:
     return DataLoader(_FixedBatches(batches), batch_size=None, shuffle=False, num_workers=0)
 
 
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The random generator of training batch number ``index`` of a run seeded ``seed``.
+
+    Batches are a pure function of (seed, index), not of a generator's running state, so
+    a run resumed from a checkpoint at step t draws exactly the batches an uninterrupted
+    run draws from step t on, whatever the loader had prefetched when it was saved.
+    """
+    # Tuples of ints hash deterministically across processes (no hash randomisation).
+    return torch.Generator().manual_seed(hash((seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 class _EndlessBatches(IterableDataset):
-    def __init__(self, sample: Any) -> None:
+    def __init__(self, sample: Callable[[int], Batch], start: Callable[[], int]) -> None:
         self.sample = sample
+        self.start = start
 
     def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.sample()
+        return map(self.sample, itertools.count(self.start()))
 
 
-def endless_loader(sample: Any) -> DataLoader:
-    """An endless DataLoader whose batches come from ``sample()``.
+def endless_loader(sample: Callable[[int], Batch], start: Callable[[], int]) -> DataLoader:
+    """An endless DataLoader yielding ``sample(start()), sample(start() + 1), ...``.
 
-    Training is counted in optimizer steps, not epochs, so the train loader never ends;
-    ``sample`` owns its random generator so the batch sequence depends only on the seed.
+    Training is counted in optimizer steps, not epochs, so the train loader never ends.
+    ``start`` is read when iteration begins: the trainer's global step, so that a resumed
+    run continues the batch sequence where the checkpoint left it.
     """
-    return DataLoader(_EndlessBatches(sample), batch_size=None, num_workers=0)
+    return DataLoader(_EndlessBatches(sample, start), batch_size=None, num_workers=0)
 
 
 class GrokDataModule(L.LightningDataModule, ABC):
@@ -87,6 +99,11 @@ class GrokDataModule(L.LightningDataModule, ABC):
 
     task_name: str = ""
     eval_names: tuple[str, ...] = ("test",)
+
+    def steps_done(self) -> int:
+        """Optimizer steps already taken (the restored step when resuming), 0 standalone."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.global_step if trainer is not None else 0
 
     @abstractmethod
     def model_dims(self) -> dict[str, int]:

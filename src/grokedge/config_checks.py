@@ -1,0 +1,55 @@
+"""Checks of a composed config that must pass before anything is built or trained.
+
+Each failure is one :class:`ConfigError` naming the key, the value and what is allowed.
+Unknown config-group options (``task=foo``, ``callbacks=foo``, ``logger=foo``) never get
+here: Hydra rejects them while composing, listing the available options.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+TASKS = ("dyck", "modular", "scan")
+
+
+class ConfigError(ValueError):
+    """A configuration value that grokedge cannot run with."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _require(cfg: DictConfig, key: str, ok: Any, allowed: str) -> None:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` on the first value grokedge cannot run with."""
+    _require(cfg, "task.name", lambda v: v in TASKS, f"one of {', '.join(TASKS)}")
+    _require(cfg, "optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0")
+    _require(cfg, "optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    _require(
+        cfg,
+        "trainer.max_steps",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "an integer >= 1",
+    )
+    _require(cfg, "task.eval_every", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    _require(
+        cfg, "task.grok.threshold", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"
+    )
+    _require(cfg, "task.grok.patience", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    _require(
+        cfg,
+        "task.stop_after_grok",
+        lambda v: v is None or (isinstance(v, int) and v >= 0),
+        "null or an integer >= 0",
+    )
+    _require(cfg, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    _require(cfg, "seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")

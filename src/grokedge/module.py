@@ -1,0 +1,269 @@
+"""GrokModule: the LightningModule every grokedge run trains.
+
+It owns the loss, the evaluation metrics, grok detection and a *functional* evaluation
+(``evaluate(params, batch)``) through which the analysis callbacks ablate and perturb the
+model without ever touching the live parameters or the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric
+
+from grokedge.tasks.base import IGNORE_INDEX, Batch
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token results of one forward pass.
+
+    ``loss`` [B, T] cross-entropy (0 where ignored), ``correct`` [B, T] bool,
+    ``valid`` [B, T] bool, ``weight`` [B] row multiplicities, ``logits`` [B, T, C].
+    """
+
+    loss: Tensor
+    correct: Tensor
+    valid: Tensor
+    weight: Tensor
+    logits: Tensor
+
+    @property
+    def token_weight(self) -> Tensor:
+        """[B, T] weight of each token: its row's multiplicity, 0 where ignored."""
+        return self.weight[:, None] * self.valid
+
+    def mean_loss(self) -> Tensor:
+        """Scalar: the loss averaged over the batch's original (undeduplicated) tokens."""
+        w = self.token_weight
+        return (self.loss * w).sum() / w.sum()
+
+    def accuracy(self) -> Tensor:
+        w = self.token_weight
+        return (self.correct * w).sum() / w.sum()
+
+    def row_correct(self) -> Tensor:
+        """[B] bool: every labelled token of the row is right (sequence accuracy)."""
+        return (self.correct | ~self.valid).all(dim=1)
+
+
+def token_stats(logits: Tensor, labels: Tensor, weight: Tensor) -> TokenStats:
+    """Cross-entropy and correctness per token; ``labels == IGNORE_INDEX`` are skipped."""
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(labels)
+    valid = labels != IGNORE_INDEX
+    correct = (logits.argmax(-1) == labels) & valid
+    return TokenStats(loss, correct, valid, weight.to(logits.dtype), logits)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """``evaluate``'s answer: scalar ``loss`` and ``acc`` (token-level), ``logits``."""
+
+    loss: Tensor
+    acc: Tensor
+    logits: Tensor
+
+
+class GrokModule(L.LightningModule):
+    """Trains ``net`` on a grokking task and decides when it has grokked.
+
+    Args:
+        net: a grokedge model (``input_keys`` names the batch entries it reads).
+        optimizer: builds the optimizer from parameters (Hydra ``_partial_`` AdamW).
+        eval_names: names of the evaluation sets, in ``val_dataloader()`` order.
+        grok_metric: metric that decides grokking, e.g. ``test/acc``.
+        grok_threshold: the metric must reach this value...
+        grok_patience: ...at this many consecutive evaluations; the grok step is the
+            first of them.
+        warmup_steps: linear learning-rate warm-up from 0 (0: constant from the start).
+        stop_after_grok: stop this many steps after the grok step (None: run on).
+        exact_match_sets: evaluation sets on which seq2seq models are also decoded
+            greedily for ``{set}/exact_match`` (costly: one decoder pass per position).
+        log_every_n_steps: cadence of ``train/batch_loss``.
+
+    Example:
+        >>> from functools import partial
+        >>> from grokedge.models import CausalTransformer
+        >>> net = CausalTransformer(vocab_size=3, num_classes=13, max_len=24)
+        >>> module = GrokModule(net, partial(torch.optim.AdamW, lr=1e-3))
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        eval_names: Sequence[str] = ("test",),
+        grok_metric: str = "test/acc",
+        grok_threshold: float = 0.95,
+        grok_patience: int = 1,
+        warmup_steps: int = 0,
+        stop_after_grok: int | None = None,
+        exact_match_sets: Sequence[str] = ("test",),
+        log_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.eval_names = tuple(eval_names)
+        self.grok_metric = grok_metric
+        self.grok_threshold = grok_threshold
+        self.grok_patience = grok_patience
+        self.warmup_steps = warmup_steps
+        self.stop_after_grok = stop_after_grok
+        self.log_every_n_steps = log_every_n_steps
+        self.is_seq2seq = hasattr(net, "generate")
+        self.exact_match_sets = tuple(exact_match_sets) if self.is_seq2seq else ()
+        self.metric_names = self._metric_names()
+        self.metrics = nn.ModuleDict({_key(name): MeanMetric() for name in self.metric_names})
+        self.grok_step: int | None = None
+        self._streak_start: int | None = None
+        self._streak = 0
+
+    # -- model ------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> Tensor:
+        return self.net(*(batch[k] for k in self.net.input_keys))
+
+    def stats(self, batch: Batch) -> TokenStats:
+        return token_stats(self(batch), batch["labels"], batch["weight"])
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def evaluate(self, params: Mapping[str, Tensor], batch: Batch) -> EvalResult:
+        """Loss, accuracy and logits of the model with ``params`` in place of its own.
+
+        ``params`` maps parameter names of ``net`` (e.g. ``blocks.0.attn.in_proj_weight``)
+        to tensors; names left out keep the live values. Nothing of the live model or the
+        optimizer changes, so analyses can run between training steps.
+        """
+        logits = functional_call(
+            self.net, dict(params), tuple(batch[k] for k in self.net.input_keys), strict=False
+        )
+        stats = token_stats(logits, batch["labels"], batch["weight"])
+        return EvalResult(stats.mean_loss(), stats.accuracy(), logits)
+
+    # -- training ---------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.stats(batch).mean_loss()
+        # Logging every step costs more than a small model's step; log on a cadence.
+        if self.global_step % self.log_every_n_steps == 0:
+            self.log("train/batch_loss", loss)
+        return loss
+
+    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
+        if (
+            self.grok_step is not None
+            and self.stop_after_grok is not None
+            and self.global_step >= self.grok_step + self.stop_after_grok
+        ):
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self) -> dict:
+        optimizer = self.optimizer_factory(self.net.parameters())
+        if not self.warmup_steps:
+            return {"optimizer": optimizer}
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- evaluation -------------------------------------------------------------------
+    def _metric_names(self) -> list[str]:
+        names = []
+        for s in self.eval_names:
+            names += [f"{s}/loss", f"{s}/acc"]
+            if s == "test":
+                names.append("test/acc_unseen")
+            if self.is_seq2seq:
+                names.append(f"{s}/seq_acc")
+            if s in self.exact_match_sets:
+                names.append(f"{s}/exact_match")
+        return names
+
+    def _update(self, name: str, values: Tensor, weights: Tensor) -> None:
+        metric = self.metrics[_key(name)]
+        metric.update(values.to(torch.float32), weights.to(torch.float32))
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self.eval_names[dataloader_idx]
+        s = self.stats(batch)
+        w = s.token_weight
+        self._update(f"{name}/loss", s.loss[s.valid], w[s.valid])
+        self._update(f"{name}/acc", s.correct[s.valid], w[s.valid])
+        if "unseen" in batch and f"{name}/acc_unseen" in self.metric_names:
+            mask = s.valid & batch["unseen"][:, None]
+            if mask.any():
+                self._update(f"{name}/acc_unseen", s.correct[mask], w[mask])
+        if self.is_seq2seq:
+            self._update(f"{name}/seq_acc", s.row_correct(), s.weight)
+        if name in self.exact_match_sets:
+            self._update(f"{name}/exact_match", self._exact_match(batch), s.weight)
+
+    def _exact_match(self, batch: Batch) -> Tensor:
+        """[B] bool: greedy decoding reproduces the target sequence exactly."""
+        labels = batch["labels"]
+        decoded = self.net.generate(batch["src"], max_len=labels.shape[1])
+        width = min(decoded.shape[1], labels.shape[1])
+        valid = labels != IGNORE_INDEX
+        agree = decoded[:, :width] == labels[:, :width]
+        # Positions past the decoded length count as wrong unless they are padding.
+        agree = torch.cat([agree, ~valid[:, width:]], dim=1)
+        return (agree | ~valid).all(dim=1)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for name in self.metric_names:
+            metric = self.metrics[_key(name)]
+            if metric.update_called:
+                values[name] = metric.compute()
+            metric.reset()
+        self.log_dict(values)
+        self._detect_grok(values)
+
+    def _detect_grok(self, values: Mapping[str, Tensor]) -> None:
+        if self.grok_step is not None or self.grok_metric not in values:
+            return
+        if float(values[self.grok_metric]) >= self.grok_threshold:
+            if self._streak == 0:
+                self._streak_start = self.global_step
+            self._streak += 1
+        else:
+            self._streak, self._streak_start = 0, None
+        if self._streak >= self.grok_patience:
+            self.grok_step = self._streak_start
+            self.log("grok/step", float(self.grok_step))
+
+    # -- checkpoint -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grok"] = {
+            "step": self.grok_step,
+            "streak": self._streak,
+            "streak_start": self._streak_start,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        grok = checkpoint.get("grok", {})
+        self.grok_step = grok.get("step")
+        self._streak = grok.get("streak", 0)
+        self._streak_start = grok.get("streak_start")
+
+
+def _key(metric_name: str) -> str:
+    # ModuleDict keys may not contain "."; "/" is kept readable as "__".
+    return metric_name.replace("/", "__")

@@ -1,0 +1,168 @@
+"""The spectral edge of a window: singular values, edge vectors, per-delta projections.
+
+Everything but the edge vectors comes from W×W algebra (float64, CPU). With the
+eigenpairs (σ_k², u_k) of G = X Xᵀ the right singular vectors are v_k = Xᵀ u_k / σ_k, and
+
+    δ_i · v_k    = (G u_k)_i / σ_k = σ_k u_k[i]
+    δ_wd,i · v_k = (C u_k)_i / σ_k              (C = X_wd Xᵀ)
+    δ_grad,i · v_k = δ_i · v_k − δ_wd,i · v_k
+
+so the projections need no p-sized work. Only the top-k vectors are materialised,
+O(k·W·p), on the deltas' device. Under slicing (DESIGN.md, Scale) every rank passes the
+*summed* W×W matrices and its own slice of the deltas: the eigendecomposition is the same
+on every rank, and each gets its slice of v_k.
+
+Sign convention: u_k (hence v_k) is flipped so that its largest-magnitude entry is
+positive (the first one on exact ties): the delta with the largest projection on v_k
+projects positively, δ_i · v_k > 0. The sign is thus a function of G alone, identical on
+every rank.
+
+Rank: eigenvalues below ``RANK_RTOL · W' · λ_max`` are round-off of a rank-deficient G
+(fewer independent deltas than W', or zero updates); their σ is reported as 0, their
+vectors and projections are zero, never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from grokedge.spectral.window import UpdateWindow
+
+RANK_RTOL = 10 * torch.finfo(torch.float64).eps
+"""Relative eigenvalue threshold (per row of G) below which a mode counts as zero."""
+
+
+@runtime_checkable
+class DeltaSource(Protocol):
+    """Anything that can form ``coeffs @ X`` for chronological coefficients [m, W']."""
+
+    def combine(self, coeffs: Tensor) -> Tensor: ...
+
+
+@dataclass
+class EdgeState:
+    """The spectrum and edge of one window. W' = deltas in the window, k = top_k.
+
+    Attributes:
+        step: optimizer step at which the window's newest delta was closed.
+        sigma: [W'] float64 CPU, singular values of X, descending, >= 0.
+        eigvecs: [W', W'] float64 CPU, column j = u_j (eigenvector of G for σ_j²), sign
+            convention of the module docstring.
+        vectors: [k, p] on the deltas' device and dtype, rows v_1..v_k (unit norm over the
+            whole θ_sel; a slice of it under slicing); zero rows where σ_k = 0.
+        grad_proj: [W', k] float64 CPU, δ_grad,i · v_k (parameter units).
+        wd_proj: [W', k] float64 CPU, δ_wd,i · v_k.
+        count: W', deltas in the window.
+        gram, cross_gram, wd_gram: [W', W'] float64 CPU, the (summed) matrices used.
+    """
+
+    step: int
+    sigma: Tensor
+    eigvecs: Tensor
+    vectors: Tensor
+    grad_proj: Tensor
+    wd_proj: Tensor
+    count: int
+    gram: Tensor
+    cross_gram: Tensor
+    wd_gram: Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def total_proj(self) -> Tensor:
+        """[W', k] float64, δ_i · v_k = grad_proj + wd_proj."""
+        return self.grad_proj + self.wd_proj
+
+
+def spectrum(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """σ (descending, [W']) and U ([W', W'], columns u_j, sign-normalised) of G, float64."""
+    g = gram.to("cpu", torch.float64)
+    g = (g + g.T) / 2  # eigh reads one triangle; symmetrising averages the round-off
+    evals, evecs = torch.linalg.eigh(g)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    if evals.numel():
+        tol = RANK_RTOL * evals.numel() * max(float(evals[0]), 0.0)
+        evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
+    lead = evecs.abs().argmax(dim=0)
+    signs = torch.sign(evecs[lead, torch.arange(evecs.shape[1])])
+    evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return evals.sqrt(), evecs
+
+
+def compute_edge(
+    gram: Tensor,
+    cross_gram: Tensor,
+    wd_gram: Tensor,
+    deltas: Tensor | DeltaSource,
+    top_k: int,
+    step: int,
+) -> EdgeState:
+    """Eigendecompose the window's Gram and materialise the top-k edge vectors.
+
+    Args:
+        gram: [W', W'] G = X Xᵀ (summed over slices), chronological.
+        cross_gram: [W', W'] C = X_wd Xᵀ, same order.
+        wd_gram: [W', W'] X_wd X_wdᵀ (kept in the state for energy read-outs).
+        deltas: X, [W', p] chronological (this rank's slice), or a ``DeltaSource`` such as
+            an ``UpdateWindow`` (avoids reordering the ring).
+        top_k: number of edge vectors, >= 1; may exceed W' (extra rows are zero).
+        step: optimizer step recorded in the state.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    n = gram.shape[0]
+    if gram.shape != (n, n) or cross_gram.shape != (n, n) or wd_gram.shape != (n, n):
+        raise ValueError(
+            f"gram, cross_gram, wd_gram must be square and equal, got {list(gram.shape)}, "
+            f"{list(cross_gram.shape)}, {list(wd_gram.shape)}"
+        )
+    gram = gram.to("cpu", torch.float64)
+    cross_gram = cross_gram.to("cpu", torch.float64)
+    wd_gram = wd_gram.to("cpu", torch.float64)
+    sigma, u = spectrum(gram)
+
+    k_avail = min(top_k, n)
+    u_k, s_k = u[:, :k_avail], sigma[:k_avail]
+    nonzero = s_k > 0
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, s_k, torch.ones_like(s_k)), 0.0)
+    coeffs = torch.zeros(top_k, n, dtype=torch.float64)
+    coeffs[:k_avail] = (u_k * inv).T  # v_k = Σ_i (u_k[i] / σ_k) δ_i
+
+    total_proj = torch.zeros(n, top_k, dtype=torch.float64)
+    wd_proj = torch.zeros(n, top_k, dtype=torch.float64)
+    total_proj[:, :k_avail] = u_k * s_k  # zero where σ_k = 0
+    wd_proj[:, :k_avail] = (cross_gram @ u_k) * inv
+
+    if isinstance(deltas, Tensor):
+        if deltas.ndim != 2 or deltas.shape[0] != n:
+            raise ValueError(f"deltas must be [{n}, p], got {list(deltas.shape)}")
+        vectors = coeffs.to(deltas.device, deltas.dtype) @ deltas
+    else:
+        vectors = deltas.combine(coeffs)
+
+    return EdgeState(
+        step=int(step),
+        sigma=sigma,
+        eigvecs=u,
+        vectors=vectors,
+        grad_proj=total_proj - wd_proj,
+        wd_proj=wd_proj,
+        count=n,
+        gram=gram,
+        cross_gram=cross_gram,
+        wd_gram=wd_gram,
+    )
+
+
+def edge_from_window(window: UpdateWindow, top_k: int, step: int) -> EdgeState:
+    """``compute_edge`` on a single (unsliced) window: no reduction of the W×W matrices."""
+    return compute_edge(
+        window.gram(), window.cross_gram(), window.wd_gram(), window, top_k, step
+    )

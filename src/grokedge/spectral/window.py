@@ -1,0 +1,221 @@
+"""The sliding window of update deltas and its incrementally maintained W×W matrices.
+
+Each delta comes in two parts on the same p coordinates (a slice of θ_sel, see
+``selection``): the total update δ_i and its exact weight-decay part δ_wd,i. With
+X = [δ_1; …; δ_W] and X_wd = [δ_wd,1; …; δ_wd,W] the window keeps
+
+    G  = X Xᵀ          (Gram,        G[i, j]  = δ_i · δ_j)
+    C  = X_wd Xᵀ       (cross-Gram,  C[i, j]  = δ_wd,i · δ_j)
+    Gw = X_wd X_wdᵀ    (wd Gram,     Gw[i, j] = δ_wd,i · δ_wd,j)
+
+A push overwrites one ring slot and recomputes only that slot's rows and columns: four
+matrix–vector products, O(W·p), instead of O(W²·p) for a full recompute. The matrices are
+*partial* when the window holds a slice of θ_sel: summing them over the slices gives the
+whole's (DESIGN.md, Scale).
+
+The buffers may be stored in a low precision; the dot products are always accumulated
+in ``accum_dtype`` (float64 by default) from the *stored* values, so that G is the exact
+Gram of the deltas that later materialise the edge vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MIN_WINDOW = 2
+"""A spectrum needs at least two deltas (PAPER.md §1)."""
+
+ACCUM_CHUNK = 1 << 20
+"""Elements per chunk when up-casting low-precision buffers for the float64 dot products;
+bounds the temporary memory to 2·W·ACCUM_CHUNK float64 values."""
+
+TOTAL, WD = 0, 1
+"""Indices of the two parts in the stacked buffer."""
+
+
+def chunked_matmul_t(rows: Tensor, vecs: Tensor, accum_dtype: torch.dtype) -> Tensor:
+    """``rows @ vecs.T`` accumulated in ``accum_dtype``.
+
+    Args:
+        rows: [m, p]; vecs: [n, p], same device.
+    Returns:
+        [m, n] in ``accum_dtype`` on the inputs' device. Inputs already in ``accum_dtype``
+        are multiplied directly; others are up-cast chunk by chunk along p.
+    """
+    if rows.dtype == accum_dtype and vecs.dtype == accum_dtype:
+        return rows @ vecs.T
+    out = torch.zeros(rows.shape[0], vecs.shape[0], dtype=accum_dtype, device=rows.device)
+    for lo in range(0, rows.shape[1], ACCUM_CHUNK):
+        hi = lo + ACCUM_CHUNK
+        out += rows[:, lo:hi].to(accum_dtype) @ vecs[:, lo:hi].to(accum_dtype).T
+    return out
+
+
+class UpdateWindow:
+    """A W-slot ring buffer of (total, weight-decay) deltas with incremental Grams.
+
+    Args:
+        size: W, the number of slots (>= 2).
+        p: length of each delta (the whole θ_sel or this rank's slice of it).
+        device: where the buffers live (the parameters' device).
+        dtype: storage dtype of the deltas.
+        accum_dtype: dtype of the dot products and of the W×W matrices on the device.
+
+    Read-outs (``gram()`` …) are [count, count], float64, on the CPU, in chronological
+    order (oldest delta first) whatever the ring position.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        p: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        accum_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        if size < MIN_WINDOW:
+            raise ValueError(f"window size W must be >= {MIN_WINDOW}, got {size}")
+        if p < 0:
+            raise ValueError(f"p must be >= 0, got {p}")
+        self.size = size
+        self.p = p
+        self.accum_dtype = accum_dtype
+        self._buf = torch.zeros(2, size, p, dtype=dtype, device=device)
+        # Ring-ordered W×W matrices stay on the device: a push needs no host sync.
+        mats = torch.zeros(3, size, size, dtype=accum_dtype, device=self._buf.device)
+        self._gram, self._cross, self._wd_gram = mats.unbind(0)
+        self._mats = mats
+        self._head = 0  # slot the next push writes
+        self.count = 0  # filled slots, <= size
+        self.pushes = 0  # deltas pushed since creation
+
+    @property
+    def device(self) -> torch.device:
+        return self._buf.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._buf.dtype
+
+    def __len__(self) -> int:
+        return self.count
+
+    @torch.no_grad()
+    def push(self, total: Tensor, wd: Tensor | None = None) -> None:
+        """Add one delta, evicting the oldest when full.
+
+        Args:
+            total: [p] total update δ = θ_now − θ_prev.
+            wd: [p] its weight-decay part δ_wd (``None``: no weight decay, zeros).
+        """
+        if total.shape != (self.p,):
+            raise ValueError(f"total must have shape [{self.p}], got {list(total.shape)}")
+        if wd is not None and wd.shape != (self.p,):
+            raise ValueError(f"wd must have shape [{self.p}], got {list(wd.shape)}")
+        slot = self._head
+        self._buf[TOTAL, slot].copy_(total)
+        if wd is None:
+            self._buf[WD, slot].zero_()
+        else:
+            self._buf[WD, slot].copy_(wd)
+        size = self.size
+        # dots[a*W + j, b] = part_a[j] · new_part_b, over every slot (empty slots are zero).
+        every = self._buf.view(2 * size, self.p)
+        dots = chunked_matmul_t(every, self._buf[:, slot], self.accum_dtype)
+        d_tot, w_tot = dots[:size, TOTAL], dots[:size, WD]  # δ_j·δ_new, δ_j·δ_wd,new
+        d_wd, w_wd = dots[size:, TOTAL], dots[size:, WD]  # δ_wd,j·δ_new, δ_wd,j·δ_wd,new
+        self._gram[slot, :] = d_tot
+        self._gram[:, slot] = d_tot
+        self._cross[slot, :] = w_tot
+        self._cross[:, slot] = d_wd
+        self._wd_gram[slot, :] = w_wd
+        self._wd_gram[:, slot] = w_wd
+        self._head = (slot + 1) % size
+        self.count = min(self.count + 1, size)
+        self.pushes += 1
+
+    def reset(self) -> None:
+        """Forget every delta (e.g. after an intervention that breaks the trajectory)."""
+        self._buf.zero_()
+        self._mats.zero_()
+        self._head = self.count = 0
+
+    def order(self) -> list[int]:
+        """Ring slots of the filled deltas, oldest first."""
+        first = (self._head - self.count) % self.size
+        return [(first + i) % self.size for i in range(self.count)]
+
+    def _chronological(self, mat: Tensor) -> Tensor:
+        idx = torch.tensor(self.order(), dtype=torch.long, device=mat.device)
+        return mat.index_select(0, idx).index_select(1, idx).to("cpu", torch.float64)
+
+    def gram(self) -> Tensor:
+        """G = X Xᵀ, [count, count] float64 on the CPU, chronological."""
+        return self._chronological(self._gram)
+
+    def cross_gram(self) -> Tensor:
+        """C = X_wd Xᵀ (C[i, j] = δ_wd,i · δ_j), [count, count] float64 CPU, chronological."""
+        return self._chronological(self._cross)
+
+    def wd_gram(self) -> Tensor:
+        """X_wd X_wdᵀ, [count, count] float64 on the CPU, chronological."""
+        return self._chronological(self._wd_gram)
+
+    def _part(self, part: int) -> Tensor:
+        first = (self._head - self.count) % self.size
+        if first + self.count <= self.size:
+            return self._buf[part, first : first + self.count]
+        idx = torch.tensor(self.order(), dtype=torch.long, device=self.device)
+        return self._buf[part].index_select(0, idx)
+
+    def deltas(self) -> Tensor:
+        """X, [count, p] chronological; a view unless the ring has wrapped (then a copy)."""
+        return self._part(TOTAL)
+
+    def wd_deltas(self) -> Tensor:
+        """X_wd, [count, p] chronological; a view unless the ring has wrapped."""
+        return self._part(WD)
+
+    @torch.no_grad()
+    def combine(self, coeffs: Tensor, wd: bool = False) -> Tensor:
+        """``coeffs @ X`` (or ``coeffs @ X_wd``) without reordering the ring.
+
+        Args:
+            coeffs: [m, count], chronological columns (any dtype, any device).
+        Returns:
+            [m, p] in the buffer dtype on the buffer device.
+        """
+        if coeffs.ndim != 2 or coeffs.shape[1] != self.count:
+            raise ValueError(f"coeffs must be [m, {self.count}], got {list(coeffs.shape)}")
+        ring = torch.zeros(coeffs.shape[0], self.size, dtype=self.dtype, device=self.device)
+        idx = torch.tensor(self.order(), dtype=torch.long, device=self.device)
+        ring[:, idx] = coeffs.to(self.device, self.dtype)
+        return ring @ self._buf[WD if wd else TOTAL]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and primitives only; restores bit-identical subsequent Grams."""
+        return {
+            "size": self.size,
+            "p": self.p,
+            "head": self._head,
+            "count": self.count,
+            "pushes": self.pushes,
+            "deltas": self._buf,
+            "matrices": self._mats,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["size"] != self.size or state["p"] != self.p:
+            raise ValueError(
+                f"window state has W={state['size']}, p={state['p']}; "
+                f"this window has W={self.size}, p={self.p}"
+            )
+        self._buf.copy_(state["deltas"])
+        self._mats.copy_(state["matrices"])
+        self._head = int(state["head"])
+        self.count = int(state["count"])
+        self.pushes = int(state["pushes"])

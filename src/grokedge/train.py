@@ -1,0 +1,187 @@
+"""Hydra entry point: compose -> check -> instantiate -> fit -> summary.
+
+    python -m grokedge.train task=dyck callbacks=gram seed=42 optimizer.weight_decay=1
+    python -m grokedge.train -m task=dyck optimizer.weight_decay=0,1 seed=42,137,2024
+
+The run directory (Hydra's output dir; ``hydra.run.dir=DIR`` to choose it) receives
+``.hydra/``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/`` and the loggers' files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from grokedge.config_checks import ConfigError, check_config
+from grokedge.module import GrokModule
+from grokedge.run_files import MetricHistoryLogger, write_summary
+from grokedge.tasks.base import GrokDataModule
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, built but not yet started."""
+
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: GrokDataModule
+    module: GrokModule
+    trainer: L.Trainer
+    history: MetricHistoryLogger
+
+
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose errors name the config key and the cause."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise ConfigError(str(cause)) from e
+
+
+def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    loggers: list[Any] = [MetricHistoryLogger(run_dir)]
+    for name, node in (cfg.get("logger") or {}).items():
+        extra: dict[str, Any] = {}
+        if name == "wandb":
+            # One W&B run per job, grouped by sweep so that seeds aggregate.
+            if node.get("group") is None and multirun:
+                extra["group"] = f"{cfg.task.name}-{Path(hydra_cfg.sweep.dir).name}"
+            if node.get("name") is None:
+                extra["name"] = hydra_cfg.job.override_dirname or run_dir.name
+        loggers.append(_instantiate(node, **extra))
+    return loggers
+
+
+def build(cfg: DictConfig, run_dir: Path) -> Run:
+    """Check the config and instantiate data, model, callbacks, loggers and trainer.
+
+    Raises :class:`ConfigError` before any training for a value grokedge cannot run with.
+    """
+    check_config(cfg)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(int(cfg.torch_threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule: GrokDataModule = _instantiate(cfg.task.datamodule)
+    net = _instantiate(cfg.model, **datamodule.model_dims())
+    module = GrokModule(
+        net=net,
+        optimizer=_instantiate(cfg.optimizer),
+        eval_names=datamodule.eval_names,
+        grok_metric=cfg.task.grok.metric,
+        grok_threshold=cfg.task.grok.threshold,
+        grok_patience=cfg.task.grok.patience,
+        warmup_steps=cfg.warmup_steps,
+        stop_after_grok=cfg.task.stop_after_grok,
+        exact_match_sets=tuple(cfg.task.exact_match_sets),
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+    )
+    callbacks = [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    callbacks += [_instantiate(cfg.checkpoint), _instantiate(cfg.progress_bar)]
+    loggers = _loggers(cfg, run_dir)
+    trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return Run(cfg, run_dir, datamodule, module, trainer, loggers[0])
+
+
+def fit(run: Run) -> dict[str, Any]:
+    """Train, then write ``summary.json``; returns the summary."""
+    n_params = run.module.n_params
+    print(f"grokedge: {run.cfg.task.name} model with {n_params:,} parameters -> {run.run_dir}")
+    for logger in run.trainer.loggers:
+        logger.log_hyperparams(
+            {"config": OmegaConf.to_container(run.cfg, resolve=True), "n_params": n_params}
+        )
+    start = time.perf_counter()
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.cfg.resume)
+    finally:
+        wall_s = time.perf_counter() - start
+        _finish_wandb()
+    summary = {
+        "task": run.cfg.task.name,
+        "grok_step": run.module.grok_step,
+        "steps": run.trainer.global_step,
+        "wall_s": round(wall_s, 3),
+        "n_params": n_params,
+        **run.history.last,
+    }
+    write_summary(run.run_dir, summary)
+    return summary
+
+
+def _finish_wandb() -> None:
+    # Sequential multirun jobs would share one W&B run without this.
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote at job start."""
+    if not run_dir.is_dir():
+        return
+    leftovers = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if not leftovers:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def compose(overrides: list[str], run_dir: str | Path) -> DictConfig:
+    """The config ``python -m grokedge.train`` would run with, for use in-process.
+
+    Sets up Hydra's global state as a job would (so ``${hydra:runtime.output_dir}``
+    resolves to ``run_dir``); for notebooks, scripts and tests.
+
+    Example:
+        >>> cfg = compose(["task=dyck", "trainer.max_steps=100"], "outputs/try")
+        >>> summary = fit(build(cfg, Path("outputs/try")))  # doctest: +SKIP
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="grokedge.conf", version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(Path(run_dir).resolve())
+        cfg.hydra.job.override_dirname = ",".join(overrides)
+    HydraConfig.instance().set_config(cfg)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@hydra.main(version_base="1.3", config_path="pkg://grokedge.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run = build(cfg, run_dir)
+    except ConfigError as e:
+        discard_run_dir(run_dir)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records this job as failed and goes on
+        print(f"grokedge: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    summary = fit(run)
+    value = summary.get(cfg.task.grok.metric)
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()

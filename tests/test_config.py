@@ -1,0 +1,106 @@
+"""Every config combination composes; bad input fails early, clearly, leaving nothing."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="grokedge.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "task,callbacks,logger,trainer",
+    list(
+        itertools.product(
+            options("task"), options("callbacks"), options("logger"), options("trainer")
+        )
+    ),
+)
+def test_every_combination_composes(task: str, callbacks: str, logger: str, trainer: str) -> None:
+    cfg = compose_cfg(
+        [f"task={task}", f"callbacks={callbacks}", f"logger={logger}", f"trainer={trainer}"]
+    )
+    assert cfg.task.name == task
+    assert cfg.model._target_.startswith("grokedge.models.")
+    # Everything but Hydra's run-time interpolations resolves.
+    container = OmegaConf.to_container(cfg.task, resolve=True)
+    assert container["max_steps"] >= 1
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = compose_cfg([f"experiment={experiment}"])
+    assert cfg.task.name in {"dyck", "modular", "scan"}
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_composes_with_its_task(model: str) -> None:
+    task = "scan" if model.startswith("scan") else model
+    assert compose_cfg([f"task={task}", f"model={model}"]).model is not None
+
+
+def test_model_override_wins_over_the_task_default() -> None:
+    cfg = compose_cfg(["task=scan", "model=scan_small"])
+    assert cfg.model.d_model < compose_cfg(["task=scan"]).model.d_model
+
+
+def test_launcher_presets_compose() -> None:
+    for launcher in options("hydra/launcher"):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="grokedge.conf", version_base="1.3"):
+            cfg = compose(
+                "train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True
+            )
+        assert cfg.hydra.launcher._target_
+
+
+BAD = [
+    (["optimizer.weight_decay=-1"], ["optimizer.weight_decay=-1", ">= 0"]),
+    (["optimizer.weight_decay=abc"], ["optimizer.weight_decay='abc'", "a number"]),
+    (["optimizer.lr=0"], ["optimizer.lr=0", "> 0"]),
+    (["optimizer.lr=fast"], ["optimizer.lr='fast'", "a number"]),
+    (["trainer.max_steps=0"], ["trainer.max_steps=0", "integer >= 1"]),
+    (
+        ["task=scan", "task.datamodule.split=nosuch"],
+        ["task.datamodule.split", "nosuch", "addprim_jump"],
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_values_fail_before_training(cli, tmp_path: Path, overrides, needles) -> None:
+    run_dir = tmp_path / "run"
+    proc = cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr
+    for needle in needles:
+        assert needle in message, message[-2000:]
+    assert "Traceback" not in message
+    assert not run_dir.exists(), "a failed start must not leave a run directory"
+
+
+@pytest.mark.parametrize(
+    "group,value", [("task", "nosuch"), ("callbacks", "nosuch"), ("logger", "nosuch")]
+)
+def test_unknown_group_option_lists_the_allowed_ones(cli, tmp_path, group, value) -> None:
+    run_dir = tmp_path / "run"
+    proc = cli([f"{group}={value}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert f"Could not find '{group}/{value}'" in proc.stderr
+    assert "Available options" in proc.stderr and "none" in proc.stderr or group == "task"
+    assert not run_dir.exists()
