@@ -176,3 +176,18 @@ def test_trapezoid_wd_is_the_papers_formula():
     got = trapezoid_wd(prev, curr, lr=1e-3, weight_decay=0.5, n_steps=100)
     assert torch.allclose(got, torch.tensor([-0.05 * 2.0, -0.05 * -1.0]))
     assert math.isclose(float(got[0]), -1e-3 * 0.5 * 100 * (1 + 3) / 2, rel_tol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_float32_window_on_cuda_matches_float64_on_cpu():
+    x, wd = trajectory(seed=6)
+    cpu = edge_from_window(filled_window(x, wd), TOP_K, step=0)
+    win = UpdateWindow(W, P, device="cuda")  # float32 buffers, float64 dot products
+    for t, w in zip(x, wd, strict=True):
+        win.push(t.float().cuda(), w.float().cuda())
+    gpu = edge_from_window(win, TOP_K, step=0)
+    assert gpu.vectors.device.type == "cuda" and gpu.vectors.dtype == torch.float32
+    assert gpu.sigma.device.type == "cpu" and gpu.sigma.dtype == torch.float64
+    assert torch.allclose(gpu.sigma, cpu.sigma, rtol=1e-6)
+    assert torch.allclose(gpu.vectors.double().cpu(), cpu.vectors, atol=1e-5)
+    assert torch.allclose(gpu.wd_proj, cpu.wd_proj, atol=1e-5)

@@ -112,10 +112,13 @@ def run(mode: str, decoupled: str = "adamw"):
         theta = snapshot(model)
         lrs = {n: group_of[id(p)]["lr"] for n, p in model.named_parameters()}
         decays = {n: group_of[id(p)]["weight_decay"] for n, p in model.named_parameters()}
-        if mode == "hook_closure":
+        if mode.startswith("hook_closure"):
             # Lightning's pattern: gradients only exist once step() runs the closure.
             opt.zero_grad(set_to_none=True)
-            opt.step(closure)
+            if mode == "hook_closure_kw":
+                opt.step(closure=closure)
+            else:
+                opt.step(closure)
         else:
             closure()
             if mode == "manual":
@@ -143,7 +146,7 @@ def run(mode: str, decoupled: str = "adamw"):
     }
 
 
-@pytest.mark.parametrize("mode", ["manual", "hook", "hook_closure"])
+@pytest.mark.parametrize("mode", ["manual", "hook", "hook_closure", "hook_closure_kw"])
 def test_wd_part_matches_hand_adamw_with_two_groups_and_scheduler(mode):
     errors = run(mode)
     assert errors["step"] <= TOL  # the hand AdamW is the real AdamW
@@ -152,6 +155,18 @@ def test_wd_part_matches_hand_adamw_with_two_groups_and_scheduler(mode):
     assert errors["wd_norm"] > 1e-3  # the check is not vacuous
     assert errors["tracker"].steps == 0  # take() resets
     assert torch.equal(errors["tracker"].take(), torch.zeros_like(errors["wd_vec"]))
+
+
+def test_removed_hook_stops_recording():
+    model, opt, _ = setup()
+    tracker = DecoupledWeightDecayTracker(opt, model.named_parameters())
+    handle = tracker.register()
+    model(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert tracker.steps == 1 and float(tracker.take().abs().sum()) > 0
+    handle.remove()
+    opt.step()
+    assert tracker.steps == 0 and float(tracker.take().abs().sum()) == 0
 
 
 def test_adam_with_decoupled_flag_is_exact():
@@ -201,6 +216,14 @@ def test_parameter_outside_the_optimizer_is_an_error():
     opt = torch.optim.AdamW(model.fc1.parameters())
     with pytest.raises(ValueError, match="fc2.weight"):
         DecoupledWeightDecayTracker(opt, model.named_parameters())
+    for param in (*model.fc2.parameters(), *model.unused.parameters()):
+        param.requires_grad_(False)  # frozen and outside the optimizer: fine, WD part zero
+    tracker = DecoupledWeightDecayTracker(opt, model.named_parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    tracker.record_step()
+    wd = tracker.take()
+    n_fc1 = sum(p.numel() for p in model.fc1.parameters())  # fc1.* sort first
+    assert bool((wd[:n_fc1] != 0).all()) and bool((wd[n_fc1:] == 0).all())
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

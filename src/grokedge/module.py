@@ -233,7 +233,7 @@ class GrokModule(L.LightningModule):
             if metric.update_called:
                 values[name] = metric.compute()
             metric.reset()
-        self.log_dict(values)
+        self.log_scalars(values)
         self._detect_grok(values)
 
     def _detect_grok(self, values: Mapping[str, Tensor]) -> None:
@@ -247,7 +247,23 @@ class GrokModule(L.LightningModule):
             self._streak, self._streak_start = 0, None
         if self._streak >= self.grok_patience:
             self.grok_step = self._streak_start
-            self.log("grok/step", float(self.grok_step))
+            self.log_scalars({"grok/step": float(self.grok_step)})
+
+    def log_scalars(self, values: Mapping[str, Tensor | float]) -> None:
+        """Log scalars at ``global_step``, the number of optimizer steps taken so far.
+
+        Lightning's own ``self.log`` stamps metrics logged during a mid-epoch validation
+        with the count of batches *before* the current one (one less than the optimizer
+        steps behind the evaluated weights); analyses and evaluations are labelled with the
+        step of the weights they measured instead. The values still reach
+        ``trainer.callback_metrics`` (progress bar, checkpoint monitors).
+        """
+        if not values:
+            return
+        self.log_dict(dict(values), logger=False)
+        scalars = {k: float(v) for k, v in values.items()}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=self.global_step)
 
     # -- checkpoint -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

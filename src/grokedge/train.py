@@ -163,6 +163,8 @@ def compose(overrides: list[str], run_dir: str | Path) -> DictConfig:
         cfg.hydra.runtime.output_dir = str(Path(run_dir).resolve())
         cfg.hydra.job.override_dirname = ",".join(overrides)
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a job: the app's config without Hydra's own node
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return cfg
 

@@ -56,14 +56,16 @@ class DecoupledWeightDecayTracker:
             warn once instead of raising.
         start, stop: slice ``[start, stop)`` of the flat vector to accumulate (DESIGN.md,
             Scale); default the whole p.
-        dtype: accumulator dtype (default: the parameters' promoted dtype).
+        dtype: accumulator dtype (default: the parameters' dtype promoted to >= float32).
 
     Use either ``record_step()`` right before each ``optimizer.step()`` (after backward),
     or ``register()`` once. The accumulator lives on the parameters' device; a record is
     one fused ``_foreach_add_`` per param group, without host synchronisation.
 
+    Create it after the model has reached its device (the accumulator is allocated there).
+
     Raises:
-        ValueError: a selected parameter is in no param group, or (unless
+        ValueError: a selected trainable parameter is in no param group, or (unless
             ``allow_inexact``) its group has non-decoupled weight decay ω > 0.
     """
 
@@ -88,8 +90,9 @@ class DecoupledWeightDecayTracker:
         self.start, self.stop = start, stop
         segments = slice_segments(self.names, numels, start, stop)
         if dtype is None:
-            dtype = self._params[0].dtype
-            for param in self._params[1:]:
+            # Sums over many steps: never accumulate below float32, even for bf16 weights.
+            dtype = torch.float32
+            for param in self._params:
                 dtype = torch.promote_types(dtype, param.dtype)
         self._buf = torch.zeros(stop - start, dtype=dtype, device=self._params[0].device)
         by_name = dict(pairs)
@@ -114,16 +117,18 @@ class DecoupledWeightDecayTracker:
             id(param): i for i, group in enumerate(optimizer.param_groups)
             for param in group["params"]
         }
+        # A frozen parameter outside the optimizer never moves: its WD part is zero.
         missing = [
             name for name, param in zip(self.names, self._params, strict=True)
-            if id(param) not in group_of
+            if id(param) not in group_of and param.requires_grad
         ]
         if missing:
             raise ValueError(f"selected parameters not held by the optimizer: {missing}")
         self.optimizer = optimizer
         self._by_group: dict[int, list[_Entry]] = {}
         for entry in self._entries:
-            self._by_group.setdefault(group_of[id(entry.param)], []).append(entry)
+            if id(entry.param) in group_of:
+                self._by_group.setdefault(group_of[id(entry.param)], []).append(entry)
         self._check_exact()
 
     def _inexact_groups(self) -> list[int]:
@@ -188,7 +193,7 @@ class DecoupledWeightDecayTracker:
                 view.add_(source, alpha=alpha)
 
     def _pre_step(
-        self, _optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Step pre-hook: record now, or right after the closure if ``step`` was given one.
 
@@ -196,7 +201,9 @@ class DecoupledWeightDecayTracker:
         yet when the hook runs; the closure computes them without moving θ, so recording
         right after it sees exactly the θ_t, η_t, ω_g and gradients the update will use.
         """
-        closure = kwargs.get("closure", args[0] if args else None)
+        # torch passes step()'s own arguments, self included, as args.
+        at = 1 if args and args[0] is optimizer else 0
+        closure = kwargs.get("closure", args[at] if len(args) > at else None)
         if closure is None:
             self.record_step()
             return None
@@ -212,7 +219,7 @@ class DecoupledWeightDecayTracker:
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": recording_closure}
-        return (recording_closure, *args[1:]), kwargs
+        return (*args[:at], recording_closure, *args[at + 1 :]), kwargs
 
     def register(self, optimizer: Optimizer | None = None) -> RemovableHandle:
         """Record automatically at every ``optimizer.step()``; returns the hook's handle.

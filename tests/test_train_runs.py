@@ -1,0 +1,138 @@
+"""Short real runs: real Trainer, real files on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from grokedge.run_files import read_metrics
+from grokedge.train import build, compose, fit
+
+FAST = ["trainer.max_steps=40", "task.eval_every=20", "checkpoint.every_n_train_steps=20"]
+
+
+def run_in_process(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[Path, dict]:
+    run_dir = tmp_path / name
+    cfg = compose([*overrides, "logger=none"], run_dir)
+    summary = fit(build(cfg, run_dir))
+    return run_dir, summary
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["task=dyck"],
+        ["task=modular"],
+        [
+            "task=scan",
+            "model=scan_small",
+            "task.datamodule.n_train=64",
+            "task.datamodule.n_test=32",
+            "task.datamodule.batch_size=16",
+        ],
+    ],
+    ids=["dyck", "modular", "scan"],
+)
+def test_short_run_writes_its_files(tmp_path: Path, overrides: list[str]) -> None:
+    run_dir, summary = run_in_process(tmp_path, [*overrides, *FAST])
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("grok_step", "steps", "wall_s", "n_params", "test/acc", "train/acc"):
+        assert key in on_disk
+    assert on_disk["steps"] == 40 and on_disk["n_params"] > 0
+    rows = read_metrics(run_dir)
+    evals = [r["step"] for r in rows if "test/acc" in r]
+    assert evals == [20, 40]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if "task=scan" in overrides:
+        assert "test/exact_match" in on_disk and "test/seq_acc" in on_disk
+
+
+def test_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path: Path) -> None:
+    common = [
+        "task=dyck",
+        "task.eval_every=20",
+        "checkpoint.every_n_train_steps=30",
+        "task.datamodule.ood_sequences=0",
+    ]
+    full_dir, _ = run_in_process(tmp_path, [*common, "trainer.max_steps=60"], "full")
+    part_dir, _ = run_in_process(tmp_path, [*common, "trainer.max_steps=30"], "part")
+    ckpt = part_dir / "checkpoints" / "last.ckpt"
+    resumed_dir, _ = run_in_process(
+        tmp_path, [*common, "trainer.max_steps=60", f"resume={ckpt}"], "resumed"
+    )
+
+    def evals(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["test/loss"] for r in read_metrics(run_dir) if "test/loss" in r}
+
+    full, resumed = evals(full_dir), evals(resumed_dir)
+    assert set(resumed) == {40, 60}
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7)
+
+
+def test_grok_detection_on_modular_addition(tmp_path: Path) -> None:
+    """Addition mod 23 with most pairs for training groks within a few hundred steps."""
+    run_dir, summary = run_in_process(
+        tmp_path,
+        [
+            "task=modular",
+            "task.datamodule.modulus=23",
+            "task.datamodule.train_fraction=0.8",
+            "trainer.max_steps=800",
+            "task.eval_every=50",
+            "task.stop_after_grok=100",
+            "optimizer.weight_decay=1",
+        ],
+    )
+    assert summary["grok_step"] is not None
+    rows = read_metrics(run_dir)
+    first = next(r["step"] for r in rows if r.get("test/acc", 0) >= 0.95)
+    assert summary["grok_step"] == first
+    assert summary["steps"] == first + 100
+    assert summary["grok/step"] == first
+
+
+def test_main_job_from_another_directory(cli, tmp_path: Path) -> None:
+    """The configs ship inside the package: the CLI works outside the checkout."""
+    proc = cli(
+        ["task=dyck", "trainer.max_steps=20", "task.eval_every=10", "logger=csv"], cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.glob("outputs/dyck/*/*/summary.json")]
+    assert "parameters" in proc.stdout
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_multirun_gives_one_directory_and_one_wandb_run_per_job(cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        [
+            "-m",
+            "task=dyck",
+            "optimizer.weight_decay=0,1",
+            "trainer.max_steps=10",
+            "task.eval_every=10",
+            "task.datamodule.ood_sequences=0",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["steps"] == 10
+        offline = list((sweep / job / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, offline
+        assert list(offline[0].glob("*.wandb"))
+    decays = [
+        OmegaConf.load(sweep / j / ".hydra" / "config.yaml").optimizer.weight_decay
+        for j in ("0", "1")
+    ]
+    assert decays == [0, 1]
