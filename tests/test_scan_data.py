@@ -218,13 +218,13 @@ def test_model_dims_without_setup() -> None:
 
 
 def test_unknown_split_raises() -> None:
-    with pytest.raises(ValueError, match=r"task\.data\.split.*'bogus'.*around_right"):
+    with pytest.raises(ValueError, match=r"task\.datamodule\.split.*'bogus'.*around_right"):
         ScanDataModule(split="bogus")
 
 
 def test_too_many_pairs_raises() -> None:
     dm = ScanDataModule(split="addprim_turn_left", n_test=1_209)
-    with pytest.raises(ValueError, match=r"task\.data\.n_test"):
+    with pytest.raises(ValueError, match=r"task\.datamodule\.n_test"):
         dm.setup()
 
 

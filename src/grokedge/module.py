@@ -234,14 +234,14 @@ class GrokModule(L.LightningModule):
                 values[name] = metric.compute()
             metric.reset()
         self.log_scalars(values)
-        self._detect_grok(values)
+        self._detect_grok(values, self.global_step)
 
-    def _detect_grok(self, values: Mapping[str, Tensor]) -> None:
+    def _detect_grok(self, values: Mapping[str, Tensor], step: int) -> None:
         if self.grok_step is not None or self.grok_metric not in values:
             return
         if float(values[self.grok_metric]) >= self.grok_threshold:
             if self._streak == 0:
-                self._streak_start = self.global_step
+                self._streak_start = step
             self._streak += 1
         else:
             self._streak, self._streak_start = 0, None

@@ -55,7 +55,7 @@ TGT_VOCAB: tuple[str, ...] = TGT_SPECIALS + G.ACTIONS
 SRC_IDS: dict[str, int] = {w: i for i, w in enumerate(SRC_VOCAB)}
 TGT_IDS: dict[str, int] = {a: i for i, a in enumerate(TGT_VOCAB)}
 
-_CONFIG_PREFIX = "task.data"
+_CONFIG_PREFIX = "task.datamodule"
 # The train and test subsamples use different random streams from one sample_seed, so
 # changing n_train does not change which test pairs are drawn.
 _SAMPLE_STREAMS = {"train": 0, "test": 1}

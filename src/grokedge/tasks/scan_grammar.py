@@ -32,7 +32,7 @@ A *pair* is ``(command, actions)``: two strings of space-separated words, exactl
 ``IN: <command> OUT: <actions>`` of the official files carries them. Every split function
 returns ``(train, test)``, two ordered lists of pairs.
 
-Splits (names are the ``task.data.split`` values)
+Splits (names are the ``task.datamodule.split`` values)
 
 ``simple``
     Random ``1 - f`` / ``f`` split of all 20,910 commands (``f = 0.2``: 16,728 / 4,182,
@@ -330,7 +330,7 @@ ADDPRIM_SPLITS: dict[str, str] = {"addprim_jump": "jump", "addprim_turn_left": "
 """Add-primitive split name -> the primitive command it adds."""
 
 SPLITS: tuple[str, ...] = ("simple", "length", *ADDPRIM_SPLITS, *TEMPLATE_SPLITS)
-"""Every split name (the allowed values of ``task.data.split``)."""
+"""Every split name (the allowed values of ``task.datamodule.split``)."""
 
 
 def make_split(
