@@ -52,17 +52,33 @@ def perturb_(module: nn.Module, scale: float = 0.2) -> nn.Module:
 
 
 def tiny_causal(**overrides: int) -> CausalTransformer:
-    dims = dict(vocab_size=5, num_classes=7, max_len=12, d_model=D, n_layers=LAYERS,
-                n_heads=HEADS, d_ff=D_FF)
+    dims = dict(
+        vocab_size=5,
+        num_classes=7,
+        max_len=12,
+        d_model=D,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        d_ff=D_FF,
+    )
     dims.update(overrides)
     return CausalTransformer(**dims)
 
 
 def tiny_seq2seq() -> Seq2SeqTransformer:
     return Seq2SeqTransformer(
-        src_vocab_size=11, tgt_vocab_size=9, max_src_len=10, max_tgt_len=12, d_model=D,
-        n_enc_layers=2, n_dec_layers=2, n_heads=HEADS, d_ff=D_FF,
-        pad_id=PAD, bos_id=BOS, eos_id=EOS,
+        src_vocab_size=11,
+        tgt_vocab_size=9,
+        max_src_len=10,
+        max_tgt_len=12,
+        d_model=D,
+        n_enc_layers=2,
+        n_dec_layers=2,
+        n_heads=HEADS,
+        d_ff=D_FF,
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=EOS,
     )
 
 
@@ -80,8 +96,13 @@ def test_self_attention_matches_torch_causal_with_padding(device: str) -> None:
     padding = right_padding([7, 4, 1], length, device)
 
     expected, expected_w = ref(
-        x, x, x, attn_mask=causal_bool_mask(length, device), key_padding_mask=padding,
-        need_weights=True, average_attn_weights=False,
+        x,
+        x,
+        x,
+        attn_mask=causal_bool_mask(length, device),
+        key_padding_mask=padding,
+        need_weights=True,
+        average_attn_weights=False,
     )
     out, weights = ours(x, causal=True, key_padding_mask=padding, need_weights=True)
 
@@ -102,7 +123,11 @@ def test_cross_attention_matches_torch(device: str) -> None:
     padding = right_padding([8, 6, 2], len_k, device)
 
     expected, expected_w = ref(
-        query, memory, memory, key_padding_mask=padding, need_weights=True,
+        query,
+        memory,
+        memory,
+        key_padding_mask=padding,
+        need_weights=True,
         average_attn_weights=False,
     )
     out, weights = ours(query, memory, key_padding_mask=padding, need_weights=True)
@@ -146,7 +171,12 @@ class ReferenceCausal(nn.Module):
         self.model = model
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                D, HEADS, D_FF, dropout=0.0, activation="gelu", batch_first=True,
+                D,
+                HEADS,
+                D_FF,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
                 norm_first=True,
             )
             for _ in model.blocks
@@ -154,7 +184,9 @@ class ReferenceCausal(nn.Module):
         renamed = {}
         for name, value in model.blocks.state_dict().items():
             for ours, theirs in (
-                (".attn.", ".self_attn."), (".ff.fc1.", ".linear1."), (".ff.fc2.", ".linear2.")
+                (".attn.", ".self_attn."),
+                (".ff.fc1.", ".linear1."),
+                (".ff.fc2.", ".linear2."),
             ):
                 name = name.replace(ours, theirs)
             renamed[name] = value
@@ -234,7 +266,8 @@ def test_parameter_counts_dyck_and_modular() -> None:
             (vocab + max_len) * d  # token + position embeddings
             + layers * block_params(d, d_ff, n_attn=1, n_norms=2)
             + 2 * d  # final norm
-            + d * classes + classes  # head
+            + d * classes
+            + classes  # head
         )
         assert count_parameters(model) == expected
     dyck_48 = CausalTransformer(vocab_size=3, num_classes=13, max_len=48)
@@ -245,7 +278,9 @@ def test_parameter_counts_scan() -> None:
     d, d_ff, layers = 256, 512, 3
     src_vocab, tgt_vocab, max_src, max_tgt = 14, 9, 9, 49
     model = Seq2SeqTransformer(
-        src_vocab_size=src_vocab, tgt_vocab_size=tgt_vocab, max_src_len=max_src,
+        src_vocab_size=src_vocab,
+        tgt_vocab_size=tgt_vocab,
+        max_src_len=max_src,
         max_tgt_len=max_tgt,
     )
     # 3 encoder self-attentions + 3 decoder self- and 3 cross-attentions, 4 d x d each.
@@ -255,7 +290,8 @@ def test_parameter_counts_scan() -> None:
         + layers * block_params(d, d_ff, n_attn=1, n_norms=2)
         + layers * block_params(d, d_ff, n_attn=2, n_norms=3)
         + 2 * 2 * d  # encoder and decoder final norms
-        + d * tgt_vocab + tgt_vocab
+        + d * tgt_vocab
+        + tgt_vocab
     )
     assert count_parameters(model) == expected == 3_977_737
 
@@ -268,8 +304,11 @@ def test_parameter_counts_scan() -> None:
 def test_hvp_through_torch_func_matches_hessian_and_double_backward(device: str) -> None:
     torch.manual_seed(5)
     classes = 4
-    model = tiny_causal(num_classes=classes, max_len=6, d_model=8, n_layers=1, n_heads=2,
-                        d_ff=16).double().to(device)
+    model = (
+        tiny_causal(num_classes=classes, max_len=6, d_model=8, n_layers=1, n_heads=2, d_ff=16)
+        .double()
+        .to(device)
+    )
     tokens = torch.randint(0, 5, (3, 6), device=device)
     labels = torch.randint(0, classes, (3, 6), device=device)
     names = attention_names(model)
@@ -285,8 +324,7 @@ def test_hvp_through_torch_func_matches_hessian_and_double_backward(device: str)
 
     full = hessian(loss)(params)  # full[a][b]: shape a.shape + b.shape
     hvp_dense = {
-        a: sum(torch.tensordot(full[a][b], vec[b], dims=vec[b].ndim) for b in names)
-        for a in names
+        a: sum(torch.tensordot(full[a][b], vec[b], dims=vec[b].ndim) for b in names) for a in names
     }
 
     leaves = [params[n].clone().requires_grad_() for n in names]
@@ -300,8 +338,10 @@ def test_hvp_through_torch_func_matches_hessian_and_double_backward(device: str)
 
     reference = flat([hvp_dense[n] for n in names])
     assert reference.norm() > 0
-    for candidate in (flat([hvp_forward_over_reverse[n] for n in names]),
-                      flat(list(hvp_double_backward))):
+    for candidate in (
+        flat([hvp_forward_over_reverse[n] for n in names]),
+        flat(list(hvp_double_backward)),
+    ):
         assert (candidate - reference).norm() / reference.norm() <= HVP_RTOL
 
 
@@ -318,17 +358,19 @@ def test_seq2seq_matches_torch_layers() -> None:
     torch.manual_seed(6)
     model = perturb_(tiny_seq2seq())
     enc = nn.ModuleList(
-        nn.TransformerEncoderLayer(D, HEADS, D_FF, 0.0, "gelu", batch_first=True,
-                                   norm_first=True)
+        nn.TransformerEncoderLayer(D, HEADS, D_FF, 0.0, "gelu", batch_first=True, norm_first=True)
         for _ in model.encoder_blocks
     )
     dec = nn.ModuleList(
-        nn.TransformerDecoderLayer(D, HEADS, D_FF, 0.0, "gelu", batch_first=True,
-                                   norm_first=True)
+        nn.TransformerDecoderLayer(D, HEADS, D_FF, 0.0, "gelu", batch_first=True, norm_first=True)
         for _ in model.decoder_blocks
     )
-    renames = ((".cross_attn.", ".multihead_attn."), (".attn.", ".self_attn."),
-               (".ff.fc1.", ".linear1."), (".ff.fc2.", ".linear2."))
+    renames = (
+        (".cross_attn.", ".multihead_attn."),
+        (".attn.", ".self_attn."),
+        (".ff.fc1.", ".linear1."),
+        (".ff.fc2.", ".linear2."),
+    )
     for ours, theirs in ((model.encoder_blocks, enc), (model.decoder_blocks, dec)):
         state = {}
         for name, value in ours.state_dict().items():
@@ -348,8 +390,13 @@ def test_seq2seq_matches_torch_layers() -> None:
     memory = model.encoder_norm(x)
     y = model.tgt_embed(tgt_in)
     for layer in dec:
-        y = layer(y, memory, tgt_mask=causal_bool_mask(5), memory_key_padding_mask=padding,
-                  tgt_is_causal=True)
+        y = layer(
+            y,
+            memory,
+            tgt_mask=causal_bool_mask(5),
+            memory_key_padding_mask=padding,
+            tgt_is_causal=True,
+        )
     expected = model.head(model.decoder_norm(y))
     torch.testing.assert_close(model(src, tgt_in), expected, atol=ATOL, rtol=0)
 

@@ -165,9 +165,9 @@ def test_sliced_edge_vectors_and_rotation_equal_the_whole(world_size):
     sliced = rotation_finish(partial)
     whole_rot = rotation_deg(whole_state.vectors, next_whole.vectors)
     assert torch.allclose(sliced, whole_rot, atol=1e-9)
-    brute = torch.rad2deg(torch.arccos(
-        (whole_state.vectors * next_whole.vectors).sum(1).abs().clamp(max=1)
-    ))
+    brute = torch.rad2deg(
+        torch.arccos((whole_state.vectors * next_whole.vectors).sum(1).abs().clamp(max=1))
+    )
     assert torch.allclose(whole_rot, brute, atol=1e-6)
 
 

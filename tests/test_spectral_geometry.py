@@ -84,18 +84,21 @@ def test_principal_angles_of_known_subspaces_and_slices():
     e = e.T  # 4 orthonormal rows
     alpha, beta = math.radians(25.0), math.radians(60.0)
     u = torch.stack([e[0], e[1]])
-    v = torch.stack([
-        math.cos(alpha) * e[0] + math.sin(alpha) * e[2],
-        math.cos(beta) * e[1] + math.sin(beta) * e[3],
-    ])
+    v = torch.stack(
+        [
+            math.cos(alpha) * e[0] + math.sin(alpha) * e[2],
+            math.cos(beta) * e[1] + math.sin(beta) * e[3],
+        ]
+    )
     want = torch.tensor([25.0, 60.0], dtype=torch.float64)
     assert torch.allclose(principal_angles_deg(u, v), want, atol=ANGLE_TOL)
     # a non-orthonormal basis of the same span gives the same angles
     mixed = torch.stack([2 * v[0] + v[1], v[0] - 0.5 * v[1]])
     assert torch.allclose(principal_angles_deg(u, mixed), want, atol=ANGLE_TOL)
     # identical planes
-    assert torch.allclose(principal_angles_deg(u, u.flip(0)), torch.zeros(2, dtype=torch.float64),
-                          atol=ANGLE_TOL)
+    assert torch.allclose(
+        principal_angles_deg(u, u.flip(0)), torch.zeros(2, dtype=torch.float64), atol=ANGLE_TOL
+    )
     # from partial products of 3 slices
     partial = sum(
         principal_angles_partial(u[:, a:b], v[:, a:b])

@@ -78,8 +78,14 @@ def test_grok_step_and_stop_after_grok(tmp_path: Path) -> None:
     """A low threshold makes a short Dyck run 'grok' early; the run stops 40 steps later."""
     run_dir, summary = run_in_process(
         tmp_path,
-        ["task=dyck", "task.grok.threshold=0.6", "trainer.max_steps=400", "task.eval_every=20",
-         "task.stop_after_grok=40", "task.datamodule.ood_sequences=0"],
+        [
+            "task=dyck",
+            "task.grok.threshold=0.6",
+            "trainer.max_steps=400",
+            "task.eval_every=20",
+            "task.stop_after_grok=40",
+            "task.datamodule.ood_sequences=0",
+        ],
     )
     rows = read_metrics(run_dir)
     first = next(r["step"] for r in rows if r.get("test/acc", 0) >= 0.6)

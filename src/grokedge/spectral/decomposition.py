@@ -36,9 +36,7 @@ def energy_fractions(grad_proj: Tensor, wd_proj: Tensor) -> tuple[Tensor, Tensor
     return g_energy / total, w_energy / total, (grad_proj * wd_proj).mean(dim=0)
 
 
-def latest_energy_fractions(
-    grad_proj: Tensor, wd_proj: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def latest_energy_fractions(grad_proj: Tensor, wd_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``energy_fractions`` of the newest delta alone (last row of the projections)."""
     return energy_fractions(grad_proj[-1:], wd_proj[-1:])
 

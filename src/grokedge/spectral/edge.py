@@ -163,6 +163,4 @@ def compute_edge(
 
 def edge_from_window(window: UpdateWindow, top_k: int, step: int) -> EdgeState:
     """``compute_edge`` on a single (unsliced) window: no reduction of the W×W matrices."""
-    return compute_edge(
-        window.gram(), window.cross_gram(), window.wd_gram(), window, top_k, step
-    )
+    return compute_edge(window.gram(), window.cross_gram(), window.wd_gram(), window, top_k, step)

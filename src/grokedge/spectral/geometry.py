@@ -207,8 +207,9 @@ def stability_finish(gram: Tensor, n_first: int) -> Tensor:
     h = min(s_a.numel(), s_b.numel())
     cross = u_a[:, :h].T @ g[:n_first, n_first:] @ u_b[:, :h]
     norm = s_a[:h] * s_b[:h]
-    return torch.where(norm > 0, cross.diagonal().abs() / torch.where(norm > 0, norm, 1.0),
-                       math.nan)
+    return torch.where(
+        norm > 0, cross.diagonal().abs() / torch.where(norm > 0, norm, 1.0), math.nan
+    )
 
 
 def stability(deltas_first_half: Tensor, deltas_second_half: Tensor) -> Tensor:

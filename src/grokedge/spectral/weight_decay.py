@@ -114,12 +114,14 @@ class DecoupledWeightDecayTracker:
     def bind(self, optimizer: Optimizer) -> None:
         """(Re)attach to ``optimizer`` (e.g. a fresh one) and validate its groups."""
         group_of = {
-            id(param): i for i, group in enumerate(optimizer.param_groups)
+            id(param): i
+            for i, group in enumerate(optimizer.param_groups)
             for param in group["params"]
         }
         # A frozen parameter outside the optimizer never moves: its WD part is zero.
         missing = [
-            name for name, param in zip(self.names, self._params, strict=True)
+            name
+            for name, param in zip(self.names, self._params, strict=True)
             if id(param) not in group_of and param.requires_grad
         ]
         if missing:
@@ -134,7 +136,8 @@ class DecoupledWeightDecayTracker:
     def _inexact_groups(self) -> list[int]:
         groups = self.optimizer.param_groups
         return [
-            i for i in self._by_group
+            i
+            for i in self._by_group
             if _decay_of(groups[i]) != 0 and not _is_decoupled(self.optimizer, groups[i])
         ]
 
