@@ -117,15 +117,28 @@ def test_deduplicated_eval_covers_every_test_token_once() -> None:
     assert unseen_rows == 5000 - 1221
 
 
-def test_ood_set_fits_its_classes() -> None:
+def test_ood_set_is_deeper_and_longer_than_the_head_by_default() -> None:
     d = dm()
     dims = d.model_dims()
-    assert dims["num_classes"] == 21 and dims["max_len"] == 48
+    assert dims == {"vocab_size": 3, "num_classes": 13, "max_len": 48}
     ood = d.val_dataloader()[2]
-    deepest = max(int(b["labels"].max()) for b in ood)
-    assert 12 < deepest < dims["num_classes"]
+    assert 12 < max(int(b["labels"].max()) for b in ood) <= 20
     assert max(b["tokens"].shape[1] for b in ood) <= 48
+    assert dm(head_covers_ood=True).model_dims()["num_classes"] == 21
     assert dm(ood_sequences=0).model_dims() == {"vocab_size": 3, "num_classes": 13, "max_len": 24}
+
+
+def test_labels_beyond_the_head_count_as_wrong_and_carry_no_loss() -> None:
+    from grokedge.module import token_stats
+
+    logits = torch.zeros(1, 3, 13)
+    logits[0, :, 12] = 5.0  # predicts depth 12 everywhere
+    labels = torch.tensor([[12, 13, IGNORE_INDEX]])
+    s = token_stats(logits, labels, torch.ones(1))
+    assert s.correct.tolist() == [[True, False, False]]
+    assert s.reachable.tolist() == [[True, False, False]]
+    assert float(s.accuracy()) == 0.5
+    assert torch.isfinite(s.mean_loss())
 
 
 def test_cli_prints_the_split() -> None:

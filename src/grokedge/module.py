@@ -27,24 +27,32 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 class TokenStats:
     """Per-token results of one forward pass.
 
-    ``loss`` [B, T] cross-entropy (0 where ignored), ``correct`` [B, T] bool,
-    ``valid`` [B, T] bool, ``weight`` [B] row multiplicities, ``logits`` [B, T, C].
+    ``loss`` [B, T] cross-entropy (0 where not scored), ``correct`` [B, T] bool,
+    ``valid`` [B, T] bool (the token has a label), ``reachable`` [B, T] bool (its label is
+    one of the head's classes: out-of-distribution labels beyond them count as wrong and
+    carry no loss), ``weight`` [B] row multiplicities, ``logits`` [B, T, C].
     """
 
     loss: Tensor
     correct: Tensor
     valid: Tensor
+    reachable: Tensor
     weight: Tensor
     logits: Tensor
 
     @property
     def token_weight(self) -> Tensor:
-        """[B, T] weight of each token: its row's multiplicity, 0 where ignored."""
+        """[B, T] weight of each labelled token: its row's multiplicity, 0 where ignored."""
         return self.weight[:, None] * self.valid
+
+    @property
+    def loss_weight(self) -> Tensor:
+        """[B, T] like ``token_weight``, 0 also where the label is out of the head's range."""
+        return self.weight[:, None] * self.reachable
 
     def mean_loss(self) -> Tensor:
         """Scalar: the loss averaged over the batch's original (undeduplicated) tokens."""
-        w = self.token_weight
+        w = self.loss_weight
         return (self.loss * w).sum() / w.sum()
 
     def accuracy(self) -> Tensor:
@@ -58,12 +66,14 @@ class TokenStats:
 
 def token_stats(logits: Tensor, labels: Tensor, weight: Tensor) -> TokenStats:
     """Cross-entropy and correctness per token; ``labels == IGNORE_INDEX`` are skipped."""
-    loss = F.cross_entropy(
-        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(labels)
     valid = labels != IGNORE_INDEX
+    reachable = valid & (labels < logits.shape[-1])
+    scored = torch.where(reachable, labels, IGNORE_INDEX)
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), scored.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(labels)
     correct = (logits.argmax(-1) == labels) & valid
-    return TokenStats(loss, correct, valid, weight.to(logits.dtype), logits)
+    return TokenStats(loss, correct, valid, reachable, weight.to(logits.dtype), logits)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class GrokModule(L.LightningModule):
         stop_after_grok: stop this many steps after the grok step (None: run on).
         exact_match_sets: evaluation sets on which seq2seq models are also decoded
             greedily for ``{set}/exact_match`` (costly: one decoder pass per position).
+        eval_cadence: evaluation sets evaluated less often than every evaluation, as
+            ``{name: steps}`` (e.g. ``{"ood": 1000}``); the others run at every one.
         log_every_n_steps: cadence of ``train/batch_loss``.
 
     Example:
@@ -110,6 +122,7 @@ class GrokModule(L.LightningModule):
         warmup_steps: int = 0,
         stop_after_grok: int | None = None,
         exact_match_sets: Sequence[str] = ("test",),
+        eval_cadence: Mapping[str, int] | None = None,
         log_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
@@ -122,6 +135,7 @@ class GrokModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.stop_after_grok = stop_after_grok
         self.log_every_n_steps = log_every_n_steps
+        self.eval_cadence = dict(eval_cadence or {})
         self.is_seq2seq = hasattr(net, "generate")
         self.exact_match_sets = tuple(exact_match_sets) if self.is_seq2seq else ()
         self.metric_names = self._metric_names()
@@ -163,6 +177,9 @@ class GrokModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
+        self._stop_if_done()
+
+    def _stop_if_done(self) -> None:
         if (
             self.grok_step is not None
             and self.stop_after_grok is not None
@@ -202,9 +219,11 @@ class GrokModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.eval_names[dataloader_idx]
+        if self.global_step % self.eval_cadence.get(name, 1):
+            return
         s = self.stats(batch)
         w = s.token_weight
-        self._update(f"{name}/loss", s.loss[s.valid], w[s.valid])
+        self._update(f"{name}/loss", s.loss[s.reachable], w[s.reachable])
         self._update(f"{name}/acc", s.correct[s.valid], w[s.valid])
         if "unseen" in batch and f"{name}/acc_unseen" in self.metric_names:
             mask = s.valid & batch["unseen"][:, None]
@@ -235,6 +254,7 @@ class GrokModule(L.LightningModule):
             metric.reset()
         self.log_scalars(values)
         self._detect_grok(values, self.global_step)
+        self._stop_if_done()
 
     def _detect_grok(self, values: Mapping[str, Tensor], step: int) -> None:
         if self.grok_step is not None or self.grok_metric not in values:

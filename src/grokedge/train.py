@@ -79,6 +79,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: GrokDataModule = _instantiate(cfg.task.datamodule)
     net = _instantiate(cfg.model, **datamodule.model_dims())
+    datamodule.init_model_(net, cfg.seed)
     module = GrokModule(
         net=net,
         optimizer=_instantiate(cfg.optimizer),
@@ -89,6 +90,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         warmup_steps=cfg.warmup_steps,
         stop_after_grok=cfg.task.stop_after_grok,
         exact_match_sets=tuple(cfg.task.exact_match_sets),
+        eval_cadence=OmegaConf.to_container(cfg.task.eval_cadence),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
     )
     callbacks = [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]

@@ -37,6 +37,8 @@ from grokedge.spectral.geometry import (
     stability_finish,
     stability_from_gram,
     stacked_gram,
+    window_shift_dk_bound,
+    window_shift_grams,
 )
 from grokedge.spectral.selection import (
     ParameterSelector,
@@ -81,4 +83,6 @@ __all__ = [
     "stability_from_gram",
     "stacked_gram",
     "trapezoid_wd",
+    "window_shift_dk_bound",
+    "window_shift_grams",
 ]

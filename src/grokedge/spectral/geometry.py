@@ -260,3 +260,72 @@ def davis_kahan_bound(gram_prev: Tensor, gram_curr: Tensor, gap: float | None = 
     if math.isinf(gap):
         return 0.0
     return float(torch.linalg.matrix_norm(diff, "fro")) / gap
+
+
+def _psd_sqrt(gram: Tensor) -> Tensor:
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+    return evecs @ torch.diag(evals.clamp(min=0.0).sqrt()) @ evecs.T
+
+
+def window_shift_grams(
+    gram_prev: Tensor, gram_curr: Tensor, evicted_dot: float | None
+) -> tuple[Tensor, Tensor]:
+    """Two consecutive windows' operators XᵀX in one common orthonormal frame.
+
+    The edge v_1 of a window X [n, p] is the top eigenvector of the p×p operator
+    M = XᵀX, whose nonzero spectrum is that of G = X Xᵀ. Consecutive windows share all
+    deltas but the evicted oldest one (prev) and the newest one (curr). Let Y [m, p] hold
+    the union of their deltas, oldest first (m = n + 1 when one was evicted, m = n when
+    the window only grew), S = (Y Yᵀ)^{1/2} and D_prev, D_curr the 0/1 diagonals picking
+    each window's rows. Then
+
+        A = S D_prev S,   B = S D_curr S        ([m, m])
+
+    are M_prev and M_curr seen through the polar factor of Y (an isometry on the span of
+    the deltas): same nonzero eigenvalues, eigenvectors mapped to the v's with angles
+    preserved, and ‖A − B‖_F = ‖M_curr − M_prev‖_F. So ``davis_kahan_bound(A, B)`` is
+    a theorem for the rotation of v_1 itself, from W×W numbers only.
+
+    Args:
+        gram_prev: [n_p, n_p] float64, G of the previous window, chronological.
+        gram_curr: [n_c, n_c] G of the current window, chronological.
+        evicted_dot: δ_evicted · δ_newest (``UpdateWindow.last_evicted_dot``), or
+            ``None`` if the window grew (n_c = n_p + 1, nothing evicted).
+    Returns:
+        (A, B), [m, m] float64 CPU.
+    """
+    gp = gram_prev.to("cpu", torch.float64)
+    gc = gram_curr.to("cpu", torch.float64)
+    n_p, n_c = gp.shape[0], gc.shape[0]
+    if evicted_dot is None:
+        if n_c != n_p + 1:
+            raise ValueError(f"a grown window has one delta more: got {n_p} then {n_c}")
+        union = gc
+        d_prev = torch.ones(n_c, dtype=torch.float64)
+        d_prev[-1] = 0.0
+        d_curr = torch.ones(n_c, dtype=torch.float64)
+    else:
+        if n_c != n_p:
+            raise ValueError(f"a slid window keeps its size: got {n_p} then {n_c}")
+        m = n_p + 1
+        union = torch.zeros(m, m, dtype=torch.float64)
+        union[:n_p, :n_p] = gp
+        union[1:, 1:] = gc  # the shared deltas: the same stored dot products as gp[1:, 1:]
+        union[0, m - 1] = union[m - 1, 0] = float(evicted_dot)
+        d_prev = torch.ones(m, dtype=torch.float64)
+        d_prev[-1] = 0.0
+        d_curr = torch.ones(m, dtype=torch.float64)
+        d_curr[0] = 0.0
+    s = _psd_sqrt(union)
+    return s @ torch.diag(d_prev) @ s, s @ torch.diag(d_curr) @ s
+
+
+def window_shift_dk_bound(gram_prev: Tensor, gram_curr: Tensor, evicted_dot: float | None) -> float:
+    """Davis–Kahan bound on sin of v_1's rotation between two consecutive windows.
+
+    ``davis_kahan_bound`` on ``window_shift_grams``: ‖M_curr − M_prev‖_F divided by
+    λ_1(curr) − λ_2(prev) (σ² units cancel; dimensionless). Compare with
+    ``sin(rotation_deg)`` of v_1; values >= 1 bound nothing.
+    """
+    a, b = window_shift_grams(gram_prev, gram_curr, evicted_dot)
+    return davis_kahan_bound(a, b)

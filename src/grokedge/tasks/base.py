@@ -105,6 +105,12 @@ class GrokDataModule(L.LightningDataModule, ABC):
         trainer = getattr(self, "trainer", None)
         return trainer.global_step if trainer is not None else 0
 
+    def init_model_(self, net: torch.nn.Module, seed: int) -> None:
+        """Hook to initialise ``net`` as the task's reference code does (default: keep).
+
+        Called once, right after the model is built with the run's seed set.
+        """
+
     @abstractmethod
     def model_dims(self) -> dict[str, int]:
         """Constructor keyword arguments the model needs from the data."""

@@ -189,9 +189,18 @@ class DyckDataModule(GrokDataModule):
         ood_sequences: size of the out-of-distribution set (0: none).
         ood_max_pairs / ood_context: its longer sequences (depth up to ``ood_max_pairs``).
         ood_seed: seed of its generator.
+        head_covers_ood: one head class per depth of the OOD data too (see above).
+        paper_protocol: initialise the model as the paper's code does and draw training
+            batches from the paper's ``torch.randint`` stream that follows its
+            initialisation (:mod:`grokedge.models.paper_init`), so that a run with seed s
+            retraces the paper code's run with seed s. ``False``: the model's own
+            initialisation and batches drawn from ``(seed, batch index)``.
 
-    The number of depth classes is sized to the data: the deepest possible label of any
-    set plus one (13 for the paper's data alone, 21 with the default OOD set).
+    The head has a class per depth the training data can reach (13 for the paper's
+    data), as in the paper's code; the OOD set's deeper labels are counted as errors (the
+    model cannot emit them) and carry no loss, rather than crashing the evaluation as the
+    paper's code does. ``head_covers_ood=True`` sizes the head to the OOD data instead
+    (21 classes by default), at the price of the paper's trajectory.
 
     Example:
         >>> dm = DyckDataModule(ood_sequences=0)
@@ -219,6 +228,8 @@ class DyckDataModule(GrokDataModule):
         ood_max_pairs: int = 20,
         ood_context: int = 48,
         ood_seed: int = 777,
+        paper_protocol: bool = True,
+        head_covers_ood: bool = False,
     ) -> None:
         super().__init__()
         if 2 * max_pairs > context:
@@ -239,6 +250,7 @@ class DyckDataModule(GrokDataModule):
         self.save_hyperparameters()
         self.eval_names = ("test", "train") + (("ood",) if ood_sequences else ())
         self._ready = False
+        self._stream_start: Tensor | None = None
 
     # -- data -------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -262,18 +274,44 @@ class DyckDataModule(GrokDataModule):
 
     def model_dims(self) -> dict[str, int]:
         h = self.hparams
-        deepest = max(h.max_pairs, h.ood_max_pairs if h.ood_sequences else 0)
+        covers_ood = h.head_covers_ood and h.ood_sequences
+        deepest = max(h.max_pairs, h.ood_max_pairs if covers_ood else 0)
         longest = max(h.context, h.ood_context if h.ood_sequences else 0)
         return {"vocab_size": VOCAB_SIZE, "num_classes": deepest + 1, "max_len": longest}
 
     # -- batches ----------------------------------------------------------------------
+    def init_model_(self, net: torch.nn.Module, seed: int) -> None:
+        if not self.hparams.paper_protocol:
+            return
+        from grokedge.models.paper_init import init_like_paper_
+
+        torch.manual_seed(seed)
+        # The paper's head has a class per depth its data reaches: 0..max_pairs.
+        self._stream_start = init_like_paper_(net, self.hparams.max_pairs + 1, extra_seed=seed)
+        self._stream, self._stream_next = None, 0
+
+    def _draw_rows(self, index: int) -> Tensor:
+        """Row indices of training batch ``index`` (drawn with replacement)."""
+        shape = (self.hparams.batch_size,)
+        n = len(self.train_sequences)
+        if self._stream_start is None:
+            return torch.randint(0, n, shape, generator=batch_generator(self.hparams.seed, index))
+        # The paper's stream is sequential: replay it from its start to reach ``index``
+        # (cheap: one small draw per step), so batches stay a function of the index.
+        if self._stream is None or self._stream_next > index:
+            self._stream = torch.Generator()
+            self._stream.set_state(self._stream_start)
+            self._stream_next = 0
+        while self._stream_next < index:
+            torch.randint(0, n, shape, generator=self._stream)
+            self._stream_next += 1
+        self._stream_next += 1
+        return torch.randint(0, n, shape, generator=self._stream)
+
     def sample_train_batch(self, index: int) -> Batch:
         """Training batch number ``index``: ``batch_size`` sequences drawn with replacement."""
         d = self.train_distinct
-        generator = batch_generator(self.hparams.seed, index)
-        rows = torch.randint(
-            0, len(self.train_sequences), (self.hparams.batch_size,), generator=generator
-        )
+        rows = self._draw_rows(index)
         if not self.hparams.deduplicate:
             idx = d.index[rows]
             return make_batch(d.tokens[idx], d.labels[idx], torch.ones(len(idx)), d.lengths[idx])
