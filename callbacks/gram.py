@@ -373,8 +373,8 @@ class GramCallback(Callback):
         Returns whether it entered the window (False: non-finite, skipped).
         """
         assert self.tracker is not None and self._total is not None
-        torch._foreach_copy_(self._total_views, self._params)
-        torch._foreach_sub_(self._total_views, self._prev_views)
+        for out, param, prev in zip(self._total_views, self._params, self._prev_views, strict=True):
+            torch.sub(param, prev, out=out)  # one pass: total = θ_now − θ_prev
         torch._foreach_copy_(self._prev_views, self._params)
         wd = self.tracker.accumulated
         pushed = self.push_delta(self._total, wd, step)

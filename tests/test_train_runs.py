@@ -133,3 +133,27 @@ def test_multirun_gives_one_directory_and_one_wandb_run_per_job(cli, tmp_path: P
         for j in ("0", "1")
     ]
     assert decays == [0, 1]
+
+
+@pytest.mark.slow
+def test_local_parallel_launcher_runs_each_job_with_one_thread(cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "task=dyck",
+            "seed=1,2",
+            "trainer.max_steps=10",
+            "task.eval_every=10",
+            "logger=none",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        cfg = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
+        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 10
+        assert str(cfg.torch_threads) == "1"

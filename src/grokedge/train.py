@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ from grokedge.config_checks import ConfigError, check_config
 from grokedge.module import GrokModule
 from grokedge.run_files import MetricHistoryLogger, write_summary
 from grokedge.tasks.base import GrokDataModule
+
+
+# Lightning 2.6 calls a torch API that torch 2.13 deprecates, once per fit: noise to users.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @dataclass
