@@ -223,6 +223,7 @@ class GramCallback(Callback):
         self._params: list[Tensor] = []
         self._theta_prev: Tensor | None = None  # [p] θ at the last capture
         self._total: Tensor | None = None  # [p] scratch for the newest total delta
+        self._vector_bufs: list[Tensor] = []  # two [top_k, p]: edge and previous alternate
         self._prev_views: list[Tensor] = []
         self._total_views: list[Tensor] = []
         self._handle: RemovableHandle | None = None
@@ -355,6 +356,10 @@ class GramCallback(Callback):
         self.window = UpdateWindow(
             self.window_size, p, device=device, dtype=BUFFER_DTYPES[self.buffer_dtype]
         )
+        # Preallocated: a fresh p-sized allocation per window costs page faults.
+        self._vector_bufs = [
+            torch.empty(self.top_k, p, dtype=self.window.dtype, device=device) for _ in range(2)
+        ]
         self.tracker = self._make_tracker(optimizer, named)
         self._handle = self.tracker.register()
         self.edge = self.previous = None
@@ -407,8 +412,16 @@ class GramCallback(Callback):
         self.evicted_dot = None if evicted is None else float(evicted)
         if self.window.count >= MIN_WINDOW:
             self.previous = self.edge
-            self.edge = edge_from_window(self.window, self.top_k, step)
+            self.edge = edge_from_window(self.window, self.top_k, step, out=self._free_buffer())
         return True
+
+    def _free_buffer(self) -> Tensor:
+        """The vector buffer that ``previous`` (about to be dropped) does not use."""
+        in_use = self.edge.vectors if self.edge is not None else None
+        for buf in self._vector_bufs:
+            if in_use is None or buf.data_ptr() != in_use.data_ptr():
+                return buf
+        raise AssertionError("both vector buffers in use")
 
     # -------------------------------------------------------------------- checkpoints
 
@@ -468,7 +481,9 @@ class GramCallback(Callback):
         # it (same buffers, same W×W matrices, same numbers) rather than storing [k, p].
         edge_step = state.get("edge_step")
         if edge_step is not None and self.window.count >= MIN_WINDOW:
-            self.edge = edge_from_window(self.window, self.top_k, int(edge_step))
+            self.edge = edge_from_window(
+                self.window, self.top_k, int(edge_step), out=self._vector_bufs[0]
+            )
         else:
             self.edge = None
         self.previous = None

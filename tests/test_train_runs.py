@@ -154,6 +154,6 @@ def test_local_parallel_launcher_runs_each_job_with_one_thread(cli, tmp_path: Pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
-        cfg = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
-        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 10
-        assert str(cfg.torch_threads) == "1"
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["steps"] == 10
+        assert summary["torch_threads"] == 1

@@ -125,6 +125,7 @@ def fit(run: Run) -> dict[str, Any]:
         "steps": run.trainer.global_step,
         "wall_s": round(wall_s, 3),
         "n_params": n_params,
+        "torch_threads": torch.get_num_threads(),
         **run.history.last,
     }
     write_summary(run.run_dir, summary)

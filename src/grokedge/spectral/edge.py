@@ -103,6 +103,7 @@ def compute_edge(
     deltas: Tensor | DeltaSource,
     top_k: int,
     step: int,
+    out: Tensor | None = None,
 ) -> EdgeState:
     """Eigendecompose the window's Gram and materialise the top-k edge vectors.
 
@@ -114,6 +115,9 @@ def compute_edge(
             an ``UpdateWindow`` (avoids reordering the ring).
         top_k: number of edge vectors, >= 1; may exceed W' (extra rows are zero).
         step: optimizer step recorded in the state.
+        out: optional [top_k, p] buffer for the vectors (deltas' dtype and device); reuse
+            one across windows to avoid a fresh p-sized allocation each time. The state's
+            ``vectors`` is then this buffer: don't reuse it while the state is in use.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -143,9 +147,10 @@ def compute_edge(
     if isinstance(deltas, Tensor):
         if deltas.ndim != 2 or deltas.shape[0] != n:
             raise ValueError(f"deltas must be [{n}, p], got {list(deltas.shape)}")
-        vectors = coeffs.to(deltas.device, deltas.dtype) @ deltas
+        vectors = torch.matmul(coeffs.to(deltas.device, deltas.dtype), deltas, out=out)
     else:
-        vectors = deltas.combine(coeffs)
+        # ``out`` only for sources that take it (UpdateWindow does).
+        vectors = deltas.combine(coeffs) if out is None else deltas.combine(coeffs, out=out)
 
     return EdgeState(
         step=int(step),
@@ -161,6 +166,10 @@ def compute_edge(
     )
 
 
-def edge_from_window(window: UpdateWindow, top_k: int, step: int) -> EdgeState:
+def edge_from_window(
+    window: UpdateWindow, top_k: int, step: int, out: Tensor | None = None
+) -> EdgeState:
     """``compute_edge`` on a single (unsliced) window: no reduction of the W×W matrices."""
-    return compute_edge(window.gram(), window.cross_gram(), window.wd_gram(), window, top_k, step)
+    return compute_edge(
+        window.gram(), window.cross_gram(), window.wd_gram(), window, top_k, step, out
+    )

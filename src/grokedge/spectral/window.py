@@ -63,12 +63,16 @@ def chunked_matmul_t(rows: Tensor, vecs: Tensor, accum_dtype: torch.dtype) -> Te
 
 
 def _row_dots(
-    rows: Tensor, new: tuple[Tensor, ...], accum_dtype: torch.dtype
+    rows: Tensor,
+    new: tuple[Tensor, ...],
+    accum_dtype: torch.dtype,
+    scratch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``rows @ N.T`` and ``N @ N.T`` for N = the stacked ``new`` vectors, in one pass.
 
     Args:
         rows: [m, p]; new: n vectors [p] (same dtype and device as ``rows``).
+        scratch: optional reusable [m + n, chunk] ``accum_dtype`` buffer (see ``_scratch_for``).
     Returns:
         ([m, n], [n, n]) in ``accum_dtype`` on the device. Each chunk of the rows and of
         the new vectors is up-cast once into a cache-sized scratch and multiplied there.
@@ -76,9 +80,9 @@ def _row_dots(
     m, p = rows.shape
     n = len(new)
     out = torch.zeros(m + n, n, dtype=accum_dtype, device=rows.device)
-    per_chunk = ACCUM_CHUNK if rows.device.type == "cpu" else ACCUM_CHUNK_ACCELERATOR
-    chunk = min(per_chunk, max(p, 1))
-    scratch = torch.empty(m + n, chunk, dtype=accum_dtype, device=rows.device)
+    if scratch is None:
+        scratch = _scratch_for(m + n, p, accum_dtype, rows.device)
+    chunk = scratch.shape[1]
     for lo in range(0, p, chunk):
         hi = min(lo + chunk, p)
         block = scratch[:, : hi - lo]
@@ -87,6 +91,11 @@ def _row_dots(
             block[m + i].copy_(vec[lo:hi])
         out.addmm_(block, block[m:].T)
     return out[:m], out[m:]
+
+
+def _scratch_for(rows: int, p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    per_chunk = ACCUM_CHUNK if device.type == "cpu" else ACCUM_CHUNK_ACCELERATOR
+    return torch.empty(rows, min(per_chunk, max(p, 1)), dtype=dtype, device=device)
 
 
 class UpdateWindow:
@@ -129,6 +138,7 @@ class UpdateWindow:
         # δ_evicted · δ_newest of the latest push (0-d, accum_dtype, on the device); None
         # when it evicted nothing. Relates consecutive windows (geometry.window_shift_grams).
         self.last_evicted_dot: Tensor | None = None
+        self._scratch: Tensor | None = None  # reused by push (no page faults per push)
 
     @property
     def device(self) -> torch.device:
@@ -169,7 +179,11 @@ class UpdateWindow:
         every = self._buf.view(2 * size, self.p)
         # dots[a*W + j, b] = part_a[j] · new_part_b over the *old* slots (empty ones are
         # zero); own[a, b] = new_part_a · new_part_b.
-        dots, own = _row_dots(every, (new_total, new_wd), self.accum_dtype)
+        if self._scratch is None or self._scratch.shape[1] != min(
+            ACCUM_CHUNK if self.device.type == "cpu" else ACCUM_CHUNK_ACCELERATOR, max(self.p, 1)
+        ):
+            self._scratch = _scratch_for(2 * size + 2, self.p, self.accum_dtype, self.device)
+        dots, own = _row_dots(every, (new_total, new_wd), self.accum_dtype, self._scratch)
         if check_finite and not bool(torch.isfinite(own).all()):
             return False
         self.last_evicted_dot = dots[slot, TOTAL].clone() if self.count == size else None
@@ -234,28 +248,38 @@ class UpdateWindow:
         return self._part(WD)
 
     @torch.no_grad()
-    def combine(self, coeffs: Tensor, wd: bool = False) -> Tensor:
+    def combine(self, coeffs: Tensor, wd: bool = False, out: Tensor | None = None) -> Tensor:
         """``coeffs @ X`` (or ``coeffs @ X_wd``) without reordering the ring.
 
         Args:
             coeffs: [m, count], chronological columns (any dtype, any device).
+            out: optional [m, p] buffer (buffer dtype and device) to write into. Reusing
+                one avoids the page faults of a fresh p-sized allocation at every call,
+                which on the CPU cost more than the product itself.
         Returns:
-            [m, p] in the buffer dtype on the buffer device.
+            [m, p] in the buffer dtype on the buffer device (``out`` if given).
         """
         if coeffs.ndim != 2 or coeffs.shape[1] != self.count:
             raise ValueError(f"coeffs must be [m, {self.count}], got {list(coeffs.shape)}")
-        ring = torch.zeros(coeffs.shape[0], self.size, dtype=self.dtype, device=self.device)
+        m = coeffs.shape[0]
+        if out is None:
+            out = torch.empty(m, self.p, dtype=self.dtype, device=self.device)
+        elif out.shape != (m, self.p) or out.dtype != self.dtype or out.device != self.device:
+            raise ValueError(
+                f"out must be [{m}, {self.p}] {self.dtype} on {self.device}, got "
+                f"{list(out.shape)} {out.dtype} on {out.device}"
+            )
+        ring = torch.zeros(m, self.size, dtype=self.dtype, device=self.device)
         idx = torch.tensor(self.order(), dtype=torch.long, device=self.device)
         ring[:, idx] = coeffs.to(self.device, self.dtype)
         src = self._buf[WD if wd else TOTAL]
         if self.device.type != "cpu":
-            return ring @ src
-        # On the CPU a [m, W] @ [W, p] GEMM is several times slower than the same product
-        # taken in cache-sized column blocks (MKL's packing for tiny m, W).
-        out = torch.empty(ring.shape[0], self.p, dtype=self.dtype, device=self.device)
+            return torch.matmul(ring, src, out=out)
+        # On the CPU a [m, W] @ [W, p] GEMM is slower than the same product taken in
+        # cache-sized column blocks.
         for lo in range(0, self.p, COMBINE_CHUNK):
             hi = min(lo + COMBINE_CHUNK, self.p)
-            out[:, lo:hi] = ring @ src[:, lo:hi]
+            torch.mm(ring, src[:, lo:hi], out=out[:, lo:hi])
         return out
 
     def state_dict(self) -> dict[str, Any]:
