@@ -1,0 +1,326 @@
+"""Edge ablation and its random controls (PAPER.md §3, experiment 2, and §5).
+
+The paper removes the edge subspace from the selected parameters,
+θ' = θ − Σ_k (θ·v_k) v_k, and compares the change of a metric (token accuracy, loss)
+with the same removal along random orthonormal subspaces of the same dimension. A
+random k-dimensional subspace of R^p holds only about k/p of ‖θ‖², so that control
+moves θ by almost nothing and the paper's ratio |Δ_edge| / |mean Δ_random| divides by
+nearly zero (§5). The *norm-matched* control fixes this: random directions scaled so
+that ‖Δθ‖ equals the edge removal's displacement ‖θ − θ'‖.
+
+All vectors live in the flat layout of :class:`~grokedge.spectral.ParameterSelector`
+(θ_sel ∈ R^p, parameter units). Random draws are made on the CPU from a seed derived
+from ``(seed, index)``, so draw ``index`` is the same on every device, for every ``n``,
+and can be produced one at a time (n·k·p memory is never needed at once).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from grokedge.spectral.perturbation import FlatEvaluate
+
+Batch = dict[str, Tensor]
+
+RATIO_FLOOR = 1e-8
+"""Added to |mean Δ_random| in the paper's ratio so that it stays finite."""
+
+RANK_RTOL = 1e-10
+"""A QR column whose |R_jj| is below this fraction of the largest one is dependent."""
+
+DEFAULT_N_RANDOM = 20
+"""The paper's number of random subspaces per ablation."""
+
+
+# ---------------------------------------------------------------------------- projection
+
+
+def orthonormalize(basis: Tensor) -> Tensor:
+    """Orthonormal rows spanning the same space as the rows of ``basis``.
+
+    Reduced QR of ``basis``ᵀ in float64; columns whose |R_jj| falls below
+    ``RANK_RTOL · max |R_ii|`` are linearly dependent (or zero rows, as ``EdgeState``
+    holds where σ_k = 0) and dropped, so the result may have fewer rows.
+
+    Args:
+        basis: [k, p], any rows.
+    Returns:
+        [k', p], k' = rank <= k, rows orthonormal, in ``basis``'s dtype and device.
+    """
+    q, r = torch.linalg.qr(basis.to(torch.float64).T)
+    diag = r.diagonal().abs()
+    if diag.numel() == 0 or float(diag.max()) == 0.0:
+        return basis.new_zeros((0, basis.shape[1]))
+    keep = diag > RANK_RTOL * diag.max()
+    return q[:, keep].T.to(basis.dtype)
+
+
+def subspace_coefficients(theta: Tensor, basis: Tensor) -> Tensor:
+    """Coefficients θ·v_k [k], float64, on ``theta``'s device.
+
+    Linear in the parameters, so under slicing (DESIGN.md, Scale) each rank computes them
+    on its slice and the sum over ranks is the whole vector's coefficients.
+    """
+    return basis.to(torch.float64) @ theta.to(torch.float64)
+
+
+def remove_subspace(
+    theta: Tensor,
+    basis: Tensor,
+    *,
+    orthonormal: bool = True,
+    coefficients: Tensor | None = None,
+) -> Tensor:
+    """θ' = θ − Σ_k (θ·v_k) v_k: θ without its component in span{v_k}.
+
+    Args:
+        theta: [p] flat selected parameters.
+        basis: [k, p] rows v_k. With ``orthonormal=True`` (default; edge vectors and
+            :func:`random_orthonormal_subspace` are) they are used as given: a zero row
+            removes nothing. With ``orthonormal=False`` the rows may be any spanning set
+            and are first orthonormalised by :func:`orthonormalize` (QR), so the result
+            is the orthogonal projection onto the complement of their span.
+        coefficients: [k] the summed θ·v_k when ``theta`` and ``basis`` are slices of
+            the whole vectors (see :func:`subspace_coefficients`); computed here if None.
+            Only with ``orthonormal=True``.
+    Returns:
+        [p] θ', same dtype and device as ``theta``. The displacement ‖θ − θ'‖ equals
+        ‖coefficients‖ for an orthonormal basis.
+    """
+    if basis.ndim != 2 or basis.shape[1] != theta.shape[0]:
+        raise ValueError(f"basis must be [k, {theta.shape[0]}], got {list(basis.shape)}")
+    if not orthonormal:
+        if coefficients is not None:
+            raise ValueError("coefficients can only be given for an orthonormal basis")
+        basis = orthonormalize(basis)
+    coeffs = subspace_coefficients(theta, basis) if coefficients is None else coefficients
+    removed = coeffs.to(theta.device, torch.float64) @ basis.to(torch.float64)
+    return (theta.to(torch.float64) - removed).to(theta.dtype)
+
+
+# ---------------------------------------------------------------------------- random draws
+
+
+def draw_generator(seed: int, index: int) -> torch.Generator:
+    """CPU generator of random draw ``index`` of the stream ``seed``.
+
+    ``SeedSequence`` mixes ``(seed, index)`` into independent streams, so draws do not
+    depend on how many were made before (chunk-wise generation, resumption).
+    """
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def random_orthonormal_subspace(
+    k: int,
+    p: int,
+    seed: int,
+    index: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random subspace number ``index``: [k, p] orthonormal rows.
+
+    QR of a k×p standard Gaussian (float64, CPU): uniformly distributed on the
+    Grassmannian. The signs are fixed so that R has a positive diagonal, which makes the
+    rows the Gram–Schmidt orthonormalisation of the Gaussian rows: a function of the
+    draw alone, not of the QR routine.
+    """
+    if not 0 < k <= p:
+        raise ValueError(f"need 0 < k <= p, got k={k}, p={p}")
+    gauss = torch.randn(p, k, generator=draw_generator(seed, index), dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(r.diagonal())
+    return q.T.contiguous().to(device=device, dtype=dtype)
+
+
+def iter_random_orthonormal_subspaces(
+    n: int,
+    k: int,
+    p: int,
+    seed: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[Tensor]:
+    """Yields the n subspaces [k, p] of :func:`random_orthonormal_subspaces` one at a time."""
+    for index in range(n):
+        yield random_orthonormal_subspace(k, p, seed, index, device, dtype)
+
+
+def random_orthonormal_subspaces(
+    n: int,
+    k: int,
+    p: int,
+    seed: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """[n, k, p]: n random k-dimensional orthonormal subspaces of R^p (the paper's control).
+
+    Needs n·k·p memory; :func:`iter_random_orthonormal_subspaces` yields the same
+    subspaces one at a time.
+    """
+    return torch.stack(list(iter_random_orthonormal_subspaces(n, k, p, seed, device, dtype)))
+
+
+def random_displacement(
+    norm: float,
+    p: int,
+    seed: int,
+    index: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Draw ``index``: [p] a uniformly random direction of R^p scaled to length ``norm``."""
+    if norm < 0:
+        raise ValueError(f"norm must be >= 0, got {norm}")
+    gauss = torch.randn(p, generator=draw_generator(seed, index), dtype=torch.float64)
+    return (gauss * (norm / torch.linalg.vector_norm(gauss))).to(device=device, dtype=dtype)
+
+
+def iter_norm_matched_displacements(
+    n: int,
+    displacement_norm: float,
+    p: int,
+    seed: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[Tensor]:
+    """Yields the n displacements [p] of :func:`norm_matched_displacements` one at a time."""
+    for index in range(n):
+        yield random_displacement(displacement_norm, p, seed, index, device, dtype)
+
+
+def norm_matched_displacements(
+    n: int,
+    displacement_norm: float,
+    p: int,
+    seed: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """[n, p]: random displacements Δθ with ‖Δθ‖ = ``displacement_norm`` (parameter units).
+
+    The control the paper lacks (PAPER.md §5): pass the edge removal's displacement
+    ‖θ − θ'‖ and evaluate θ + Δθ. Norms are exact in float64 (relative error ~1e-16; a
+    float32 result carries its own rounding, ~1e-7).
+    """
+    return torch.stack(
+        list(iter_norm_matched_displacements(n, displacement_norm, p, seed, device, dtype))
+    )
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def ablation_summary(delta_edge: float, deltas_random: Sequence[float] | Tensor) -> dict:
+    """The edge effect against a control distribution of random effects.
+
+    Args:
+        delta_edge: change of a metric when the edge is removed (metric units, e.g.
+            accuracy after − before).
+        deltas_random: the same change for each random control.
+    Returns:
+        dict with ``delta_edge``; ``n_random``; ``random_mean``, ``random_sd`` (sample
+        sd, ddof = 1; NaN with fewer than two controls), ``random_max_abs``;
+        ``ratio`` = |Δ_edge| / (|mean Δ_random| + 1e-8) (the paper's); ``z`` =
+        (Δ_edge − mean) / sd, NaN where sd is 0 or undefined (e.g. every random Δacc
+        exactly 0: the controls show no spread to measure against); ``frac_random_ge`` =
+        share of controls with |Δ_random| >= |Δ_edge| (an empirical p-value, defined
+        even when sd = 0).
+    """
+    randoms = [float(x) for x in deltas_random]
+    n = len(randoms)
+    if n == 0:
+        raise ValueError("deltas_random is empty")
+    mean = sum(randoms) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in randoms) / (n - 1)) if n > 1 else math.nan
+    z = (delta_edge - mean) / sd if sd > 0 else math.nan
+    return {
+        "delta_edge": float(delta_edge),
+        "n_random": n,
+        "random_mean": mean,
+        "random_sd": sd,
+        "random_max_abs": max(abs(x) for x in randoms),
+        "ratio": abs(delta_edge) / (abs(mean) + RATIO_FLOOR),
+        "z": z,
+        "frac_random_ge": sum(abs(x) >= abs(delta_edge) for x in randoms) / n,
+    }
+
+
+# ---------------------------------------------------------------------------- experiment
+
+
+def ablation_experiment(
+    evaluate: FlatEvaluate,
+    theta: Tensor,
+    basis: Tensor,
+    batch: Batch,
+    n_random: int = DEFAULT_N_RANDOM,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Edge removal with both controls, on one evaluation batch.
+
+    1. edge: θ' = :func:`remove_subspace` (θ, ``basis``);
+    2. random: the same removal along ``n_random`` random orthonormal subspaces of the
+       same dimension (the paper's control);
+    3. norm-matched: θ + Δθ for ``n_random`` random Δθ with ‖Δθ‖ = ‖θ − θ'‖.
+
+    Args:
+        evaluate: ``(flat θ [p], batch) -> (loss, acc, logits)`` (see
+            :func:`~grokedge.spectral.perturbation.flat_evaluator`).
+        theta: [p] the current selected parameters.
+        basis: [k, p] orthonormal edge rows (e.g. ``EdgeState.vectors[:2]``).
+        seed: seed of the random draws (subspaces use stream ``seed``, displacements
+            ``seed + 1``).
+    Returns:
+        dict: ``base_loss``, ``base_acc``, ``edge_loss``, ``edge_acc``, ``displacement``
+        (‖θ − θ'‖, parameter units), ``random_dacc``/``random_dloss`` and
+        ``matched_dacc``/``matched_dloss`` (lists), and ``acc_random``, ``loss_random``,
+        ``acc_matched``, ``loss_matched``: :func:`ablation_summary` of each.
+    """
+    with torch.no_grad():
+        base_loss, base_acc, _ = _scalars(evaluate(theta, batch))
+        edge_theta = remove_subspace(theta, basis)
+        edge_loss, edge_acc, _ = _scalars(evaluate(edge_theta, batch))
+        displacement = float(torch.linalg.vector_norm((theta - edge_theta).to(torch.float64)))
+        k, p = basis.shape
+        random_d: list[tuple[float, float]] = []
+        for sub in iter_random_orthonormal_subspaces(
+            n_random, k, p, seed, theta.device, theta.dtype
+        ):
+            loss, acc, _ = _scalars(evaluate(remove_subspace(theta, sub), batch))
+            random_d.append((loss - base_loss, acc - base_acc))
+        matched_d: list[tuple[float, float]] = []
+        for delta in iter_norm_matched_displacements(
+            n_random, displacement, p, seed + 1, theta.device, theta.dtype
+        ):
+            loss, acc, _ = _scalars(evaluate(theta + delta, batch))
+            matched_d.append((loss - base_loss, acc - base_acc))
+    d_loss, d_acc = edge_loss - base_loss, edge_acc - base_acc
+    return {
+        "base_loss": base_loss,
+        "base_acc": base_acc,
+        "edge_loss": edge_loss,
+        "edge_acc": edge_acc,
+        "displacement": displacement,
+        "random_dloss": [x[0] for x in random_d],
+        "random_dacc": [x[1] for x in random_d],
+        "matched_dloss": [x[0] for x in matched_d],
+        "matched_dacc": [x[1] for x in matched_d],
+        "acc_random": ablation_summary(d_acc, [x[1] for x in random_d]),
+        "loss_random": ablation_summary(d_loss, [x[0] for x in random_d]),
+        "acc_matched": ablation_summary(d_acc, [x[1] for x in matched_d]),
+        "loss_matched": ablation_summary(d_loss, [x[0] for x in matched_d]),
+    }
+
+
+def _scalars(result: tuple[Any, Any, Tensor]) -> tuple[float, float, Tensor]:
+    loss, acc, logits = result
+    return float(loss), float(acc), logits

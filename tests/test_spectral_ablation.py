@@ -1,0 +1,272 @@
+"""Ablation, random controls, KL and ε-sweeps against hand computations and brute force."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from grokedge.models import CausalTransformer
+from grokedge.spectral import (
+    ParameterSelector,
+    ablation_experiment,
+    ablation_summary,
+    epsilon_grid,
+    epsilon_sweep,
+    flat_evaluator,
+    iter_norm_matched_displacements,
+    iter_random_orthonormal_subspaces,
+    kl_divergence,
+    norm_matched_displacements,
+    orthonormalize,
+    random_orthonormal_subspace,
+    random_orthonormal_subspaces,
+    remove_subspace,
+    subspace_coefficients,
+    sweep_extremes,
+)
+from grokedge.spectral.perturbation import IGNORE_LABEL
+
+ORTHO_TOL = 1e-6
+P = 500
+
+
+def gauss(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------- projection
+
+
+def test_remove_subspace_leaves_the_orthogonal_complement():
+    theta = gauss(P, seed=1)
+    basis = random_orthonormal_subspace(3, P, seed=2, dtype=torch.float64)
+    out = remove_subspace(theta, basis)
+    # Nothing left in the removed span ...
+    assert torch.allclose(basis @ out, torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    # ... and the orthogonal complement untouched: out = (I - VᵀV) θ from the dense projector.
+    projector = torch.eye(P, dtype=torch.float64) - basis.T @ basis
+    assert torch.allclose(out, projector @ theta, atol=1e-12)
+    other = gauss(P, seed=3)
+    other = projector @ other  # a vector of the complement
+    assert torch.allclose(out @ other, theta @ other, rtol=1e-12)
+    # Displacement = ‖coefficients‖; removing twice changes nothing more.
+    assert float((theta - out).norm()) == pytest.approx(float((basis @ theta).norm()), rel=1e-12)
+    assert torch.allclose(remove_subspace(out, basis), out, atol=1e-12)
+
+
+def test_remove_subspace_non_orthonormal_basis_and_zero_rows():
+    theta = gauss(P, seed=4)
+    ortho = random_orthonormal_subspace(2, P, seed=5, dtype=torch.float64)
+    mixed = torch.tensor([[2.0, 1.0], [0.5, -3.0], [1.0, 1.0]], dtype=torch.float64) @ ortho
+    expected = remove_subspace(theta, ortho)
+    assert torch.allclose(remove_subspace(theta, mixed, orthonormal=False), expected, atol=1e-12)
+    assert orthonormalize(mixed).shape == (2, P)  # the dependent third row is dropped
+    # A zero row (EdgeState's σ_k = 0) removes nothing.
+    with_zero = torch.cat([ortho, torch.zeros(1, P, dtype=torch.float64)])
+    assert torch.allclose(remove_subspace(theta, with_zero), expected, atol=1e-12)
+
+
+def test_sliced_coefficients_sum_to_the_whole():
+    theta = gauss(P, seed=6)
+    basis = random_orthonormal_subspace(2, P, seed=7, dtype=torch.float64)
+    cut = 173
+    coeffs = subspace_coefficients(theta[:cut], basis[:, :cut]) + subspace_coefficients(
+        theta[cut:], basis[:, cut:]
+    )
+    whole = remove_subspace(theta, basis)
+    parts = torch.cat(
+        [
+            remove_subspace(theta[:cut], basis[:, :cut], coefficients=coeffs),
+            remove_subspace(theta[cut:], basis[:, cut:], coefficients=coeffs),
+        ]
+    )
+    assert torch.allclose(parts, whole, atol=1e-12)
+
+
+def test_float32_theta_keeps_its_dtype():
+    theta = gauss(P, seed=8).float()
+    basis = random_orthonormal_subspace(2, P, seed=9)  # float32
+    out = remove_subspace(theta, basis)
+    assert out.dtype == torch.float32
+    assert float((basis.double() @ out.double()).abs().max()) < ORTHO_TOL
+
+
+# ---------------------------------------------------------------------------- random draws
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_subspaces_orthonormal_and_reproducible(dtype):
+    subs = random_orthonormal_subspaces(4, 3, P, seed=11, dtype=dtype)
+    assert subs.shape == (4, 3, P) and subs.dtype == dtype
+    eye = torch.eye(3, dtype=torch.float64)
+    for v in subs:
+        assert torch.allclose(v.double() @ v.double().T, eye, atol=ORTHO_TOL)
+    assert torch.equal(subs, random_orthonormal_subspaces(4, 3, P, seed=11, dtype=dtype))
+    assert not torch.allclose(subs, random_orthonormal_subspaces(4, 3, P, seed=12, dtype=dtype))
+    # Chunk-wise: the iterator gives the same draws, and draw i does not depend on n.
+    assert torch.equal(
+        torch.stack(list(iter_random_orthonormal_subspaces(4, 3, P, 11, None, dtype))), subs
+    )
+    assert torch.equal(random_orthonormal_subspaces(2, 3, P, seed=11, dtype=dtype), subs[:2])
+    # Different draws of one stream are different subspaces.
+    assert float((subs[0].double() @ subs[1].double().T).abs().max()) < 0.5
+
+
+def test_norm_matched_displacements_have_the_requested_norm():
+    target = 0.3721
+    d64 = norm_matched_displacements(5, target, P, seed=3, dtype=torch.float64)
+    assert d64.shape == (5, P)
+    assert torch.allclose(
+        d64.norm(dim=1), torch.full((5,), target, dtype=torch.float64), rtol=1e-14
+    )
+    d32 = norm_matched_displacements(5, target, P, seed=3)
+    assert torch.allclose(
+        d32.double().norm(dim=1), torch.full((5,), target, dtype=torch.float64), rtol=1e-6
+    )
+    # Random directions: reproducible, pairwise nearly orthogonal in high dimension.
+    assert torch.equal(torch.stack(list(iter_norm_matched_displacements(5, target, P, 3))), d32)
+    cos = (d64 @ d64.T) / target**2
+    assert float((cos - torch.eye(5, dtype=torch.float64)).abs().max()) < 0.3
+    assert torch.equal(norm_matched_displacements(1, 0.0, P, seed=0), torch.zeros(1, P))
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def test_ablation_summary_by_hand():
+    s = ablation_summary(-0.5, [0.01, -0.01, 0.03])
+    assert s["n_random"] == 3
+    assert s["random_mean"] == pytest.approx(0.01)
+    assert s["random_sd"] == pytest.approx(0.02)  # sqrt((0 + 0.02² + 0.02²) / 2)
+    assert s["random_max_abs"] == pytest.approx(0.03)
+    assert s["ratio"] == pytest.approx(0.5 / (0.01 + 1e-8))
+    assert s["z"] == pytest.approx(-25.5)  # (-0.5 - 0.01) / 0.02
+    assert s["frac_random_ge"] == 0.0
+    # All random effects exactly 0 (accuracy resolution): ratio explodes, z is undefined.
+    flat = ablation_summary(-0.5, [0.0, 0.0, 0.0])
+    assert flat["ratio"] == pytest.approx(0.5e8)
+    assert flat["random_sd"] == 0.0 and math.isnan(flat["z"])
+    one = ablation_summary(0.2, torch.tensor([0.3]))
+    assert math.isnan(one["random_sd"]) and math.isnan(one["z"]) and one["frac_random_ge"] == 1.0
+    with pytest.raises(ValueError):
+        ablation_summary(0.1, [])
+
+
+def test_ablation_experiment_displacements():
+    """With loss = ‖θ − θ0‖ the evaluation reads back each control's displacement."""
+    theta0 = gauss(P, seed=20)
+    basis = random_orthonormal_subspace(2, P, seed=21, dtype=torch.float64)
+
+    def evaluate(theta, batch):
+        dist = (theta - theta0).norm()
+        return dist, -dist, torch.zeros(1)
+
+    out = ablation_experiment(evaluate, theta0, basis, batch={}, n_random=6, seed=4)
+    removed = float((basis @ theta0).norm())
+    assert out["base_loss"] == 0.0 and out["displacement"] == pytest.approx(removed)
+    assert out["edge_loss"] == pytest.approx(removed) and out["edge_acc"] == pytest.approx(-removed)
+    assert out["matched_dloss"] == pytest.approx([removed] * 6, rel=1e-12)
+    for sub, d in zip(
+        iter_random_orthonormal_subspaces(6, 2, P, 4, None, torch.float64),
+        out["random_dloss"],
+        strict=True,
+    ):
+        assert d == pytest.approx(float((sub @ theta0).norm()))
+    assert out["acc_matched"]["random_sd"] == pytest.approx(0.0, abs=1e-12)
+    assert out["loss_random"]["n_random"] == 6
+
+
+# ---------------------------------------------------------------------------- KL and sweeps
+
+
+def test_kl_divergence_by_hand():
+    base = torch.zeros(1, 1, 2, dtype=torch.float64)
+    pert = torch.tensor([[[math.log(3.0), 0.0]]], dtype=torch.float64)  # q = (3/4, 1/4)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # = ½ ln(4/3)
+    assert kl_divergence(base, pert, mask) == pytest.approx(expected, rel=1e-12)
+    assert kl_divergence(base, base, mask) == 0.0
+    logits = gauss(3, 5, 4, seed=30)
+    assert kl_divergence(logits, logits, torch.ones(3, 5, dtype=torch.bool)) == 0.0
+    assert (
+        kl_divergence(
+            logits, logits + 0.1 * gauss(3, 5, 4, seed=31), torch.ones(3, 5, dtype=torch.bool)
+        )
+        > 0
+    )
+
+
+def test_kl_divergence_masks_and_weights():
+    base = torch.zeros(2, 2, 2)
+    pert = torch.zeros(2, 2, 2)
+    pert[0, 0, 0] = math.log(3.0)  # row 0, position 0: KL = ½ ln(4/3)
+    pert[1, 1, 0] = 50.0  # row 1, position 1: huge, but masked out
+    mask = torch.tensor([[True, True], [True, False]])
+    k = 0.5 * math.log(4 / 3)
+    assert kl_divergence(base, pert, mask) == pytest.approx(k / 3)
+    # Row 0 stands for 3 sequences: (3k + 3·0 + 1·0) / (3 + 3 + 1).
+    assert kl_divergence(base, pert, mask, torch.tensor([3.0, 1.0])) == pytest.approx(3 * k / 7)
+    assert math.isnan(kl_divergence(base, pert, torch.zeros(2, 2, dtype=torch.bool)))
+
+
+def test_epsilon_grid():
+    grid = epsilon_grid()
+    assert len(grid) == 25 and grid[0] == -0.03 and grid[-1] == 0.03 and grid[12] == 0.0
+    assert grid == sorted(grid)
+    assert epsilon_grid(5, 1.0) == [-1.0, -0.5, 0.0, 0.5, 1.0]
+
+
+def test_epsilon_sweep_on_a_tiny_model():
+    torch.manual_seed(0)
+    net = CausalTransformer(
+        vocab_size=3, num_classes=4, max_len=6, d_model=8, n_layers=1, n_heads=2, d_ff=16
+    )
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (3, 6), generator=g)
+    labels[2, 3:] = IGNORE_LABEL
+    batch = {
+        "tokens": torch.randint(0, 3, (3, 6), generator=g),
+        "labels": labels,
+        "weight": torch.tensor([1.0, 2.0, 1.0]),
+    }
+
+    def evaluate_params(params, b):
+        logits = functional_call(net, params, (b["tokens"],), strict=False)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_LABEL
+        )
+        valid = b["labels"] != IGNORE_LABEL
+        acc = ((logits.argmax(-1) == b["labels"]) & valid).sum() / valid.sum()
+        return SimpleNamespace(loss=loss, acc=acc, logits=logits)
+
+    selector = ParameterSelector.from_module(net)
+    evaluate = flat_evaluator(evaluate_params, selector, net)
+    theta = selector.flatten(net)
+    directions = random_orthonormal_subspace(2, selector.p, seed=0)
+    grid = epsilon_grid(5, 0.5)
+    rows = epsilon_sweep(evaluate, theta, directions, grid, batch)
+    assert len(rows) == 2 * 5
+    assert [r["direction"] for r in rows] == [1] * 5 + [2] * 5
+    base_loss, _, base_logits = evaluate(theta, batch)
+    base_loss = float(base_loss)
+    for r in rows:
+        v = directions[r["direction"] - 1]
+        loss, acc, logits = evaluate(theta + r["epsilon"] * v, batch)
+        assert r["loss"] == pytest.approx(float(loss), rel=1e-6)
+        assert r["delta_loss"] == pytest.approx(float(loss) - base_loss, abs=1e-6)
+        kl = kl_divergence(base_logits, logits, labels != IGNORE_LABEL, batch["weight"])
+        assert r["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
+        if r["epsilon"] == 0.0:
+            assert r["kl"] == 0.0 and r["delta_loss"] == 0.0 and r["delta_acc"] == 0.0
+        else:
+            assert r["kl"] > 0
+    ext = sweep_extremes(rows)
+    assert set(ext) == {1, 2}
+    assert ext[1]["max_kl"] == max(r["kl"] for r in rows if r["direction"] == 1)
+    # The live model was never touched.
+    assert torch.equal(selector.flatten(net), theta)
