@@ -71,10 +71,6 @@ DIRECTION_COLUMNS = (
 )
 
 
-def _finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else math.nan
-
-
 def measure(
     state: EdgeState, previous: EdgeState | None, evicted_dot: float | None
 ) -> dict[str, Any]:
@@ -94,20 +90,16 @@ def measure(
     """
     k = state.top_k
     grad_frac, wd_frac, align = energy_fractions(state.grad_proj, state.wd_proj)
-    grad_latest, wd_latest, align_latest = latest_energy_fractions(
-        state.grad_proj, state.wd_proj
-    )
+    grad_latest, wd_latest, align_latest = latest_energy_fractions(state.grad_proj, state.wd_proj)
     n_rot = min(ROTATED, k)
     rotation = [math.nan] * n_rot
     angles = [math.nan] * PLANE
     dk = math.nan
     if previous is not None:
-        n = max(n_rot, min(PLANE, k))
+        n = n_rot  # >= PLANE whenever k >= PLANE
         # One [2n, 2n] Gram of (v_prev; v_curr) on the device: rotation and plane angles.
         gram = stacked_gram(previous.vectors[:n], state.vectors[:n]).to("cpu")
-        idx = torch.arange(n_rot)
-        rotation = rotation_finish(gram[torch.cat([idx, idx + n])][:, torch.cat([idx, idx + n])])
-        rotation = rotation.tolist()
+        rotation = rotation_finish(gram).tolist()
         if k >= PLANE:
             plane = torch.tensor([0, 1, n, n + 1])
             angles = principal_angles_finish(gram[plane][:, plane], PLANE).tolist()
@@ -225,13 +217,12 @@ class EdgeAlignmentCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(phase_at=self.phase_at, phase_post=self.phase_post)
+        return self._generate_state_key(config_key=self.config_key)
 
     def _phases_or_raise(self, at: int, post: int) -> Phases:
         if post < at:
             raise ValueError(
-                f"{self.config_key}.phase_post={post} is not allowed: an integer >= "
-                f"phase_at ({at})"
+                f"{self.config_key}.phase_post={post} is not allowed: an integer >= phase_at ({at})"
             )
         return Phases(at=at, post=post)
 

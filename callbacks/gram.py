@@ -167,6 +167,13 @@ class GramCallback(Callback):
             window only grew), relating ``previous`` and ``edge`` for Davis–Kahan.
         skipped_deltas: non-finite deltas skipped so far.
 
+    ``edge.vectors`` and ``previous.vectors`` live in two preallocated [top_k, p] buffers
+    that alternate: a state's vectors are overwritten two windows later (copy them to keep
+    them). Listeners (:meth:`add_listener`) run right after each new edge.
+
+    Non-finite deltas (NaN/inf in θ or in the WD part) are skipped, counted and warned
+    about; the next delta starts from θ at the skipped capture.
+
     Logs at each closed delta (``global_step``): ``gram/sigma_{j}``, ``gram/g23``,
     ``gram/kstar``, ``gram/kstar_weighted``, ``gram/ratio``, ``gram/deltas``,
     ``gram/skipped_deltas`` (see :func:`spectrum_scalars`).
@@ -234,9 +241,9 @@ class GramCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            select=self.select, interval=self.interval, window=self.window_size
-        )
+        # Stable across knob changes, so that a resume with another interval or window
+        # fails loudly in load_state_dict instead of silently starting a fresh window.
+        return self._generate_state_key(config_key=self.config_key)
 
     def add_listener(self, listener: EdgeListener) -> None:
         """Call ``listener(trainer, pl_module, state)`` after every new edge (once each)."""
@@ -326,9 +333,7 @@ class GramCallback(Callback):
         for optimizer in trainer.optimizers:
             if any(p is first for g in optimizer.param_groups for p in g["params"]):
                 return optimizer
-        raise ValueError(
-            f"{self.config_key}.select: no optimizer holds {self.selector.names[0]!r}"
-        )
+        raise ValueError(f"{self.config_key}.select: no optimizer holds {self.selector.names[0]!r}")
 
     @torch.no_grad()
     def attach(self, model: nn.Module, optimizer: Optimizer, step: int = 0) -> None:

@@ -43,6 +43,7 @@ def lightning_run(steps: int, workdir: Path) -> float:
     cfg = compose(
         [
             "task=dyck",
+            "callbacks=none",
             f"trainer.max_steps={steps}",
             "logger=none",
             "progress_bar.refresh_rate=0",
@@ -165,6 +166,7 @@ def grokedge_time_to_grok(seed: int, max_steps: int, workdir: Path) -> dict:
     cfg = compose(
         [
             "task=dyck",
+            "callbacks=none",
             f"seed={seed}",
             f"trainer.max_steps={max_steps}",
             "task.stop_after_grok=0",

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
-from grokedge.callbacks.gram import analysed_module
 
 from grokedge.analysis_log import Phases
+from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
+from grokedge.callbacks.gram import analysed_module
 from grokedge.spectral import energy_fractions, trapezoid_wd
 from grokedge.train import build, compose, fit
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
-from grokedge.callbacks.gram import analysed_module
 from torch import nn
 
 from grokedge.analysis_log import read_analyses
+from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
+from grokedge.callbacks.gram import analysed_module
 from grokedge.config_checks import ConfigError
 from grokedge.run_files import read_metrics
 from grokedge.spectral import ParameterSelector
@@ -354,15 +354,9 @@ def test_config_errors_name_the_key(tmp_path: Path, override: str, needles: list
 
 
 def test_selector_matching_nothing_names_the_key(tmp_path: Path) -> None:
-    run = built(tmp_path / "run", ["callbacks.gram.select=[nosuch.*]", "trainer.max_steps=2"])
-    gram = find_gram_callback(run.trainer)
-    # Checkable before training (train.build can call it) ...
-    with pytest.raises(ValueError, match=r"callbacks\.gram\.select=\['nosuch\.\*'\] matches no"):
-        gram.check_module(run.module)
-    # ... and fit fails at setup, before the first step.
-    with pytest.raises(ValueError, match=r"callbacks\.gram\.select"):
-        run.trainer.fit(run.module, datamodule=run.datamodule)
-    assert run.trainer.global_step == 0
+    # train.build runs the callback's check before anything trains.
+    with pytest.raises(ConfigError, match=r"callbacks\.gram\.select=\['nosuch\.\*'\] matches no"):
+        built(tmp_path / "run", ["callbacks.gram.select=[nosuch.*]", "trainer.max_steps=2"])
 
 
 def test_inexact_weight_decay_fails_unless_allowed() -> None:
@@ -396,6 +390,13 @@ def test_state_dicts_survive_weights_only_load(runs: Runs) -> None:
     torch.testing.assert_close(fresh.edge.vectors, runs.gram.edge.vectors, rtol=0, atol=0)
     assert fresh.last_capture_step == STEPS
     fresh.teardown(None, None, "fit")
+    # A resume with another interval fails loudly instead of starting a fresh window.
+    other = GramCallback(interval=INTERVAL + 1)
+    assert other.state_key == runs.gram.state_key
+    other.load_state_dict(runs.gram.state_dict())
+    with pytest.raises(ValueError, match=r"callbacks\.gram\.interval=11 differs"):
+        other.attach(analysed_module(net), torch.optim.AdamW(net.parameters()))
+    other.teardown(None, None, "fit")
     edge = EdgeAlignmentCallback()
     edge.load_state_dict(json.loads(json.dumps(runs.edge.state_dict())))
     assert edge.state_dict() == runs.edge.state_dict()

@@ -75,6 +75,8 @@ BAD = [
     (["optimizer.lr=0"], ["optimizer.lr=0", "> 0"]),
     (["optimizer.lr=fast"], ["optimizer.lr='fast'", "a number"]),
     (["trainer.max_steps=0"], ["trainer.max_steps=0", "integer >= 1"]),
+    (["callbacks=gram", "callbacks.gram.window=1"], ["callbacks.gram.window=1"]),
+    (["callbacks=gram", "callbacks.gram.select=[nosuch*]"], ["callbacks.gram.select", "nosuch"]),
     (
         ["task=scan", "task.datamodule.split=nosuch"],
         ["task.datamodule.split", "nosuch", "addprim_jump"],

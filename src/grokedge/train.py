@@ -31,7 +31,6 @@ from grokedge.module import GrokModule
 from grokedge.run_files import MetricHistoryLogger, write_summary
 from grokedge.tasks.base import GrokDataModule
 
-
 # Lightning 2.6 calls a torch API that torch 2.13 deprecates, once per fit: noise to users.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
@@ -99,6 +98,14 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
     )
     callbacks = [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    for callback in callbacks:
+        # Checks that need the built model (a selector matching nothing, a weight decay
+        # that cannot be split exactly) must fail here, before any training.
+        if hasattr(callback, "check_module"):
+            try:
+                callback.check_module(module)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
     callbacks += [_instantiate(cfg.checkpoint), _instantiate(cfg.progress_bar)]
     loggers = _loggers(cfg, run_dir)
     trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

@@ -34,11 +34,20 @@ Small enough that a chunk of every row, up-cast, stays in cache ((2W + 2) · 2^1
 6 MiB for W = 5): the up-cast then costs no memory traffic beyond reading the buffer once
 (a 2^20 chunk was 7× slower on a 2-core EPYC). Bounds the temporary memory likewise."""
 
+SCRATCH_BYTES = 6 << 20
+"""Target size of the CPU up-cast scratch (rows × chunk): larger windows take shorter
+chunks so that the scratch stays in cache (W = 20 at 2^16 columns was 1.3× slower)."""
+
+MIN_CHUNK = 1 << 12
+
 COMBINE_CHUNK = 1 << 16
 """Columns per block of ``UpdateWindow.combine`` on the CPU (the edge vectors)."""
 
 ACCUM_CHUNK_ACCELERATOR = 1 << 22
-"""``ACCUM_CHUNK`` off the CPU: fewer, larger kernels (scratch (2W + 2) · 2^22 · 8 B)."""
+"""``ACCUM_CHUNK`` off the CPU: fewer, larger kernels."""
+
+SCRATCH_BYTES_ACCELERATOR = 256 << 20
+"""Cap of the up-cast scratch off the CPU: ≈ 2.8M columns at W = 5, 0.8M at W = 20."""
 
 TOTAL, WD = 0, 1
 """Indices of the two parts in the stacked buffer."""
@@ -79,6 +88,9 @@ def _row_dots(
     """
     m, p = rows.shape
     n = len(new)
+    if rows.dtype == accum_dtype:  # nothing to up-cast: multiply in place
+        stacked = torch.stack(new)
+        return rows @ stacked.T, stacked @ stacked.T
     out = torch.zeros(m + n, n, dtype=accum_dtype, device=rows.device)
     if scratch is None:
         scratch = _scratch_for(m + n, p, accum_dtype, rows.device)
@@ -94,7 +106,14 @@ def _row_dots(
 
 
 def _scratch_for(rows: int, p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    per_chunk = ACCUM_CHUNK if device.type == "cpu" else ACCUM_CHUNK_ACCELERATOR
+    """The up-cast scratch of ``_row_dots``: about ``SCRATCH_BYTES`` on the CPU (cache)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu":
+        fits = max(MIN_CHUNK, SCRATCH_BYTES // (rows * itemsize))
+        per_chunk = min(ACCUM_CHUNK, fits)
+    else:
+        fits = max(MIN_CHUNK, SCRATCH_BYTES_ACCELERATOR // (rows * itemsize))
+        per_chunk = min(ACCUM_CHUNK_ACCELERATOR, fits)
     return torch.empty(rows, min(per_chunk, max(p, 1)), dtype=dtype, device=device)
 
 
@@ -179,9 +198,7 @@ class UpdateWindow:
         every = self._buf.view(2 * size, self.p)
         # dots[a*W + j, b] = part_a[j] · new_part_b over the *old* slots (empty ones are
         # zero); own[a, b] = new_part_a · new_part_b.
-        if self._scratch is None or self._scratch.shape[1] != min(
-            ACCUM_CHUNK if self.device.type == "cpu" else ACCUM_CHUNK_ACCELERATOR, max(self.p, 1)
-        ):
+        if self._scratch is None:
             self._scratch = _scratch_for(2 * size + 2, self.p, self.accum_dtype, self.device)
         dots, own = _row_dots(every, (new_total, new_wd), self.accum_dtype, self._scratch)
         if check_finite and not bool(torch.isfinite(own).all()):
