@@ -26,8 +26,10 @@ DIRECTIONS = (1, 2, 3, 4)
 PAPER = "97.6% → 5.3% (v_1 grad share, pre → at), g_23 compression 33×, k* = 1, 18°/window late"
 
 
-def run(weight_decay: float, steps: int, workdir: Path) -> tuple[Path, dict]:
+def run(weight_decay: float, steps: int, workdir: Path, reuse: bool) -> tuple[Path, dict]:
     run_dir = workdir / f"wd{weight_decay:g}"
+    if reuse and (run_dir / "summary.json").is_file():
+        return run_dir, json.loads((run_dir / "summary.json").read_text())
     cfg = compose(
         [
             "task=dyck",
@@ -44,7 +46,12 @@ def run(weight_decay: float, steps: int, workdir: Path) -> tuple[Path, dict]:
 
 
 def windows(run_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if "edge/grad_frac_v1" in r]
+    """One dict per Gram window: the ``gram/*`` and ``edge/*`` rows of a step merged."""
+    by_step: dict[int, dict] = {}
+    for row in read_metrics(run_dir):
+        if any(k.startswith(("gram/", "edge/")) for k in row):
+            by_step.setdefault(row["step"], {}).update(row)
+    return [r for _, r in sorted(by_step.items()) if "edge/grad_frac_v1" in r and "gram/g23" in r]
 
 
 def mean(values: list[float]) -> float:
@@ -84,9 +91,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--workdir", type=Path, default=Path("outputs/edge_lifecycle"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="tabulate existing runs only")
     args = parser.parse_args()
-    grok_dir, grok = run(1.0, args.steps, args.workdir)
-    ctrl_dir, ctrl = run(0.0, args.steps, args.workdir)
+    grok_dir, grok = run(1.0, args.steps, args.workdir, args.reuse)
+    ctrl_dir, ctrl = run(0.0, args.steps, args.workdir, args.reuse)
     g = grok["grok_step"]
     phases = Phases(at=100, post=1000)  # the EdgeAlignmentCallback defaults for Dyck
 
