@@ -3,7 +3,23 @@
 Installed as the package ``grokedge.callbacks``; configs in ``conf/callbacks/``.
 """
 
+from grokedge.callbacks.ablation import AblationCallback
+from grokedge.callbacks.decoupling import EdgeDecouplingCallback
 from grokedge.callbacks.edge_alignment import EdgeAlignmentCallback
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
+from grokedge.callbacks.init_from import InitFromCheckpoint
+from grokedge.callbacks.perturbation import PerturbationCallback
+from grokedge.callbacks.probe import ProbeCallback
+from grokedge.callbacks.wd_removal import WDRemovalCallback
 
-__all__ = ["EdgeAlignmentCallback", "GramCallback", "find_gram_callback"]
+__all__ = [
+    "AblationCallback",
+    "EdgeAlignmentCallback",
+    "EdgeDecouplingCallback",
+    "GramCallback",
+    "InitFromCheckpoint",
+    "PerturbationCallback",
+    "ProbeCallback",
+    "WDRemovalCallback",
+    "find_gram_callback",
+]

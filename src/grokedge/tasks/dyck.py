@@ -341,6 +341,12 @@ class DyckDataModule(GrokDataModule):
     def train_dataloader(self) -> DataLoader:
         return endless_loader(self.sample_train_batch, self.steps_done)
 
+    def probe_targets(self, batch: Batch) -> dict[str, Tensor]:
+        """Task variables for the hidden-state probes: name -> [B, T], ``IGNORE_INDEX``
+        where not probed. Dyck: ``depth``, the nesting depth after each token (the labels,
+        the paper's probe target)."""
+        return {"depth": batch["labels"]}
+
     def val_dataloader(self) -> list[DataLoader]:
         sets = [
             self._eval_set(self.test_distinct, self.test_unseen),

@@ -141,6 +141,18 @@ class ModularDataModule(GrokDataModule):
     def train_dataloader(self) -> DataLoader:
         return endless_loader(self.sample_train_batch, self.steps_done)
 
+    def probe_targets(self, batch: Batch) -> dict[str, Tensor]:
+        """Task variables for the hidden-state probes: name -> [B, T], ``IGNORE_INDEX``
+        where not probed. All at the last position (``=``, where the answer is read):
+        ``answer`` (a ∘ b mod p, the labels), ``a`` and ``b`` (the operands)."""
+        labels, tokens = batch["labels"], batch["tokens"]
+        last = labels != IGNORE_INDEX
+
+        def at_last(values: Tensor) -> Tensor:
+            return torch.where(last, values[:, None].expand_as(labels), IGNORE_INDEX)
+
+        return {"answer": labels, "a": at_last(tokens[:, 0]), "b": at_last(tokens[:, 2])}
+
     def val_dataloader(self) -> list[DataLoader]:
         return [
             fixed_batch_loader([self._batch(self.test_rows)]),

@@ -302,6 +302,23 @@ class ScanDataModule(GrokDataModule):
         self.setup()
         return endless_loader(self.sample_train_batch, self.steps_done)
 
+    def probe_targets(self, batch: Batch) -> dict[str, Tensor]:
+        """Task variables for the hidden-state probes: name -> [B, L] over the decoder
+        positions, ``IGNORE_INDEX`` at padding.
+
+        ``remaining``: the number of actions still to be emitted from each decoder position
+        on (the first position of a row with n actions: n; the EOS position: 0). The
+        action at a position is a category, not a quantity a regression probe can score
+        (R² of class ids means nothing); the count the decoder must carry to stop at the
+        right length is SCAN's analogue of Dyck's depth: a counter over the output that a
+        correct model must represent.
+        """
+        labels = batch["labels"]
+        valid = labels != IGNORE_INDEX
+        length = valid.sum(dim=1, keepdim=True)  # actions + EOS
+        position = torch.arange(labels.shape[1], device=labels.device)[None, :]
+        return {"remaining": torch.where(valid, length - 1 - position, IGNORE_INDEX)}
+
     def val_dataloader(self) -> list[DataLoader]:
         """``[test_loader, train_loader]`` (the order of ``eval_names``)."""
         self.setup()

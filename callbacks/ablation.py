@@ -1,0 +1,244 @@
+"""AblationCallback: remove the spectral edge from θ and measure what the model loses.
+
+PAPER.md §3, experiment 2, with the control §5 asks for. On a fixed evaluation subset
+of the test set, through ``GrokModule.evaluate`` (functional: the live model and the
+optimizer are never touched), with θ = the GramCallback's selected parameters and v_k
+its newest edge vectors:
+
+- ``edge``: θ − Σ_{k∈{1,2}} (θ·v_k) v_k (the paper's removal of span{v_1, v_2});
+- ``v1``: θ − (θ·v_1) v_1;
+- ``bulk``: the same removal of span{v_3, v_4};
+- ``random``: the edge removal along ``n_random`` random orthonormal 2-D subspaces
+  (QR of Gaussians; the paper's control);
+- ``matched``: θ + Δθ for ``n_random`` random directions with ‖Δθ‖ = ‖θ − θ_edge‖, the
+  edge removal's displacement (the norm-matched control: a random subspace holds only
+  ~2/p of ‖θ‖², so the paper's control barely moves θ).
+
+The pure math lives in :mod:`grokedge.spectral.ablation`; this is the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from grokedge.callbacks.common import (
+    DEFAULT_BUCKETS,
+    SEQUENCES,
+    AnalysisCallback,
+    BucketedEvaluate,
+    Result,
+    check_int,
+    edge_basis,
+)
+from grokedge.callbacks.gram import analysed_module
+from grokedge.spectral import ablation_experiment, remove_subspace
+
+ABLATION_KEY = "callbacks.ablation"
+ABLATION = "ablation"
+
+EDGE_INDICES = (0, 1)
+V1_INDICES = (0,)
+BULK_INDICES = (2, 3)
+
+TABLE_COLUMNS = ["removal", "index", "dacc", "dloss"]
+
+
+def _unseen_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    """Token accuracy over the rows flagged ``unseen`` (NaN without such rows)."""
+    unseen = batch.get("unseen")
+    if unseen is None:
+        return math.nan
+    labels = batch["labels"]
+    mask = (labels != -100) & unseen[:, None]
+    w = batch["weight"].to(torch.float64)[:, None].expand_as(labels)[mask]
+    if w.numel() == 0 or float(w.sum()) == 0:
+        return math.nan
+    correct = (logits.argmax(-1) == labels)[mask].to(torch.float64)
+    return float((correct * w).sum() / w.sum())
+
+
+class AblationCallback(AnalysisCallback):
+    """Edge ablation with random and norm-matched controls, on a cadence and at grok.
+
+    Needs a :class:`~grokedge.callbacks.gram.GramCallback` (before it in the callback list)
+    with ``top_k >= 2`` (``>= 4`` for the bulk removal).
+
+    Args:
+        every: optimizer steps between analyses (None: only at the grok step).
+        at_grok: also analyse once when the grok step is detected.
+        at_end: also analyse once on the final weights.
+        n_sequences: test sequences in the fixed evaluation subset (the paper: 300); None:
+            the whole set. See :func:`grokedge.callbacks.common.fixed_subset`.
+        sample: ``sequences`` (n original sequences, deduplicated with their counts as
+            weights) or ``rows`` (n distinct rows keeping their full-set weights).
+        subset_seed: seed of the subset draw.
+        eval_set: evaluation set the subset is drawn from (``test``).
+        n_random: random subspaces and norm-matched directions (the paper: 20).
+        seed: seed of the random draws; the same subspaces are used at every call, so the
+            control is the same through the run (and after a resume).
+        buckets: evaluate the subset in this many length buckets (less padding, same
+            numbers; see ``BucketedEvaluate``).
+        phase_at, phase_post: phase widths (see ``EdgeAlignmentCallback``); None: one and
+            ten Gram intervals.
+        tables: log a W&B table per call (no-op without W&B).
+        config_key: config path named in error messages.
+
+    Logs (``global_step``; Δ = ablated − base, accuracy in [0, 1], loss in nats):
+        ``ablation/edge_dacc``, ``ablation/edge_dloss``, ``ablation/v1_dacc``,
+        ``ablation/v1_dloss``, ``ablation/bulk_dacc``, ``ablation/bulk_dloss``,
+        ``ablation/random_dacc_mean``, ``ablation/random_dacc_sd``,
+        ``ablation/ratio`` = |Δ_edge acc| / (|mean Δ_random acc| + 1e-8) (the paper's),
+        ``ablation/edge_z`` = (Δ_edge − mean Δ_random) / sd (absent when the random
+        controls have no spread), ``ablation/matched_dacc_mean``,
+        ``ablation/matched_dacc_sd``, ``ablation/matched_ratio`` (the ratio against the
+        norm-matched control), ``ablation/matched_z``, ``ablation/base_acc``,
+        ``ablation/displacement`` (‖θ − θ_edge‖, parameter units),
+        ``ablation/edge_dacc_unseen`` (on the subset's rows unseen in training).
+
+    Writes one ``ablation`` row per call to ``analyses.jsonl`` (every Δ, both summaries,
+    the edge's σ and step, the trigger and the seconds it took) and the W&B table
+    ``ablation/table``.
+
+    Example:
+        >>> callbacks = [GramCallback(interval=100), AblationCallback(every=500)]
+        >>> L.Trainer(callbacks=callbacks).fit(module, datamodule)  # doctest: +SKIP
+    """
+
+    analysis = ABLATION
+    needs_edge = True
+
+    def __init__(
+        self,
+        every: int | None = 1000,
+        at_grok: bool = True,
+        at_end: bool = False,
+        n_sequences: int | None = 300,
+        sample: str = SEQUENCES,
+        subset_seed: int = 0,
+        eval_set: str = "test",
+        n_random: int = 20,
+        seed: int = 0,
+        buckets: int = DEFAULT_BUCKETS,
+        phase_at: int | None = None,
+        phase_post: int | None = None,
+        tables: bool = True,
+        config_key: str = ABLATION_KEY,
+    ) -> None:
+        super().__init__(
+            every=every,
+            at_grok=at_grok,
+            at_end=at_end,
+            n_sequences=n_sequences,
+            subset_seed=subset_seed,
+            sample=sample,
+            eval_set=eval_set,
+            phase_at=phase_at,
+            phase_post=phase_post,
+            tables=tables,
+            config_key=config_key,
+        )
+        self.n_random = check_int(f"{config_key}.n_random", n_random, 2)
+        self.seed = check_int(f"{config_key}.seed", seed, 0)
+        self.buckets = check_int(f"{config_key}.buckets", buckets, 1)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.gram is not None and self.gram.top_k < 2:
+            raise ValueError(
+                f"{self.config_key}: needs callbacks.gram.top_k >= 2 (the edge is "
+                f"span(v_1, v_2)), got {self.gram.top_k}"
+            )
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+        assert self.gram is not None and self.gram.edge is not None
+        assert self.gram.selector is not None
+        edge = self.gram.edge
+        selector = self.gram.selector
+        net = analysed_module(pl_module)
+        batch = self.subset(trainer, pl_module)
+        evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, self.buckets)
+        theta = selector.flatten(net)
+        vectors = edge.vectors.to(theta.dtype)
+        sigma = edge.sigma
+
+        with torch.no_grad():
+            basis = edge_basis(vectors, sigma, EDGE_INDICES)
+            result = ablation_experiment(
+                evaluate, theta, basis, batch, n_random=self.n_random, seed=self.seed
+            )
+            base_loss, base_acc = result["base_loss"], result["base_acc"]
+            _, _, base_logits = evaluate(theta, batch)
+            _, _, edge_logits = evaluate(remove_subspace(theta, basis), batch)
+            unseen_dacc = _unseen_accuracy(edge_logits, batch) - _unseen_accuracy(
+                base_logits, batch
+            )
+            removals: dict[str, dict[str, float]] = {}
+            for name, indices in (("v1", V1_INDICES), ("bulk", BULK_INDICES)):
+                sub = edge_basis(vectors, sigma, indices)
+                if sub.shape[0] == 0:  # σ_k = 0 (early windows) or top_k too small
+                    removals[name] = {"dacc": math.nan, "dloss": math.nan, "dim": 0}
+                    continue
+                loss, acc, _ = evaluate(remove_subspace(theta, sub), batch)
+                removals[name] = {
+                    "dacc": float(acc) - base_acc,
+                    "dloss": float(loss) - base_loss,
+                    "dim": int(sub.shape[0]),
+                }
+
+        d_acc = result["edge_acc"] - base_acc
+        d_loss = result["edge_loss"] - base_loss
+        acc_r, acc_m = result["acc_random"], result["acc_matched"]
+        scalars = {
+            "ablation/edge_dacc": d_acc,
+            "ablation/edge_dloss": d_loss,
+            "ablation/v1_dacc": removals["v1"]["dacc"],
+            "ablation/v1_dloss": removals["v1"]["dloss"],
+            "ablation/bulk_dacc": removals["bulk"]["dacc"],
+            "ablation/bulk_dloss": removals["bulk"]["dloss"],
+            "ablation/random_dacc_mean": acc_r["random_mean"],
+            "ablation/random_dacc_sd": acc_r["random_sd"],
+            "ablation/ratio": acc_r["ratio"],
+            "ablation/edge_z": acc_r["z"],
+            "ablation/matched_dacc_mean": acc_m["random_mean"],
+            "ablation/matched_dacc_sd": acc_m["random_sd"],
+            "ablation/matched_ratio": acc_m["ratio"],
+            "ablation/matched_z": acc_m["z"],
+            "ablation/base_acc": base_acc,
+            "ablation/displacement": result["displacement"],
+            "ablation/edge_dacc_unseen": unseen_dacc,
+        }
+        fields = {
+            "edge_step": edge.step,
+            "sigma": sigma[:4].tolist(),
+            "n_sequences": float(batch["weight"].sum()),
+            "n_rows": int(batch["labels"].shape[0]),
+            "edge_dim": int(basis.shape[0]),
+            "base_acc": base_acc,
+            "base_loss": base_loss,
+            "edge": {"dacc": d_acc, "dloss": d_loss},
+            "v1": removals["v1"],
+            "bulk": removals["bulk"],
+            "edge_dacc_unseen": unseen_dacc,
+            "displacement": result["displacement"],
+            "random_dacc": result["random_dacc"],
+            "random_dloss": result["random_dloss"],
+            "matched_dacc": result["matched_dacc"],
+            "matched_dloss": result["matched_dloss"],
+            "acc_random": acc_r,
+            "loss_random": result["loss_random"],
+            "acc_matched": acc_m,
+            "loss_matched": result["loss_matched"],
+        }
+        rows: list[list[Any]] = [
+            ["edge", 0, d_acc, d_loss],
+            ["v1", 0, removals["v1"]["dacc"], removals["v1"]["dloss"]],
+            ["bulk", 0, removals["bulk"]["dacc"], removals["bulk"]["dloss"]],
+        ]
+        for kind in ("random", "matched"):
+            pairs = zip(result[f"{kind}_dacc"], result[f"{kind}_dloss"], strict=True)
+            rows += [[kind, i, a, lo] for i, (a, lo) in enumerate(pairs)]
+        return Result(scalars, fields, ("ablation/table", TABLE_COLUMNS, rows))

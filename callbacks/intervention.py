@@ -1,0 +1,238 @@
+"""Base of the interventions (weight-decay removal, edge decoupling) and their read-outs.
+
+An intervention fires once at a trigger (a step, or a delay after the detected grok
+step), changes how training proceeds, and then measures the compression read-outs of
+the paper's weight-decay experiment (PAPER.md §3, experiment 6) on a cadence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from grokedge.callbacks.common import (
+    CADENCE,
+    IGNORE_INDEX,
+    AnalysisCallback,
+    Batch,
+    Result,
+    check_block,
+    check_int,
+    check_optional_int,
+    hidden_for_probe,
+    log_now,
+    probe_target_tensors,
+    theta_norm,
+    trace_of,
+)
+from grokedge.callbacks.gram import analysed_module
+from grokedge.spectral import ParameterSelector, attention_entropy, score_probes
+from grokedge.spectral.probes import LINEAR, ProbeConfig, hidden_states_and_targets
+
+
+def compression_measures(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    batch: Batch,
+    selector: ParameterSelector,
+    block: int,
+    folds: int,
+    seed: int,
+    key: str,
+    prefix: str,
+) -> dict[str, float]:
+    """The weight-decay experiment's read-outs (PAPER.md §3, experiment 6).
+
+    ``{prefix}/theta_norm`` (‖θ‖ over every parameter of the network),
+    ``{prefix}/theta_norm_selected`` (over the selected ones), ``{prefix}/attn_entropy``
+    (mean attention entropy in nats over layers, heads and labelled queries of ``batch``),
+    ``{prefix}/linear_r2`` and ``_sd`` (linear probe of the task's primary probe target
+    on block ``block``, grouped K-fold), ``{prefix}/test_acc`` (the module's latest
+    ``test/acc``; absent before the first evaluation), ``{prefix}/weight_decay`` (ω of the
+    first parameter group of the optimizer now).
+    """
+    net = analysed_module(pl_module)
+    values: dict[str, float] = {
+        f"{prefix}/theta_norm": theta_norm(net.parameters()),
+        f"{prefix}/theta_norm_selected": theta_norm(t for _, t in selector.named(net)),
+    }
+    trace = trace_of(net, batch)
+    valid = batch["labels"] != IGNORE_INDEX
+    values[f"{prefix}/attn_entropy"] = attention_entropy(trace.attn, valid, batch.get("weight"))
+    targets = probe_target_tensors(trainer.datamodule, batch, key)
+    name, target = next(iter(targets.items()))
+    data = hidden_states_and_targets(hidden_for_probe(trace, block), target, batch.get("weight"))
+    score = score_probes(
+        data.features,
+        data.targets,
+        data.groups,
+        kinds=(LINEAR,),
+        folds=min(folds, len(set(data.groups.tolist()))),
+        seed=seed,
+        sample_weight=data.weights,
+        config=ProbeConfig(),
+    )[LINEAR]
+    values[f"{prefix}/linear_r2"] = score.mean
+    values[f"{prefix}/linear_r2_sd"] = score.sd
+    acc = trainer.callback_metrics.get("test/acc")
+    if acc is not None:
+        values[f"{prefix}/test_acc"] = float(acc)
+    if trainer.optimizers:
+        values[f"{prefix}/weight_decay"] = float(
+            trainer.optimizers[0].param_groups[0].get("weight_decay", 0.0) or 0.0
+        )
+    return values
+
+
+TRIGGER = "trigger"
+"""``trigger`` of the measurement taken when an intervention fires (before its first step)."""
+
+
+class InterventionCallback(AnalysisCallback):
+    """Base of the interventions (weight-decay removal, edge decoupling).
+
+    Fires once, at the start of the first training batch whose ``global_step`` reaches
+    the trigger: ``at_step``, or the detected grok step + ``after_grok``. Off (does
+    nothing at all) while neither is set. When it fires it applies :meth:`fire`, takes a
+    first measurement of the current weights (``trigger: "trigger"``), then measures every
+    ``every`` optimizer steps after the firing step (the compression read-outs of
+    :func:`compression_measures`, under ``{prefix}/``, plus :meth:`extra_scalars`).
+    """
+
+    needs_edge = False
+    prefix = "intervention"
+
+    def __init__(
+        self,
+        *,
+        at_step: int | None,
+        after_grok: int | None,
+        every: int | None,
+        n_sequences: int | None,
+        sample: str,
+        subset_seed: int,
+        eval_set: str,
+        block: int,
+        folds: int,
+        seed: int,
+        phase_at: int | None,
+        phase_post: int | None,
+        tables: bool,
+        config_key: str,
+    ) -> None:
+        super().__init__(
+            every=every,
+            at_grok=False,
+            n_sequences=n_sequences,
+            subset_seed=subset_seed,
+            sample=sample,
+            eval_set=eval_set,
+            phase_at=phase_at,
+            phase_post=phase_post,
+            tables=tables,
+            config_key=config_key,
+        )
+        key = config_key
+        self.at_step = check_optional_int(f"{key}.at_step", at_step, 0)
+        self.after_grok = check_optional_int(f"{key}.after_grok", after_grok, 0)
+        if self.at_step is not None and self.after_grok is not None:
+            raise ValueError(
+                f"{key}.at_step={at_step} and {key}.after_grok={after_grok} are both set: "
+                "allowed is at most one trigger (the other null)"
+            )
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise ValueError(f"{key}.block={block!r} is not allowed: a block index (-1: the last)")
+        self.block = block
+        self.folds = check_int(f"{key}.folds", folds, 2)
+        self.seed = check_int(f"{key}.seed", seed, 0)
+        self.fired_step: int | None = None
+        self.selector: ParameterSelector | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """A trigger is set."""
+        return self.at_step is not None or self.after_grok is not None
+
+    def trigger_step(self, pl_module: L.LightningModule) -> int | None:
+        if self.at_step is not None:
+            return self.at_step
+        grok = getattr(pl_module, "grok_step", None)
+        if self.after_grok is not None and grok is not None:
+            return int(grok) + self.after_grok
+        return None
+
+    def check_module(self, pl_module: nn.Module) -> None:
+        super().check_module(pl_module)
+        check_block(f"{self.config_key}.block", self.block, analysed_module(pl_module))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.gram is not None:
+            self.selector = self.gram.selector or self.gram.make_selector(pl_module)
+        else:
+            self.selector = ParameterSelector.from_module(analysed_module(pl_module))
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int
+    ) -> None:
+        if self.fired_step is not None or not self.enabled:
+            return
+        target = self.trigger_step(pl_module)
+        if target is None or trainer.global_step < target:
+            return
+        self.fired_step = trainer.global_step
+        values = self.fire(trainer, pl_module)
+        log_now(trainer, pl_module, values, direct=False)
+        self._run(trainer, pl_module, TRIGGER, direct=False)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        step = trainer.global_step
+        if self.fired_step is None or self.every is None or step == self.last_step:
+            return
+        if step <= self.fired_step or (step - self.fired_step) % self.every:
+            return
+        self._run(trainer, pl_module, CADENCE, direct=False)
+
+    def fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Apply the intervention; returns scalars to log at the firing step."""
+        raise NotImplementedError
+
+    def extra_scalars(self) -> dict[str, float]:
+        """Scalars of the intervention itself, logged with each measurement."""
+        return {}
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+        assert self.selector is not None
+        batch = self.subset(trainer, pl_module)
+        scalars = compression_measures(
+            trainer,
+            pl_module,
+            batch,
+            self.selector,
+            self.block,
+            self.folds,
+            self.seed,
+            self.config_key,
+            self.prefix,
+        )
+        scalars.update(self.extra_scalars())
+        measures = {k.split("/", 1)[1]: v for k, v in scalars.items()}
+        fields = {"fired_step": self.fired_step, "measures": measures}
+        table = [[name, value] for name, value in measures.items()]
+        key = f"{self.prefix}/measures_table"
+        return Result(scalars, fields, (key, ["measure", "value"], table))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "fired_step": self.fired_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        super().load_state_dict(state_dict)
+        self.fired_step = state_dict.get("fired_step")

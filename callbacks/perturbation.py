@@ -1,0 +1,220 @@
+"""PerturbationCallback: ε-sweeps and curvature along the edge directions.
+
+PAPER.md §3, experiments 3 and 4. On a fixed evaluation subset of the test set, through
+``GrokModule.evaluate`` (functional: the live model and the optimizer are never touched),
+with θ = the GramCallback's selected parameters and v_k its newest edge vectors:
+
+- ε-sweep: θ + ε v_k for k = 1..``n_directions`` and ε on ``grid_points`` evenly spaced
+  values in [−``max_eps``, ``max_eps``] (absolute, parameter units; the paper: 25 points in
+  [−0.03, 0.03]): loss, accuracy and KL(base ‖ perturbed) of the output distributions;
+- curvature v_kᵀ H v_k of the subset's test loss, two ways: the paper's central second
+  difference with ε = ``fd_eps_fraction``·‖θ_sel‖ (``curvature/fd_v{k}``) and the exact
+  Hessian-vector product by forward-over-reverse autodiff (``curvature/hvp_v{k}``);
+- the "path-norm" points of the paper: (σ_k, |ΔL| at the largest |ε|).
+
+The pure math lives in :mod:`grokedge.spectral.perturbation` and
+:mod:`grokedge.spectral.curvature`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from grokedge.callbacks.common import (
+    DEFAULT_BUCKETS,
+    SEQUENCES,
+    AnalysisCallback,
+    BucketedEvaluate,
+    Result,
+    check_choice,
+    check_float,
+    check_int,
+)
+from grokedge.callbacks.gram import analysed_module
+from grokedge.spectral import (
+    directional_curvature,
+    epsilon_grid,
+    epsilon_sweep,
+    finite_difference_curvature,
+    sweep_extremes,
+)
+
+PERTURBATION_KEY = "callbacks.perturbation"
+PERTURBATION = "perturbation"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+TABLE_COLUMNS = ["direction", "epsilon", "loss", "acc", "kl", "delta_loss"]
+
+
+class PerturbationCallback(AnalysisCallback):
+    """ε-sweeps, KL and curvature (finite difference and exact HVP) along v_1..v_k.
+
+    Needs a :class:`~grokedge.callbacks.gram.GramCallback` (before it in the callback
+    list); directions are its top ``n_directions`` edge vectors (those with σ_k > 0).
+
+    Args:
+        every: optimizer steps between analyses (None: only at the grok step).
+        at_grok: also analyse once when the grok step is detected.
+        at_end: also analyse once on the final weights.
+        n_sequences: test sequences in the fixed evaluation subset (the paper: 200); None:
+            the whole set. ``sample``, ``subset_seed``, ``eval_set``: see
+            ``AblationCallback``.
+        n_directions: edge directions swept (<= ``callbacks.gram.top_k``; the paper: 4).
+        grid_points: ε values (>= 3, odd keeps ε = 0 in the grid; the paper: 25).
+        max_eps: the grid spans [−max_eps, max_eps] (parameter units; the paper: 0.03).
+        curvature: compute v_kᵀHv_k (both ways).
+        fd_eps_fraction: finite-difference step as a fraction of ‖θ_sel‖ (the paper: 1e-3).
+        fd_dtype: precision of the finite-difference losses (``float32``: the paper's).
+        hvp_dtype: precision of the exact HVP: ``float32`` (default) or ``float64`` (the
+            whole model evaluated in double, ~2x the cost). On Dyck both agree to six
+            significant digits (docs/benchmarks_callbacks.md), far below the central
+            difference's own error.
+        buckets: evaluate the subset in this many length buckets (see ``AblationCallback``).
+        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+
+    Logs (``global_step``; k = 1..n_directions):
+        ``perturb/max_kl_v{k}`` (nats), ``perturb/max_dloss_v{k}`` (max |ΔL| over the
+        grid), ``perturb/max_dacc_v{k}``, ``perturb/path_dloss_v{k}`` (|ΔL| at the largest
+        |ε|), ``curvature/fd_v{k}``, ``curvature/hvp_v{k}`` (loss per squared parameter
+        unit), ``curvature/fd_eps``.
+
+    Writes one ``perturbation`` row per call (the whole sweep, the curvatures, the
+    path-norm points ``[{k, sigma, abs_dloss}]``) and the W&B table ``perturb/sweep_table``.
+
+    Example:
+        >>> callbacks = [GramCallback(interval=100), PerturbationCallback(every=500)]
+        >>> L.Trainer(callbacks=callbacks).fit(module, datamodule)  # doctest: +SKIP
+    """
+
+    analysis = PERTURBATION
+    needs_edge = True
+
+    def __init__(
+        self,
+        every: int | None = 2000,
+        at_grok: bool = True,
+        at_end: bool = False,
+        n_sequences: int | None = 200,
+        sample: str = SEQUENCES,
+        subset_seed: int = 0,
+        eval_set: str = "test",
+        n_directions: int = 4,
+        grid_points: int = 25,
+        max_eps: float = 0.03,
+        curvature: bool = True,
+        fd_eps_fraction: float = 1e-3,
+        fd_dtype: str = "float32",
+        hvp_dtype: str = "float32",
+        buckets: int = DEFAULT_BUCKETS,
+        phase_at: int | None = None,
+        phase_post: int | None = None,
+        tables: bool = True,
+        config_key: str = PERTURBATION_KEY,
+    ) -> None:
+        super().__init__(
+            every=every,
+            at_grok=at_grok,
+            at_end=at_end,
+            n_sequences=n_sequences,
+            subset_seed=subset_seed,
+            sample=sample,
+            eval_set=eval_set,
+            phase_at=phase_at,
+            phase_post=phase_post,
+            tables=tables,
+            config_key=config_key,
+        )
+        key = config_key
+        self.n_directions = check_int(f"{key}.n_directions", n_directions, 1)
+        self.grid_points = check_int(f"{key}.grid_points", grid_points, 3)
+        self.max_eps = check_float(f"{key}.max_eps", max_eps, 0.0, strict_minimum=True)
+        if not isinstance(curvature, bool):
+            raise ValueError(f"{key}.curvature={curvature!r} is not allowed: true or false")
+        self.curvature = curvature
+        self.fd_eps_fraction = check_float(
+            f"{key}.fd_eps_fraction", fd_eps_fraction, 0.0, strict_minimum=True
+        )
+        self.fd_dtype = check_choice(f"{key}.fd_dtype", fd_dtype, tuple(DTYPES))
+        self.hvp_dtype = check_choice(f"{key}.hvp_dtype", hvp_dtype, tuple(DTYPES))
+        self.buckets = check_int(f"{key}.buckets", buckets, 1)
+        self.grid = epsilon_grid(self.grid_points, self.max_eps)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.gram is not None and self.n_directions > self.gram.top_k:
+            raise ValueError(
+                f"{self.config_key}.n_directions={self.n_directions} is not allowed: at most "
+                f"callbacks.gram.top_k ({self.gram.top_k})"
+            )
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+        assert self.gram is not None and self.gram.edge is not None
+        assert self.gram.selector is not None
+        edge, selector = self.gram.edge, self.gram.selector
+        net = analysed_module(pl_module)
+        batch = self.subset(trainer, pl_module)
+        theta = selector.flatten(net)
+        sigma = edge.sigma.tolist()
+        ks = [k for k in range(1, self.n_directions + 1) if k <= len(sigma) and sigma[k - 1] > 0]
+        directions = edge.vectors[[k - 1 for k in ks]].to(theta.dtype)
+
+        evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, self.buckets)
+        sweep = epsilon_sweep(evaluate, theta, directions, self.grid, batch) if ks else []
+        for row in sweep:  # epsilon_sweep numbers the directions it was given 1..n
+            row["direction"] = ks[row["direction"] - 1]
+        extremes = sweep_extremes(sweep)
+        top = max(abs(e) for e in self.grid)
+        path_points = []
+        scalars: dict[str, float] = {}
+        for k in ks:
+            ext = extremes[k]
+            at_edge = [
+                abs(r["delta_loss"])
+                for r in sweep
+                if r["direction"] == k and math.isclose(abs(r["epsilon"]), top)
+            ]
+            path = max(at_edge) if at_edge else math.nan
+            path_points.append({"k": k, "sigma": sigma[k - 1], "abs_dloss": path})
+            scalars[f"perturb/max_kl_v{k}"] = ext["max_kl"]
+            scalars[f"perturb/max_dloss_v{k}"] = ext["max_abs_delta_loss"]
+            scalars[f"perturb/max_dacc_v{k}"] = ext["max_abs_delta_acc"]
+            scalars[f"perturb/path_dloss_v{k}"] = path
+
+        curvatures: list[dict[str, Any]] = []
+        if self.curvature and ks:
+            fd_eps = self.fd_eps_fraction * float(torch.linalg.vector_norm(theta.double()))
+            scalars["curvature/fd_eps"] = fd_eps
+            fd_type, hvp_type = DTYPES[self.fd_dtype], DTYPES[self.hvp_dtype]
+            fd_loss, hvp_loss = (
+                BucketedEvaluate(
+                    pl_module.evaluate, selector, net, batch, self.buckets, dtype
+                ).loss_fn()
+                for dtype in (fd_type, hvp_type)
+            )
+            for k, v in zip(ks, directions, strict=True):
+                fd = finite_difference_curvature(fd_loss, theta.to(fd_type), v, eps=fd_eps)
+                exact = directional_curvature(hvp_loss, theta.to(hvp_type), v)
+                curvatures.append({"k": k, "fd": fd, "hvp": exact})
+                scalars[f"curvature/fd_v{k}"] = fd
+                scalars[f"curvature/hvp_v{k}"] = exact
+
+        fields = {
+            "edge_step": edge.step,
+            "sigma": sigma[: self.n_directions],
+            "n_sequences": float(batch["weight"].sum()),
+            "n_rows": int(batch["labels"].shape[0]),
+            "grid": self.grid,
+            "sweep": sweep,
+            "extremes": {str(k): v for k, v in extremes.items()},
+            "curvature": curvatures,
+            "fd_dtype": self.fd_dtype,
+            "hvp_dtype": self.hvp_dtype,
+            "path_points": path_points,
+        }
+        rows = [[r[c] for c in TABLE_COLUMNS] for r in sweep]
+        return Result(scalars, fields, ("perturb/sweep_table", TABLE_COLUMNS, rows))

@@ -1,0 +1,246 @@
+"""ProbeCallback: how well the hidden states encode the task's variables.
+
+PAPER.md §3, experiment 5, with the grouped cross-validation §5 asks for. On a fixed
+evaluation subset of the test set, the hidden states of one block (default: the last
+block's output before the final LayerNorm, what the paper probes) at every position where
+the task declares a target (``datamodule.probe_targets(batch)``: Dyck the depth; modular
+arithmetic the answer and both operands at the last position; SCAN the actions still to
+emit) are regressed on that target by three scikit-learn probes: linear (Ridge α = 1),
+quadratic (degree-2 features + Ridge α = 10) and an MLP (64 hidden, α = 0.01, early
+stopping), each scored by R² under K-fold cross-validation grouped by sequence (mean ±
+sd over the folds), or the paper's single random 70/30 split of positions.
+
+The forward pass is a plain ``torch.no_grad`` read of the live network in eval mode; the
+probes use their own seeds (numpy), so training is unaffected. The probes themselves live
+in :mod:`grokedge.spectral.probes`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+
+from grokedge.callbacks.common import (
+    SEQUENCES,
+    AnalysisCallback,
+    Result,
+    check_block,
+    check_bool,
+    check_choice,
+    check_choices,
+    check_int,
+    hidden_for_probe,
+    probe_target_tensors,
+    trace_of,
+)
+from grokedge.callbacks.gram import analysed_module
+from grokedge.spectral import hidden_states_and_targets, score_probes
+from grokedge.spectral.probes import GROUPED_KFOLD, PROBE_KINDS, PROTOCOLS, ProbeConfig
+
+PROBE_KEY = "callbacks.probe"
+PROBE = "probe"
+
+TABLE_COLUMNS = ["target", "kind", "r2", "r2_sd", "folds"]
+
+
+def probe_metric(target: str, kind: str, primary: bool, suffix: str = "") -> str:
+    """``probe/{kind}_r2{suffix}`` for the task's primary target, else
+    ``probe/{target}_{kind}_r2{suffix}``."""
+    return f"probe/{kind}_r2{suffix}" if primary else f"probe/{target}_{kind}_r2{suffix}"
+
+
+class ProbeCallback(AnalysisCallback):
+    """Linear, quadratic and MLP probes of the task variables in a block's hidden states.
+
+    Does not need a GramCallback (it reads none of the edge); with one, its phases use
+    the Gram interval like the other analyses.
+
+    Args:
+        every: optimizer steps between probe fits (None, the default: no cadence, only
+            at the grok step and at the end). The quadratic and MLP probes cost tens of
+            seconds a call on a small CPU (docs/benchmarks_callbacks.md): keep this sparse.
+        at_grok: also probe once when the grok step is detected.
+        at_end: also probe once on the final weights (the paper's "late" probes).
+        n_sequences: test sequences in the fixed subset (the paper: 300); None: all.
+            ``sample``, ``subset_seed``, ``eval_set``: see ``AblationCallback``.
+        block: index into the model's blocks (``ModelTrace.hidden``; decoder blocks for
+            seq2seq); -1, the default, is the last block's output before the final norm.
+        kinds: probes to fit, any of ``linear``, ``quadratic``, ``mlp``.
+        targets: names of the task's probe targets to score (None: all it declares; the
+            first declared is the *primary* one).
+        protocol: ``grouped_kfold`` (folds grouped by sequence, mean ± sd) or
+            ``paper_split`` (one random 70/30 split of positions, sd undefined).
+        folds: K of the grouped K-fold (>= 2; capped at the number of sequences). The
+            default 3 trains each probe on 2/3 of the sequences, close to the paper's 70 %,
+            and keeps the quadratic probe (a ridge on 8,384 features, O(n²) in the
+            positions) at ~10 s a call on one CPU thread; 5 folds cost ~2x.
+        seed: seed of the folds, the paper split and the MLP.
+        mlp_max_iter: MLP epochs at most (early stopping usually ends sooner).
+        quadratic_interaction_only: products x_i x_j only, no squares (the paper's literal
+            "interaction features"; default false, see ``grokedge.spectral.probes``).
+        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+
+    Logs (``global_step``; kind in ``kinds``):
+        ``probe/{kind}_r2`` and ``probe/{kind}_r2_sd`` for the primary target (Dyck:
+        depth; modular: answer; SCAN: remaining), ``probe/{target}_{kind}_r2`` and
+        ``_sd`` for every other target, ``probe/n_samples`` (positions probed).
+
+    Writes one ``probe`` row per call (every score with its folds) and the W&B table
+    ``probe/table``.
+
+    Example:
+        >>> L.Trainer(callbacks=[ProbeCallback(every=1000)]).fit(module, dm)  # doctest: +SKIP
+    """
+
+    analysis = PROBE
+    needs_edge = False
+
+    def __init__(
+        self,
+        every: int | None = None,
+        at_grok: bool = True,
+        at_end: bool = True,
+        n_sequences: int | None = 300,
+        sample: str = SEQUENCES,
+        subset_seed: int = 0,
+        eval_set: str = "test",
+        block: int = -1,
+        kinds: Sequence[str] = PROBE_KINDS,
+        targets: Sequence[str] | None = None,
+        protocol: str = GROUPED_KFOLD,
+        folds: int = 3,
+        seed: int = 0,
+        mlp_max_iter: int = 200,
+        quadratic_interaction_only: bool = False,
+        phase_at: int | None = None,
+        phase_post: int | None = None,
+        tables: bool = True,
+        config_key: str = PROBE_KEY,
+    ) -> None:
+        super().__init__(
+            every=every,
+            at_grok=at_grok,
+            at_end=at_end,
+            n_sequences=n_sequences,
+            subset_seed=subset_seed,
+            sample=sample,
+            eval_set=eval_set,
+            phase_at=phase_at,
+            phase_post=phase_post,
+            tables=tables,
+            config_key=config_key,
+        )
+        key = config_key
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise ValueError(f"{key}.block={block!r} is not allowed: a block index (-1: the last)")
+        self.block = block
+        self.kinds = check_choices(f"{key}.kinds", kinds, PROBE_KINDS)
+        if targets is None:
+            self.targets: tuple[str, ...] | None = None
+        else:
+            names = [targets] if isinstance(targets, str) else list(targets)
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(
+                    f"{key}.targets={targets!r} is not allowed: null (all the task's probe "
+                    "targets) or a non-empty list of their names"
+                )
+            self.targets = tuple(names)
+        self.protocol = check_choice(f"{key}.protocol", protocol, PROTOCOLS)
+        self.folds = check_int(f"{key}.folds", folds, 2)
+        self.seed = check_int(f"{key}.seed", seed, 0)
+        self.mlp_max_iter = check_int(f"{key}.mlp_max_iter", mlp_max_iter, 1)
+        self.quadratic_interaction_only = check_bool(
+            f"{key}.quadratic_interaction_only", quadratic_interaction_only
+        )
+        self.config = ProbeConfig(
+            mlp_max_iter=self.mlp_max_iter,
+            quadratic_interaction_only=self.quadratic_interaction_only,
+        )
+
+    def check_module(self, pl_module) -> None:
+        super().check_module(pl_module)
+        check_block(f"{self.config_key}.block", self.block, analysed_module(pl_module))
+
+    def _chosen_targets(self, declared: dict) -> list[str]:
+        if self.targets is None:
+            return list(declared)
+        unknown = [t for t in self.targets if t not in declared]
+        if unknown:
+            raise ValueError(
+                f"{self.config_key}.targets={list(self.targets)!r} is not allowed: the task "
+                f"declares the probe targets {', '.join(declared)}"
+            )
+        return list(self.targets)
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+        # Imported here: importing scikit-learn costs ~1 s (see grokedge.spectral.probes).
+        from sklearn.exceptions import ConvergenceWarning
+
+        net = analysed_module(pl_module)
+        batch = self.subset(trainer, pl_module)
+        trace = trace_of(net, batch)
+        hidden = hidden_for_probe(trace, self.block)
+        declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
+        primary = next(iter(declared))
+        scalars: dict[str, float] = {}
+        scores: dict[str, dict] = {}
+        rows = []
+        n_samples = 0
+        not_converged = 0  # MLP fits stopped by mlp_max_iter (sklearn ConvergenceWarning)
+        for name in self._chosen_targets(declared):
+            data = hidden_states_and_targets(hidden, declared[name], batch.get("weight"))
+            n_samples = max(n_samples, len(data.targets))
+            n_groups = len(np.unique(data.groups))
+            folds = min(self.folds, n_groups)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                result = score_probes(
+                    data.features,
+                    data.targets,
+                    data.groups,
+                    kinds=self.kinds,
+                    folds=folds,
+                    seed=self.seed,
+                    protocol=self.protocol,
+                    sample_weight=data.weights,
+                    config=self.config,
+                )
+            for w in caught:
+                if issubclass(w.category, ConvergenceWarning):
+                    not_converged += 1
+                else:  # pass the others on
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            scores[name] = {}
+            for kind, score in result.items():
+                is_primary = name == primary
+                scalars[probe_metric(name, kind, is_primary)] = score.mean
+                scalars[probe_metric(name, kind, is_primary, "_sd")] = score.sd
+                scores[name][kind] = {
+                    "mean": score.mean,
+                    "sd": score.sd,
+                    "per_fold": list(score.per_fold),
+                }
+                rows.append([name, kind, score.mean, score.sd, len(score.per_fold)])
+        scalars["probe/n_samples"] = float(n_samples)
+        if not_converged:
+            warnings.warn(
+                f"{self.config_key}: {not_converged} MLP probe fit(s) stopped at "
+                f"mlp_max_iter={self.mlp_max_iter} before converging (step {step}); raise "
+                f"{self.config_key}.mlp_max_iter for a tighter MLP R²",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        fields = {
+            "block": self.block,
+            "primary": primary,
+            "protocol": self.protocol,
+            "n_sequences": float(batch["weight"].sum()),
+            "n_rows": int(batch["labels"].shape[0]),
+            "n_samples": n_samples,
+            "mlp_not_converged": not_converged,
+            "scores": scores,
+        }
+        return Result(scalars, fields, ("probe/table", TABLE_COLUMNS, rows))

@@ -1,0 +1,233 @@
+"""Cost of callbacks=full: a Dyck run to grok + N steps, and each analysis per call.
+
+    python scripts/bench_callbacks.py --threads 1 --json bench_callbacks.json
+    python scripts/bench_callbacks.py --threads 1 --after-grok 500 --skip-none   # quick look
+
+(a) Wall time of ``fit`` for Dyck seed 42 (ω = 1, the task defaults) run until
+    ``--after-grok`` steps past its grok step (``task.stop_after_grok``), with
+    ``callbacks=full`` over ``callbacks=none`` (``--repeats`` pairs, alternating order;
+    medians). Checkpoints and loggers off, so only training, evaluation and the analyses
+    are timed.
+(b) Per analysis of the full run: calls, seconds per call (mean, min, max: from the
+    ``seconds`` of its ``analyses.jsonl`` rows, i.e. the time inside ``analyse``), and
+    the time inside the Gram/EdgeAlignment hooks and the per-step weight-decay record.
+(c) The exact HVP of the perturbation analysis in float32 and float64 at the final
+    weights of the full run (cost per direction and the values, against the central
+    difference), to justify ``hvp_dtype``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from functools import wraps
+from pathlib import Path
+
+import torch
+
+from grokedge.analysis_log import read_analyses
+from grokedge.callbacks import (
+    EdgeAlignmentCallback,
+    GramCallback,
+    PerturbationCallback,
+    find_gram_callback,
+)
+from grokedge.callbacks.gram import analysed_module
+from grokedge.spectral import (
+    DecoupledWeightDecayTracker,
+    directional_curvature,
+    finite_difference_curvature,
+    flat_loss,
+)
+from grokedge.train import build, compose, fit
+
+ANALYSES = ("ablation", "perturbation", "probe", "wd_removal")
+
+
+class Timed:
+    """Seconds spent inside wrapped methods (class-level wraps, undone on exit)."""
+
+    def __init__(self, targets: list[tuple[type, str]]) -> None:
+        self.targets = targets
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._saved: list[tuple[type, str, object]] = []
+
+    def __enter__(self) -> Timed:
+        for cls, name in self.targets:
+            original = getattr(cls, name)
+            self._saved.append((cls, name, original))
+            label = f"{cls.__name__}.{name}"
+
+            def timed(*args, _f=original, _label=label, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _f(*args, **kwargs)
+                finally:
+                    self.seconds[_label] += time.perf_counter() - start
+
+            setattr(cls, name, wraps(original)(timed))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, name, original in reversed(self._saved):
+            setattr(cls, name, original)
+
+
+def overrides(callbacks: str, after_grok: int, threads: int | None) -> list[str]:
+    out = [
+        "task=dyck",
+        "seed=42",
+        "optimizer.weight_decay=1.0",
+        f"callbacks={callbacks}",
+        "logger=none",
+        f"task.stop_after_grok={after_grok}",
+        "trainer.max_steps=20000",
+        "progress_bar.refresh_rate=0",
+        "checkpoint.every_n_train_steps=1000000",
+    ]
+    return out + ([f"torch_threads={threads}"] if threads is not None else [])
+
+
+def one_run(callbacks: str, after_grok: int, threads: int | None, run_dir: Path) -> dict:
+    targets = [
+        (GramCallback, "on_train_batch_end"),
+        (GramCallback, "on_fit_start"),
+        (EdgeAlignmentCallback, "on_edge"),
+        (EdgeAlignmentCallback, "on_train_end"),
+        (DecoupledWeightDecayTracker, "record_step"),
+    ]
+    run = build(compose(overrides(callbacks, after_grok, threads), run_dir), run_dir)
+    with Timed(targets) as timer:
+        summary = fit(run)
+    out = {
+        "wall_s": summary["wall_s"],
+        "grok_step": summary["grok_step"],
+        "steps": summary["steps"],
+        "gram_edge_s": sum(timer.seconds.values()),
+    }
+    if callbacks != "none":
+        per: dict[str, dict] = {}
+        for name in ANALYSES:
+            secs = [r["seconds"] for r in read_analyses(run_dir, [name])]
+            if secs:
+                per[name] = {
+                    "calls": len(secs),
+                    "steps": [r["step"] for r in read_analyses(run_dir, [name])],
+                    "mean_s": statistics.mean(secs),
+                    "min_s": min(secs),
+                    "max_s": max(secs),
+                    "total_s": sum(secs),
+                }
+        out["analyses"] = per
+        out["run"] = run
+    return out
+
+
+def hvp_precision(run, reps: int = 2) -> dict:
+    """HVP float32 vs float64 (and the central difference) at the run's final weights."""
+    pert = next(c for c in run.trainer.callbacks if isinstance(c, PerturbationCallback))
+    gram = find_gram_callback(run.trainer)
+    module = run.module
+    net = analysed_module(module).eval()
+    batch = pert.subset(run.trainer, module)
+    selector = gram.selector
+    theta = selector.flatten(net)
+    eps = pert.fd_eps_fraction * float(theta.double().norm())
+    out = {}
+    for k in range(min(4, gram.edge.top_k)):
+        v = gram.edge.vectors[k].to(theta.dtype)
+        row = {}
+        for dtype in (torch.float32, torch.float64):
+            loss = flat_loss(module.evaluate, selector, net, batch, dtype=dtype)
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                value = directional_curvature(loss, theta.to(dtype), v)
+                times.append(time.perf_counter() - start)
+            row[str(dtype).split(".")[1]] = {"value": value, "seconds": min(times)}
+        loss32 = flat_loss(module.evaluate, selector, net, batch)
+        start = time.perf_counter()
+        row["fd"] = {"value": finite_difference_curvature(loss32, theta, v, eps=eps)}
+        row["fd"]["seconds"] = time.perf_counter() - start
+        out[f"v{k + 1}"] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--after-grok", type=int, default=2000, help="steps past the grok step")
+    parser.add_argument("--repeats", type=int, default=1, help="none/full run pairs")
+    parser.add_argument("--skip-none", action="store_true", help="only the full run")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+
+    results: dict = {"after_grok": args.after_grok, "threads": args.threads}
+    walls: dict[str, list[float]] = {"none": [], "full": []}
+    full_runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for i in range(args.repeats):
+            order = (
+                ("full",)
+                if args.skip_none
+                else (("none", "full") if i % 2 == 0 else ("full", "none"))
+            )
+            for cb in order:
+                r = one_run(cb, args.after_grok, args.threads, root / f"{cb}{i}")
+                walls[cb].append(r["wall_s"])
+                print(
+                    f"  run {i} callbacks={cb}: {r['wall_s']:.1f} s, grok {r['grok_step']}, "
+                    f"{r['steps']} steps",
+                    flush=True,
+                )
+                if cb == "full":
+                    full_runs.append(r)
+        last = full_runs[-1]
+        results["grok_step"] = last["grok_step"]
+        results["steps"] = last["steps"]
+        results["walls"] = walls
+        results["gram_edge_s"] = last["gram_edge_s"]
+        results["analyses"] = last["analyses"]
+        results["hvp"] = hvp_precision(last["run"])
+
+    med_full = statistics.median(walls["full"])
+    print(f"\nDyck seed 42 to grok ({results['grok_step']}) + {args.after_grok} steps")
+    print("| | wall of fit (s) |\n|---|---|")
+    if walls["none"]:
+        med_none = statistics.median(walls["none"])
+        results["ratio"] = med_full / med_none
+        print(f"| callbacks=none | {med_none:.1f} |")
+    print(f"| callbacks=full | {med_full:.1f} |")
+    if "ratio" in results:
+        print(f"| ratio | **{results['ratio']:.2f}** |")
+    inside = sum(a["total_s"] for a in results["analyses"].values())
+    print(f"\nTime inside the analyses: {inside:.1f} s; Gram + EdgeAlignment hooks and the")
+    print(f"per-step weight-decay record: {results['gram_edge_s']:.1f} s\n")
+    print("| analysis | calls (steps) | s per call: mean | min | max | total s |")
+    print("|---|---|---|---|---|---|")
+    for name, a in results["analyses"].items():
+        steps = ", ".join(str(s) for s in a["steps"])
+        print(
+            f"| {name} | {a['calls']} ({steps}) | {a['mean_s']:.2f} | {a['min_s']:.2f} | "
+            f"{a['max_s']:.2f} | {a['total_s']:.1f} |"
+        )
+    print("\n| direction | HVP float32: value, s | HVP float64: value, s | central difference |")
+    print("|---|---|---|---|")
+    for k, row in results["hvp"].items():
+        f32, f64, fd = row["float32"], row["float64"], row["fd"]
+        print(
+            f"| {k} | {f32['value']:.6g}, {f32['seconds']:.2f} | {f64['value']:.6g}, "
+            f"{f64['seconds']:.2f} | {fd['value']:.6g} |"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
