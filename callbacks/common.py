@@ -652,7 +652,7 @@ class AnalysisCallback(Callback):
         try:
             # numpy/scipy (the sklearn probes) get the run's torch thread budget: their
             # BLAS would otherwise start a thread per core, which on a small shared
-            # machine is up to 10x slower than one thread (docs/benchmarks_callbacks.md).
+            # machine is up to 10x slower than one thread (docs/benchmarks.md).
             with (
                 threadpool_limits(limits=torch.get_num_threads()),
                 preserved_random_state(pl_module.device),

@@ -72,7 +72,7 @@ class PerturbationCallback(AnalysisCallback):
         fd_dtype: precision of the finite-difference losses (``float32``: the paper's).
         hvp_dtype: precision of the exact HVP: ``float32`` (default) or ``float64`` (the
             whole model evaluated in double, ~2x the cost). On Dyck both agree to six
-            significant digits (docs/benchmarks_callbacks.md), far below the central
+            significant digits (docs/benchmarks.md), far below the central
             difference's own error.
         buckets: evaluate the subset in this many length buckets (see ``AblationCallback``).
         phase_at, phase_post, tables, config_key: as ``AblationCallback``.
