@@ -21,6 +21,7 @@ import math
 import random
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -462,7 +463,7 @@ class Result:
     table: tuple[str, list[str], list[list[Any]]] | None = None
 
 
-class AnalysisCallback(Callback):
+class AnalysisCallback(Callback, ABC):
     """Base of the analyses that run on a cadence over a fixed evaluation subset.
 
     Cadence: after the optimizer step that brings ``global_step`` to a multiple of
@@ -672,9 +673,9 @@ class AnalysisCallback(Callback):
             )
         log_now(trainer, pl_module, result.scalars, direct)
 
+    @abstractmethod
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
         """Run the analysis on the current weights (network in eval mode)."""
-        raise NotImplementedError
 
     def write(self, step: int, phase: str, grok: int | None, **fields: Any) -> None:
         assert self.analysis_log is not None

@@ -7,6 +7,7 @@ the paper's weight-decay experiment (PAPER.md §3, experiment 6) on a cadence.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import lightning as L
@@ -199,9 +200,9 @@ class InterventionCallback(AnalysisCallback):
             return
         self._run(trainer, pl_module, CADENCE, direct=False)
 
+    @abstractmethod
     def fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Apply the intervention; returns scalars to log at the firing step."""
-        raise NotImplementedError
 
     def extra_scalars(self) -> dict[str, float]:
         """Scalars of the intervention itself, logged with each measurement."""
