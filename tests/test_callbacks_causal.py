@@ -93,8 +93,8 @@ def built(run_dir: Path, overrides: list[str]) -> Run:
 
 def fit_quietly(run: Run) -> dict:
     with warnings.catch_warnings():
-        # sklearn's MLP warns that 20 epochs do not converge: the point is speed here.
-        warnings.filterwarnings("ignore", message=".*Maximum iterations.*")
+        # The MLP probe stops at 20 epochs, unconverged: the point is speed here.
+        warnings.filterwarnings("ignore", message=r".*MLP probe fit\(s\) stopped.*")
         return fit(run)
 
 
