@@ -135,6 +135,10 @@ def fit(run: Run) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         **run.history.last,
     }
+    for callback in run.trainer.callbacks:  # analyses may add fields (e.g. the run's class)
+        fields = getattr(callback, "summary_fields", None)
+        if callable(fields):
+            summary.update(fields())
     write_summary(run.run_dir, summary)
     return summary
 
