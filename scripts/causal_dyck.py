@@ -3,12 +3,13 @@
     python scripts/causal_dyck.py --run-dir outputs/causal_dyck_s42 --threads 1 > tables.md
     python scripts/causal_dyck.py --run-dir outputs/causal_dyck_s42 --tables-only
 
-Trains Dyck seed 42 with ω = 1 and ``callbacks=full`` for ``--steps`` optimizer steps
-(denser cadences than the defaults: ablation every 250 steps, ε-sweep and curvature every
-500, probes every 1,000, each also at the grok step, probes also at the end), unless the
-run directory already holds a finished run (or ``--tables-only``), then prints the
-ablation, perturbation/curvature and probe results of its ``analyses.jsonl`` by step
-with their phase (relative to the run's own grok step).
+Trains Dyck seed 42 with ω = ``--weight-decay`` (default 1; 0 is the paper's control)
+and ``callbacks=full`` for ``--steps`` optimizer steps (denser cadences than the
+defaults: ablation every 250 steps, ε-sweep and curvature every 500, probes every 1,000,
+each also at the grok step, probes also at the end), unless the run directory already
+holds a finished run (or ``--tables-only``), then prints the ablation,
+perturbation/curvature and probe results of its ``analyses.jsonl`` by step with their
+phase (relative to the run's own grok step).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from grokedge.analysis_log import read_analyses
 from grokedge.train import build, compose, fit
 
 
-def overrides(steps: int, threads: int | None) -> list[str]:
+def overrides(steps: int, threads: int | None, weight_decay: float = 1.0) -> list[str]:
     out = [
         "task=dyck",
         "seed=42",
-        "optimizer.weight_decay=1.0",
+        f"optimizer.weight_decay={weight_decay}",
         "callbacks=full",
         "logger=none",
         f"trainer.max_steps={steps}",
@@ -128,13 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=Path("outputs/causal_dyck_s42"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weight-decay", type=float, default=1.0, help="ω (paper: 1; control: 0)")
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args(argv)
     finished = any(
         r["analysis"] == "edge_summary" for r in read_analyses(args.run_dir, ["edge_summary"])
     )
     if not args.tables_only and not finished:
-        run = build(compose(overrides(args.steps, args.threads), args.run_dir), args.run_dir)
+        run = build(
+            compose(overrides(args.steps, args.threads, args.weight_decay), args.run_dir),
+            args.run_dir,
+        )
         summary = fit(run)
         print(
             f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s, grok step "
