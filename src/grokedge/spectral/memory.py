@@ -1,0 +1,166 @@
+"""The memory GramCallback allocates, predicted before it allocates anything.
+
+Pure arithmetic over ``p`` (selected elements), W, k and the dtypes: no tensor is built.
+The count follows what ``GramCallback.attach`` and ``UpdateWindow.push`` allocate:
+
+==================  ==============================  =====================================
+buffer              shape                           bytes
+==================  ==============================  =====================================
+window deltas       [2, W, p] buffer dtype          2·W·p·b_buf (total and WD parts)
+edge vectors        2 × [k, p] buffer dtype         2·k·p·b_buf (edge and previous)
+θ at last capture   [p] parameter dtype             p·b_θ
+total-delta scratch [p] parameter dtype             p·b_θ
+WD accumulator      [p] ≥ float32                   p·max(b_θ, 4)
+W×W matrices        [3, W, W] float64               24·W²
+up-cast scratch     [2W + 2, chunk] float64         (2W + 2)·chunk·8 (≤ 6 MiB on a CPU,
+                                                    ≤ 256 MiB on an accelerator)
+==================  ==============================  =====================================
+
+Besides these persistent buffers a capture briefly holds ``transient`` bytes: the new
+delta's two parts cast to the buffer dtype when it differs from the parameters'
+(2·p·b_buf), plus their float64 stack when the buffer is float64 (2·p·8).
+
+For W = 5, k = 4, float32 everywhere this is (2W + 2k + 3)·4p = 84·p bytes: 8.4 GB at
+p = 10⁸, of which the window is 4 GB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from grokedge.spectral.window import (
+    ACCUM_CHUNK,
+    ACCUM_CHUNK_ACCELERATOR,
+    MIN_CHUNK,
+    SCRATCH_BYTES,
+    SCRATCH_BYTES_ACCELERATOR,
+)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+ACCUM_DTYPE = torch.float64
+"""The dtype of the W×W matrices and of the up-cast scratch (``UpdateWindow``'s default)."""
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` for ``"float32"`` (the names of ``callbacks.gram.buffer_dtype``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"buffer dtype {dtype!r} is not allowed: one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+@dataclass(frozen=True)
+class WindowMemory:
+    """Bytes GramCallback holds, by buffer (see the module docstring for the shapes)."""
+
+    window: int
+    vectors: int
+    theta_prev: int
+    total: int
+    wd_accumulator: int
+    matrices: int
+    scratch: int
+    transient: int
+
+    @property
+    def persistent(self) -> int:
+        """Bytes allocated from the first capture on, for the rest of the run."""
+        return self.total_bytes - self.transient
+
+    @property
+    def total_bytes(self) -> int:
+        """Persistent bytes plus the transient peak of a capture."""
+        return sum(asdict(self).values())
+
+
+def scratch_columns(rows: int, p: int, device_type: str = "cpu") -> int:
+    """Columns of ``UpdateWindow``'s float64 up-cast scratch ([rows, columns])."""
+    item = _itemsize(ACCUM_DTYPE)
+    if device_type == "cpu":
+        per_chunk = min(ACCUM_CHUNK, max(MIN_CHUNK, SCRATCH_BYTES // (rows * item)))
+    else:
+        per_chunk = min(
+            ACCUM_CHUNK_ACCELERATOR, max(MIN_CHUNK, SCRATCH_BYTES_ACCELERATOR // (rows * item))
+        )
+    return min(per_chunk, max(p, 1))
+
+
+def window_memory(
+    p: int,
+    window: int,
+    top_k: int,
+    buffer_dtype: torch.dtype | str,
+    *,
+    param_dtype: torch.dtype | str = torch.float32,
+    device_type: str = "cpu",
+) -> WindowMemory:
+    """The bytes of each buffer GramCallback allocates for ``p`` selected elements.
+
+    Args:
+        p: selected elements (θ_sel, or this rank's slice of it), >= 1.
+        window: W, deltas in the window, >= 2.
+        top_k: k, edge vectors materialised, >= 1.
+        buffer_dtype: storage of the window and edge vectors (``callbacks.gram.buffer_dtype``).
+        param_dtype: dtype of the selected parameters (θ_prev and the total-delta scratch
+            are kept in it; the WD accumulator in at least float32).
+        device_type: ``"cpu"`` or an accelerator (``"cuda"``): sets the scratch size.
+    """
+    if p < 1 or window < 2 or top_k < 1:
+        raise ValueError(f"need p >= 1, window >= 2, top_k >= 1; got {p}, {window}, {top_k}")
+    buf = as_dtype(buffer_dtype)
+    par = as_dtype(param_dtype)
+    b_buf, b_par = _itemsize(buf), _itemsize(par)
+    b_acc = _itemsize(torch.promote_types(torch.float32, par))
+    rows = 2 * window + 2
+    transient = 0
+    if buf != par:
+        transient += 2 * p * b_buf  # total.to(buffer dtype), wd.to(buffer dtype)
+    if buf == ACCUM_DTYPE:
+        transient += 2 * p * _itemsize(ACCUM_DTYPE)  # torch.stack of the two new parts
+    return WindowMemory(
+        window=2 * window * p * b_buf,
+        vectors=2 * top_k * p * b_buf,
+        theta_prev=p * b_par,
+        total=p * b_par,
+        wd_accumulator=p * b_acc,
+        matrices=3 * window * window * _itemsize(ACCUM_DTYPE),
+        scratch=rows * scratch_columns(rows, p, device_type) * _itemsize(ACCUM_DTYPE),
+        transient=transient,
+    )
+
+
+def window_memory_bytes(
+    p: int,
+    window: int,
+    top_k: int,
+    buffer_dtype: torch.dtype | str,
+    *,
+    param_dtype: torch.dtype | str = torch.float32,
+    device_type: str = "cpu",
+) -> int:
+    """Persistent bytes GramCallback allocates: ≈ (2W + 2k)·p·b_buf + 3·p·b_θ + O(W²).
+
+    The window's [2, W, p] deltas, two [k, p] edge-vector buffers, θ at the last capture,
+    the total-delta scratch, the WD accumulator, the W×W matrices and the up-cast scratch
+    (:func:`window_memory` itemises them; a capture adds its ``transient`` on top).
+
+    Example:
+        >>> window_memory_bytes(1_000_000, window=5, top_k=4, buffer_dtype="float32")
+        90292056
+    """
+    return window_memory(
+        p, window, top_k, buffer_dtype, param_dtype=param_dtype, device_type=device_type
+    ).persistent
