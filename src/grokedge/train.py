@@ -30,6 +30,7 @@ from grokedge.config_checks import ConfigError, check_config
 from grokedge.module import GrokModule
 from grokedge.run_files import MetricHistoryLogger, write_summary
 from grokedge.tasks.base import GrokDataModule
+from grokedge.wandb_setup import WandbDashboardCallback, wandb_init_kwargs
 
 # Lightning 2.6 calls a torch API that torch 2.13 deprecates, once per fit: noise to users.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -68,6 +69,7 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
                 extra["group"] = f"{cfg.task.name}-{Path(hydra_cfg.sweep.dir).name}"
             if node.get("name") is None:
                 extra["name"] = hydra_cfg.job.override_dirname or run_dir.name
+            extra = wandb_init_kwargs(extra, list(hydra_cfg.overrides.task), multirun)
         loggers.append(_instantiate(node, **extra))
     return loggers
 
@@ -107,6 +109,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
             except ValueError as e:
                 raise ConfigError(str(e)) from e
     callbacks += [_instantiate(cfg.checkpoint), _instantiate(cfg.progress_bar)]
+    callbacks.append(WandbDashboardCallback())  # define_metric + summary (no-op without W&B)
     loggers = _loggers(cfg, run_dir)
     trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return Run(cfg, run_dir, datamodule, module, trainer, loggers[0])
