@@ -50,7 +50,7 @@ def test_every_experiment_composes(experiment: str) -> None:
 
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_composes_with_its_task(model: str) -> None:
-    task = "scan" if model.startswith("scan") else model
+    task = model.split("_")[0]  # scan_small, dyck_large, ... go with their task
     assert compose_cfg([f"task={task}", f"model={model}"]).model is not None
 
 
@@ -106,3 +106,34 @@ def test_unknown_group_option_lists_the_allowed_ones(cli, tmp_path, group, value
     assert f"Could not find '{group}/{value}'" in proc.stderr
     assert "Available options" in proc.stderr and "none" in proc.stderr or group == "task"
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "task,model,n_params,p",
+    [
+        ("dyck", "dyck_large", 42_577_933, 14_155_776),
+        ("scan", "scan_large", 44_186_633, 18_874_368),
+    ],
+)
+def test_large_models_have_tens_of_millions_of_parameters_and_train(
+    tmp_path: Path, task: str, model: str, n_params: int, p: int
+) -> None:
+    """The counts stated in conf/model/*_large.yaml, and one real forward/backward."""
+    import torch
+
+    from grokedge.spectral import ParameterSelector
+    from grokedge.train import build, compose
+
+    cfg = compose([f"task={task}", f"model={model}", "callbacks=none", "logger=none"], tmp_path)
+    run = build(cfg, tmp_path)
+    net = run.module.net
+    assert run.module.n_params == n_params
+    assert ParameterSelector(net.named_parameters(), "attention").p == p
+    run.datamodule.setup("fit")
+    batch = next(iter(run.datamodule.train_dataloader()))
+    loss = run.module.stats(batch).mean_loss()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [q.grad for q in net.parameters() if q.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(bool(g.abs().sum() > 0) for g in grads) > 0.9 * len(grads)
