@@ -4,8 +4,10 @@ Installed as the package ``grokedge.callbacks``; configs in ``conf/callbacks/``.
 """
 
 from grokedge.callbacks.ablation import AblationCallback
+from grokedge.callbacks.classes import ClassCallback
 from grokedge.callbacks.decoupling import EdgeDecouplingCallback
 from grokedge.callbacks.edge_alignment import EdgeAlignmentCallback
+from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
 from grokedge.callbacks.init_from import InitFromCheckpoint
 from grokedge.callbacks.perturbation import PerturbationCallback
@@ -14,8 +16,10 @@ from grokedge.callbacks.wd_removal import WDRemovalCallback
 
 __all__ = [
     "AblationCallback",
+    "ClassCallback",
     "EdgeAlignmentCallback",
     "EdgeDecouplingCallback",
+    "GapFlowCallback",
     "GramCallback",
     "InitFromCheckpoint",
     "PerturbationCallback",

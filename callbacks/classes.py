@@ -1,0 +1,353 @@
+"""ClassCallback: the run's universality class, observed and predicted (PAPER.md §3).
+
+At every Gram window (a listener, W×W and two p-sized dot products) it records v_1's
+gradient energy share and its rotation from the previous window. When it runs (by
+default once, on the final weights) it measures the **functional R²** — the linear
+probe's R² of the task variable (the task's primary probe target: Dyck depth, SCAN the
+actions still to emit, modular the answer) on the change of the last block's hidden state
+when θ_sel moves by ε = 0.005‖θ_sel‖ along v_1 — on a fixed test subset, through
+``torch.func.functional_call`` (the live model is never touched), and decides:
+
+- the **observed** class from the late windows' mean gradient share and rotation and the
+  functional R²;
+- the **predicted** class from the late median of the gap flow balance Term 3 / |Term 2|
+  measured by the :class:`~grokedge.callbacks.gap_flow.GapFlowCallback` (if the run has
+  one).
+
+Thresholds and the meaning of "late": :mod:`grokedge.spectral.classes`, docs/classes.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch.func import functional_call
+
+from grokedge.callbacks.common import (
+    SEQUENCES,
+    AnalysisCallback,
+    Result,
+    check_block,
+    check_float,
+    check_int,
+    hidden_for_probe,
+    model_inputs,
+    probe_target_tensors,
+    trace_of,
+)
+from grokedge.callbacks.gap_flow import GapFlowCallback
+from grokedge.callbacks.gram import analysed_module
+from grokedge.spectral import EdgeState, energy_fractions, rotation_deg
+from grokedge.spectral.classes import (
+    PAPER_EPS_FRACTION,
+    ClassDecision,
+    ClassThresholds,
+    functional_epsilon,
+    late_indices,
+    late_mean,
+    late_median,
+    observed_class,
+    predicted_class,
+)
+from grokedge.spectral.probes import functional_r2 as functional_r2_score
+from grokedge.spectral.probes import hidden_states_and_targets
+
+CLASS_KEY = "callbacks.classes"
+CLASSES = "classes"
+
+TABLE_COLUMNS = (
+    "observed",
+    "predicted",
+    "late_grad_share",
+    "late_rotation_deg",
+    "functional_r2",
+    "late_balance",
+)
+
+
+class ClassCallback(AnalysisCallback):
+    """Observed and predicted universality class of the run (``class/*``).
+
+    Needs a :class:`~grokedge.callbacks.gram.GramCallback` before it; for the predicted
+    class also a :class:`~grokedge.callbacks.gap_flow.GapFlowCallback` (else it is
+    ``undetermined``).
+
+    Args:
+        every: optimizer steps between classifications (None, the default: only at the end).
+        at_grok: also once at the detected grok step.
+        at_end: classify on the final weights (default true: the paper's "late").
+        n_sequences: test sequences of the functional-R² subset (default 300, as the
+            probes); None: the whole set. ``sample``, ``subset_seed``, ``eval_set``: as
+            ``AblationCallback``.
+        eps_fraction: ε = eps_fraction · ‖θ_sel‖ along v_1 (the paper: 0.005).
+        block: block whose output is read (-1: the last, before the final LayerNorm).
+        folds: K of the linear probe's grouped K-fold (capped at the number of sequences).
+        seed: seed of the folds.
+        min_late, tail: "late" windows are the ``late``-phase ones if there are at least
+            ``min_late``, else the last ``tail`` windows.
+        functional_grad_share, functional_r2, compression_grad_share, compression_r2,
+        compression_rotation_deg (None: unused), functional_balance, compression_balance:
+            thresholds, see :class:`grokedge.spectral.classes.ClassThresholds`.
+        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+
+    Logs (``global_step``): ``class/observed``, ``class/predicted`` (codes: functional 0,
+    mixed 1, compression 2), ``class/late_grad_share``, ``class/late_rotation_deg``,
+    ``class/functional_r2``, ``class/functional_r2_sd``, ``class/late_balance``,
+    ``class/late_windows``, ``class/functional_eps``. Writes a ``classes`` row per call
+    (names, measurements, thresholds, which windows were late); ``summary_fields()`` puts
+    ``class_observed``, ``class_predicted`` (names) and the measurements into
+    ``summary.json``.
+
+    Example:
+        >>> callbacks = [GramCallback(interval=100), GapFlowCallback(), ClassCallback()]
+        >>> L.Trainer(callbacks=callbacks).fit(module, datamodule)  # doctest: +SKIP
+        >>> callbacks[2].summary_fields()["class_observed"]          # doctest: +SKIP
+        'mixed'
+    """
+
+    analysis = CLASSES
+    needs_edge = True
+
+    def __init__(
+        self,
+        every: int | None = None,
+        at_grok: bool = False,
+        at_end: bool = True,
+        n_sequences: int | None = 300,
+        sample: str = SEQUENCES,
+        subset_seed: int = 0,
+        eval_set: str = "test",
+        eps_fraction: float = PAPER_EPS_FRACTION,
+        block: int = -1,
+        folds: int = 5,
+        seed: int = 0,
+        min_late: int = 3,
+        tail: int = 10,
+        functional_grad_share: float = 0.90,
+        functional_r2: float = 0.90,
+        compression_grad_share: float = 0.50,
+        compression_r2: float = 0.30,
+        compression_rotation_deg: float | None = 12.0,
+        functional_balance: float = 2.0,
+        compression_balance: float = 0.5,
+        phase_at: int | None = None,
+        phase_post: int | None = None,
+        tables: bool = True,
+        config_key: str = CLASS_KEY,
+    ) -> None:
+        super().__init__(
+            every=every,
+            at_grok=at_grok,
+            at_end=at_end,
+            n_sequences=n_sequences,
+            subset_seed=subset_seed,
+            sample=sample,
+            eval_set=eval_set,
+            phase_at=phase_at,
+            phase_post=phase_post,
+            tables=tables,
+            config_key=config_key,
+        )
+        key = config_key
+        self.eps_fraction = check_float(
+            f"{key}.eps_fraction", eps_fraction, 0.0, strict_minimum=True
+        )
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise ValueError(f"{key}.block={block!r} is not allowed: an integer block index")
+        self.block = block
+        self.folds = check_int(f"{key}.folds", folds, 2)
+        self.seed = check_int(f"{key}.seed", seed, 0)
+        self.min_late = check_int(f"{key}.min_late", min_late, 1)
+        self.tail = check_int(f"{key}.tail", tail, 1)
+        unit = {"minimum": 0.0, "maximum": 1.0}
+        rot = compression_rotation_deg
+        try:
+            self.thresholds = ClassThresholds(
+                functional_grad_share=check_float(
+                    f"{key}.functional_grad_share", functional_grad_share, **unit
+                ),
+                functional_r2=check_float(f"{key}.functional_r2", functional_r2, maximum=1.0),
+                compression_grad_share=check_float(
+                    f"{key}.compression_grad_share", compression_grad_share, **unit
+                ),
+                compression_r2=check_float(f"{key}.compression_r2", compression_r2, maximum=1.0),
+                compression_rotation_deg=None
+                if rot is None
+                else check_float(f"{key}.compression_rotation_deg", rot, 0.0, 90.0),
+                functional_balance=check_float(f"{key}.functional_balance", functional_balance),
+                compression_balance=check_float(
+                    f"{key}.compression_balance", compression_balance, 0.0, strict_minimum=True
+                ),
+            )
+        except ValueError as e:
+            if str(e).startswith(key):
+                raise
+            raise ValueError(f"{key}: thresholds not allowed: {e}") from e
+        # Per window: [step, grad share of v_1, rotation of v_1 (deg; NaN: no previous)].
+        self.windows: list[list[float]] = []
+        self.last: dict[str, Any] | None = None
+        self.gap_flow: GapFlowCallback | None = None
+
+    def check_module(self, pl_module: Any) -> None:
+        super().check_module(pl_module)
+        check_block(f"{self.config_key}.block", self.block, analysed_module(pl_module))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        found = [c for c in trainer.callbacks if isinstance(c, GapFlowCallback)]
+        self.gap_flow = found[0] if found else None
+        if self.gram is not None:
+            self.gram.add_listener(self.on_edge)
+
+    def on_edge(self, trainer: L.Trainer, pl_module: L.LightningModule, state: EdgeState) -> None:
+        """Record v_1's gradient share and rotation of the new window."""
+        share = float(energy_fractions(state.grad_proj[:, :1], state.wd_proj[:, :1])[0][0])
+        assert self.gram is not None
+        prev = self.gram.previous
+        rotation = math.nan
+        if prev is not None and float(prev.sigma[0]) > 0 and float(state.sigma[0]) > 0:
+            rotation = float(rotation_deg(prev.vectors[0], state.vectors[0]))
+        self.windows.append([int(state.step), share, rotation])
+
+    # -------------------------------------------------------------------- the analysis
+
+    @torch.no_grad()
+    def functional_r2(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[float, float, float, int]:
+        """(R² mean, R² sd, ε, positions) on the current weights and edge v_1."""
+        assert self.gram is not None and self.gram.edge is not None
+        assert self.gram.selector is not None
+        edge, selector = self.gram.edge, self.gram.selector
+        if float(edge.sigma[0]) <= 0:
+            return math.nan, math.nan, math.nan, 0
+        net = analysed_module(pl_module)
+        batch = self.subset(trainer, pl_module)
+        theta = selector.flatten(net)
+        eps = functional_epsilon(theta, self.eps_fraction)
+        moved = theta + eps * edge.vectors[0].to(theta.dtype)
+        params = selector.functional_params(moved, dict(net.named_parameters()))
+        base = hidden_for_probe(trace_of(net, batch), self.block)
+        _, trace = functional_call(
+            net, params, model_inputs(net, batch), {"return_trace": True}, strict=False
+        )
+        perturbed = hidden_for_probe(trace, self.block)
+        declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
+        target = declared[next(iter(declared))]
+        weight = batch.get("weight")
+        a = hidden_states_and_targets(base, target, weight)
+        b = hidden_states_and_targets(perturbed, target, weight)
+        n_groups = len(set(a.groups.tolist()))
+        if n_groups < 2:
+            return math.nan, math.nan, eps, len(a.targets)
+        score = functional_r2_score(
+            a.features,
+            b.features,
+            a.targets,
+            a.groups,
+            folds=min(self.folds, n_groups),
+            seed=self.seed,
+            sample_weight=a.weights,
+        )
+        return score.mean, score.sd, eps, len(a.targets)
+
+    def classify(self, grok_step: int | None, r2: float) -> dict[str, Any]:
+        """Observed and predicted class from the windows so far and the functional R²."""
+        assert self.phases is not None
+        phases = [self.phases.label(int(w[0]), grok_step) for w in self.windows]
+        idx, basis = late_indices(phases, self.min_late, self.tail)
+        share = late_mean([w[1] for w in self.windows], idx)
+        rotation = late_mean([w[2] for w in self.windows], idx)
+        observed = observed_class(share, rotation, r2, self.thresholds)
+        balance, balance_basis, balance_n = math.nan, None, 0
+        if self.gap_flow is not None:
+            values, b_phases = self.gap_flow.late_balances(grok_step)
+            b_idx, balance_basis = late_indices(b_phases, self.min_late, self.tail)
+            balance = late_median(values, b_idx)
+            balance_n = len(b_idx)
+        predicted: ClassDecision = predicted_class(balance, self.thresholds)
+        return {
+            "observed": observed.name,
+            "predicted": predicted.name,
+            "observed_code": observed.code,
+            "predicted_code": predicted.code,
+            "observed_criteria": list(observed.criteria),
+            "late_grad_share": share,
+            "late_rotation_deg": rotation,
+            "functional_r2": r2,
+            "late_balance": balance,
+            "late_basis": basis,
+            "late_windows": len(idx),
+            "late_first_step": int(self.windows[idx[0]][0]) if idx else None,
+            "balance_basis": balance_basis,
+            "balance_windows": balance_n,
+        }
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+        r2, r2_sd, eps, n = self.functional_r2(trainer, pl_module)
+        decision = self.classify(getattr(pl_module, "grok_step", None), r2)
+        self.last = decision | {"step": step, "functional_r2_sd": r2_sd}
+        scalars = {
+            "class/observed": decision["observed_code"],
+            "class/predicted": decision["predicted_code"],
+            "class/late_grad_share": decision["late_grad_share"],
+            "class/late_rotation_deg": decision["late_rotation_deg"],
+            "class/functional_r2": r2,
+            "class/functional_r2_sd": r2_sd,
+            "class/late_balance": decision["late_balance"],
+            "class/late_windows": float(decision["late_windows"]),
+            "class/functional_eps": eps,
+        }
+        fields = decision | {
+            "functional_r2_sd": r2_sd,
+            "functional_eps": eps,
+            "n_positions": n,
+            "eps_fraction": self.eps_fraction,
+            "block": self.block,
+            "thresholds": dict(self.thresholds.__dict__),
+        }
+        columns = list(TABLE_COLUMNS)
+        return Result(scalars, fields, ("class/table", columns, [[decision[c] for c in columns]]))
+
+    def summary_fields(self) -> dict[str, Any]:
+        """``class_observed``, ``class_predicted`` and their measurements (last call)."""
+        if self.last is None:
+            return {}
+        keys = (
+            "late_grad_share",
+            "late_rotation_deg",
+            "functional_r2",
+            "functional_r2_sd",
+            "late_balance",
+            "late_basis",
+            "late_windows",
+        )
+        return {
+            "class_observed": self.last["observed"],
+            "class_predicted": self.last["predicted"],
+            **{f"class_{k}": self.last[k] for k in keys},
+        }
+
+    # -------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        last = None
+        if self.last is not None:  # primitives only
+            last = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.last.items()}
+        return super().state_dict() | {
+            "windows": [list(w) for w in self.windows],
+            "last": last,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        super().load_state_dict(state_dict)
+        self.windows = [list(w) for w in state_dict.get("windows", [])]
+        last = state_dict.get("last")
+        self.last = None if last is None else dict(last)

@@ -1,0 +1,390 @@
+"""GapFlowCallback: the terms of the gap flow equation, measured at the Gram windows.
+
+PAPER.md §1 (the equation), docs/gap_flow.md (how every symbol is estimated). At each
+analysed window (every ``every`` optimizer steps, on the GramCallback's newest edge) it
+evaluates, through ``GrokModule.evaluate`` on the whole training set (functional: the
+live model and the optimizer are never touched): the curvatures h_k, h_{k+1} of the
+training loss along v_k, v_{k+1} (exact HVP), the gradient projections G_k, G_{k+1}, and
+with the window's signal strengths d_j = σ_j², η, ω and W the three terms, their sum
+(the predicted dg/dt) and the balance Term 3 / |Term 2|.
+
+The observed dg/dt comes from the spectra alone (a listener on every Gram window, no
+p-sized work): the change of g = d_k − d_{k+1} (the analysed window's k) over the interval
+*before* the analysed window (``observed_dgdt``, known at once) and over the interval
+*after* it (the forward pair: a genuine prediction, completed at the next window). The
+running agreement of predicted and observed (Pearson, Spearman, sign agreement) is logged
+as pairs complete and written to ``summary.json``. The math lives in
+:mod:`grokedge.spectral.gap_flow`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from grokedge.analysis_log import log_table
+from grokedge.callbacks.common import (
+    DEFAULT_BUCKETS,
+    SEQUENCES,
+    AnalysisCallback,
+    BucketedEvaluate,
+    Result,
+    check_choice,
+    check_int,
+    check_optional_int,
+    log_now,
+)
+from grokedge.callbacks.gram import analysed_module, log_scalars
+from grokedge.spectral import EdgeState, ParameterSelector
+from grokedge.spectral.gap_flow import (
+    gap_flow_at,
+    mode_gap,
+    observed_rate,
+    prediction_agreement,
+)
+
+GAP_FLOW_KEY = "callbacks.gap_flow"
+GAP_FLOW = "gap_flow"
+GAP_FLOW_SUMMARY = "gap_flow_summary"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+TERM_METRICS = {  # GapFlowTerms field -> gapflow/* metric
+    "k": "gapflow/k",
+    "gap": "gapflow/gap",
+    "d_k": "gapflow/d_k",
+    "d_k1": "gapflow/d_k1",
+    "h_k": "gapflow/h_k",
+    "h_k1": "gapflow/h_k1",
+    "grad_k": "gapflow/grad_k",
+    "grad_k1": "gapflow/grad_k1",
+    "lr": "gapflow/lr",
+    "weight_decay": "gapflow/weight_decay",
+    "window": "gapflow/window",
+    "term1": "gapflow/term1",
+    "term2": "gapflow/term2",
+    "term3": "gapflow/term3",
+    "predicted": "gapflow/predicted_dgdt",
+    "balance": "gapflow/balance",
+    "grad_eff_k": "gapflow/grad_eff_k",
+    "grad_eff_k1": "gapflow/grad_eff_k1",
+    "term3_eff": "gapflow/term3_eff",
+    "predicted_eff": "gapflow/predicted_eff_dgdt",
+    "balance_eff": "gapflow/balance_eff",
+}
+
+RAW, EFFECTIVE = "raw", "effective"
+DRIVINGS = (RAW, EFFECTIVE)
+
+
+def optimizer_group_of(
+    trainer: L.Trainer, net: nn.Module, selector: ParameterSelector
+) -> dict[str, Any] | None:
+    """The optimizer param group holding the first selected parameter (its lr, ω), or None."""
+    first = dict(net.named_parameters())[selector.names[0]]
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            if any(p is first for p in group["params"]):
+                return group
+    return None
+
+
+class GapFlowCallback(AnalysisCallback):
+    """The gap flow equation's terms, its predicted dg/dt and the observed one, per window.
+
+    Needs a :class:`~grokedge.callbacks.gram.GramCallback` before it in the callback list.
+
+    Args:
+        every: optimizer steps between analysed windows (None: none). A multiple of the
+            Gram interval (each analysed step is then a window step); the default, the
+            Gram interval, analyses every window.
+        at_grok, at_end: also analyse at the detected grok step / on the final weights
+            (their edge is the newest window, possibly older than the weights).
+        n_sequences: training sequences the training loss runs over (None: the whole
+            training set, the default; its evaluation set ``eval_set``, "train").
+        sample, subset_seed: as ``AblationCallback``.
+        eval_set: the evaluation set whose loss is "the training loss" (default "train").
+        k: the mode whose gap is followed, 1-based (None: k* = argmax σ_j/σ_{j+1} of each
+            analysed window; needs k* + 1 <= ``callbacks.gram.top_k``).
+        hvp_dtype: precision of the HVPs and the gradient (``float32`` | ``float64``).
+        driving: which gradient projection feeds the balance the predicted class reads
+            (``gapflow/balance_used``): ``raw`` (G_j = ∇L·v_j, the equation as written)
+            or ``effective`` (G_j^eff from the newest delta's gradient part; see
+            :mod:`grokedge.spectral.gap_flow`). Both are always logged.
+        buckets: length buckets of the evaluation (see ``AblationCallback``).
+        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+
+    Logs (``global_step``): ``gapflow/{k, gap, d_k, d_k1, h_k, h_k1, grad_k, grad_k1, lr,
+    weight_decay, window, term1, term2, term3, predicted_dgdt, balance}`` and their
+    effective-gradient forms ``gapflow/{grad_eff_k, grad_eff_k1, term3_eff,
+    predicted_eff_dgdt, balance_eff}`` at each analysed window, ``gapflow/balance_used``;
+    ``gapflow/observed_dgdt`` (change of g per step over the interval before it);
+    ``gapflow/{corr, spearman, sign_agreement, pairs}_{backward,forward}`` and
+    ``..._eff_{backward,forward}`` (running agreement of the predicted and observed dg/dt;
+    forward pairs complete one window later).
+
+    Writes one ``gap_flow`` row per analysed window and a ``gap_flow_summary`` row (all
+    pairs and their agreement) at the end of training; ``summary_fields()`` puts the
+    agreement and the late balance into ``summary.json``.
+
+    Example:
+        >>> callbacks = [GramCallback(interval=100), GapFlowCallback(every=100)]
+        >>> L.Trainer(callbacks=callbacks).fit(module, datamodule)  # doctest: +SKIP
+        >>> callbacks[1].agreement("forward")["spearman"]           # doctest: +SKIP
+    """
+
+    analysis = GAP_FLOW
+    needs_edge = True
+
+    def __init__(
+        self,
+        every: int | None = 100,
+        at_grok: bool = False,
+        at_end: bool = False,
+        n_sequences: int | None = None,
+        sample: str = SEQUENCES,
+        subset_seed: int = 0,
+        eval_set: str = "train",
+        k: int | None = None,
+        hvp_dtype: str = "float32",
+        driving: str = RAW,
+        buckets: int = DEFAULT_BUCKETS,
+        phase_at: int | None = None,
+        phase_post: int | None = None,
+        tables: bool = True,
+        config_key: str = GAP_FLOW_KEY,
+    ) -> None:
+        super().__init__(
+            every=every,
+            at_grok=at_grok,
+            at_end=at_end,
+            n_sequences=n_sequences,
+            subset_seed=subset_seed,
+            sample=sample,
+            eval_set=eval_set,
+            phase_at=phase_at,
+            phase_post=phase_post,
+            tables=tables,
+            config_key=config_key,
+        )
+        key = config_key
+        self.k = check_optional_int(f"{key}.k", k, 1)
+        self.hvp_dtype = check_choice(f"{key}.hvp_dtype", hvp_dtype, tuple(DTYPES))
+        self.driving = check_choice(f"{key}.driving", driving, DRIVINGS)
+        self.buckets = check_int(f"{key}.buckets", buckets, 1)
+        # Spectra of the latest two windows: [step, σ list] (primitives: checkpointable).
+        self.spectra: list[list[Any]] = []
+        # The analysed window awaiting its forward observation.
+        self.pending: dict[str, Any] | None = None
+        # Rows [window step, k, predicted, predicted_eff, observed] of each comparison.
+        self.backward: list[list[float]] = []
+        self.forward: list[list[float]] = []
+        # Rows [window step, balance, balance_eff] of every analysed window.
+        self.balances: list[list[float]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self.gram is None:
+            return
+        key, interval = self.config_key, self.gram.interval
+        if self.every is not None and self.every % interval:
+            raise ValueError(
+                f"{key}.every={self.every} is not allowed: a multiple of the Gram interval "
+                f"({interval}), so that every analysed step is a window"
+            )
+        if self.k is not None and self.k + 1 > self.gram.top_k:
+            raise ValueError(
+                f"{key}.k={self.k} is not allowed: k + 1 <= callbacks.gram.top_k "
+                f"({self.gram.top_k})"
+            )
+        if self.gram.top_k < 2:
+            raise ValueError(
+                f"{key}: needs callbacks.gram.top_k >= 2 (modes k and k+1), got {self.gram.top_k}"
+            )
+        self.gram.add_listener(self.on_edge)
+
+    # ------------------------------------------------------------- every Gram window
+
+    def on_edge(self, trainer: L.Trainer, pl_module: L.LightningModule, state: EdgeState) -> None:
+        """Record the window's spectrum and complete a pending forward comparison."""
+        values: dict[str, float] = {}
+        pending = self.pending
+        if pending is not None and self.spectra and self.spectra[-1][0] == pending["step"]:
+            observed = observed_rate(
+                pending["gap"],
+                mode_gap(state.sigma, pending["k"]),
+                state.step - pending["step"],
+            )
+            self.forward.append(
+                [
+                    pending["step"],
+                    pending["k"],
+                    pending["predicted"],
+                    pending["predicted_eff"],
+                    observed,
+                ]
+            )
+            values.update(self._agreement_scalars("forward"))
+        self.pending = None
+        self.spectra = [*self.spectra[-1:], [int(state.step), state.sigma.tolist()]]
+        log_scalars(trainer, pl_module, values)
+
+    # -------------------------------------------------------------- analysed windows
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+        assert self.gram is not None and self.gram.edge is not None
+        assert self.gram.selector is not None
+        edge, selector = self.gram.edge, self.gram.selector
+        net = analysed_module(pl_module)
+        group = optimizer_group_of(trainer, net, selector)
+        lr = float(group["lr"]) if group is not None else math.nan
+        wd = float(group.get("weight_decay", 0.0)) if group is not None else math.nan
+        batch = self.subset(trainer, pl_module)
+        dtype = DTYPES[self.hvp_dtype]
+        theta = selector.flatten(net).to(dtype)
+        loss_fn = BucketedEvaluate(
+            pl_module.evaluate, selector, net, batch, self.buckets, dtype
+        ).loss_fn()
+        terms = gap_flow_at(
+            edge.sigma,
+            edge.vectors,
+            edge.count,
+            loss_fn,
+            theta,
+            lr,
+            wd,
+            self.k,
+            grad_proj_newest=edge.grad_proj[-1],
+            steps_per_delta=self.gram.interval,
+        )
+        fields: dict[str, Any] = {
+            "edge_step": edge.step,
+            "n_sequences": float(batch["weight"].sum()),
+            "eval_set": self.eval_set,
+            "hvp_dtype": self.hvp_dtype,
+        }
+        if terms is None:
+            fields["skipped"] = "modes k and k+1 not both available"
+            return Result({}, fields)
+
+        scalars = {metric: float(getattr(terms, name)) for name, metric in TERM_METRICS.items()}
+        observed = math.nan
+        before = self.spectra[-2] if len(self.spectra) >= 2 else None
+        if before is not None and self.spectra[-1][0] == edge.step:
+            observed = observed_rate(mode_gap(before[1], terms.k), terms.gap, edge.step - before[0])
+        scalars["gapflow/observed_dgdt"] = observed
+        scalars["gapflow/balance_used"] = (
+            terms.balance if self.driving == RAW else terms.balance_eff
+        )
+        self.backward.append([edge.step, terms.k, terms.predicted, terms.predicted_eff, observed])
+        self.balances.append([edge.step, terms.balance, terms.balance_eff])
+        scalars.update(self._agreement_scalars("backward"))
+        if edge.step == step:  # weights and window agree: the next window completes a pair
+            self.pending = {
+                "step": edge.step,
+                "k": terms.k,
+                "gap": terms.gap,
+                "predicted": terms.predicted,
+                "predicted_eff": terms.predicted_eff,
+            }
+        fields.update(terms.as_dict(), observed_dgdt=observed)
+        return Result(scalars, fields)
+
+    # ------------------------------------------------------------------- agreement
+
+    def agreement(self, which: str, driving: str = RAW) -> dict[str, float]:
+        """``prediction_agreement`` of the ``backward`` or ``forward`` pairs so far, for
+        the prediction with the ``raw`` or ``effective`` gradient projections."""
+        pairs = self.backward if which == "backward" else self.forward
+        column = 2 if driving == RAW else 3
+        return prediction_agreement([p[column] for p in pairs], [p[4] for p in pairs])
+
+    def _agreement_scalars(self, which: str) -> dict[str, float]:
+        out = {}
+        for driving, tag in ((RAW, ""), (EFFECTIVE, "_eff")):
+            a = self.agreement(which, driving)
+            out[f"gapflow/corr{tag}_{which}"] = a["pearson"]
+            out[f"gapflow/spearman{tag}_{which}"] = a["spearman"]
+            out[f"gapflow/sign_agreement{tag}_{which}"] = a["sign_agreement"]
+        out[f"gapflow/pairs_{which}"] = self.agreement(which)["n"]
+        return out
+
+    def late_balances(self, grok_step: int | None) -> tuple[list[float], list[str]]:
+        """Balances (of the ``driving`` estimator) of the analysed windows and their
+        phases, for the predicted class."""
+        assert self.phases is not None
+        column = 1 if self.driving == RAW else 2
+        return (
+            [float(b[column]) for b in self.balances],
+            [self.phases.label(int(b[0]), grok_step) for b in self.balances],
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        assert self.phases is not None and self.analysis_log is not None
+        grok = getattr(pl_module, "grok_step", None)
+        step = trainer.global_step
+        self.analysis_log.write(
+            GAP_FLOW_SUMMARY,
+            step,
+            self.phases.label(step, grok),
+            grok,
+            driving=self.driving,
+            backward=self.agreement("backward"),
+            forward=self.agreement("forward"),
+            backward_eff=self.agreement("backward", EFFECTIVE),
+            forward_eff=self.agreement("forward", EFFECTIVE),
+            backward_pairs=self.backward,
+            forward_pairs=self.forward,
+            balances=self.balances,
+        )
+        if self.tables and self.backward:
+            log_table(
+                trainer,
+                "gapflow/pairs_table",
+                ["step", "k", "predicted", "predicted_eff", "observed_backward"],
+                self.backward,
+                step,
+            )
+        # Lightning forbids self.log in on_train_end: straight to the loggers.
+        log_now(trainer, pl_module, {**self._agreement_scalars("forward")}, direct=True)
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Fields for ``summary.json``: the predictive agreement of the equation."""
+        out: dict[str, Any] = {}
+        for which in ("forward", "backward"):
+            for driving, tag in ((RAW, ""), (EFFECTIVE, "_eff")):
+                a = self.agreement(which, driving)
+                out[f"gapflow{tag}_{which}_pearson"] = a["pearson"]
+                out[f"gapflow{tag}_{which}_spearman"] = a["spearman"]
+                out[f"gapflow{tag}_{which}_sign_agreement"] = a["sign_agreement"]
+            out[f"gapflow_{which}_pairs"] = int(self.agreement(which)["n"])
+        out["gapflow_driving"] = self.driving
+        out["gapflow_windows"] = len(self.balances)
+        return out
+
+    # -------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {
+            "spectra": [list(s) for s in self.spectra],
+            "pending": None if self.pending is None else dict(self.pending),
+            "backward": [list(p) for p in self.backward],
+            "forward": [list(p) for p in self.forward],
+            "balances": [list(b) for b in self.balances],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        super().load_state_dict(state_dict)
+        self.spectra = [list(s) for s in state_dict.get("spectra", [])]
+        pending = state_dict.get("pending")
+        self.pending = None if pending is None else dict(pending)
+        self.backward = [list(p) for p in state_dict.get("backward", [])]
+        self.forward = [list(p) for p in state_dict.get("forward", [])]
+        self.balances = [list(b) for b in state_dict.get("balances", [])]
