@@ -14,6 +14,12 @@ its newest edge vectors:
   edge removal's displacement (the norm-matched control: a random subspace holds only
   ~2/p of ‖θ‖², so the paper's control barely moves θ).
 
+Under DDP with a sharded GramCallback every rank runs the analysis on its slice of θ and
+of the edge vectors: projections and norms are partial dot products summed over ranks,
+and each ablated θ is all-gathered whole for the model evaluation (which needs every
+parameter); see ``grokedge.spectral.sharding.sharded_ablation_experiment``. Every rank
+gets the same numbers; rank 0 writes them.
+
 The pure math lives in :mod:`grokedge.spectral.ablation`; this is the adapter.
 """
 
@@ -35,7 +41,11 @@ from grokedge.callbacks.common import (
     edge_basis,
 )
 from grokedge.callbacks.gram import analysed_module
-from grokedge.spectral import ablation_experiment, remove_subspace
+from grokedge.spectral.sharding import (
+    Shard,
+    sharded_ablation_experiment,
+    sharded_remove_subspace,
+)
 
 ABLATION_KEY = "callbacks.ablation"
 ABLATION = "ablation"
@@ -158,21 +168,25 @@ class AblationCallback(AnalysisCallback):
         assert self.gram.selector is not None
         edge = self.gram.edge
         selector = self.gram.selector
+        # One process: the whole vector, and every sharded call below is the plain one.
+        shard = self.gram.shard if self.gram.shard is not None else Shard.of(selector.p)
         net = analysed_module(pl_module)
         batch = self.subset(trainer, pl_module)
         evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, self.buckets)
-        theta = selector.flatten(net)
-        vectors = edge.vectors.to(theta.dtype)
+        theta = selector.flatten(net, shard.start, shard.stop)  # [n_local]
+        vectors = edge.vectors.to(theta.dtype)  # [k, n_local]
         sigma = edge.sigma
+        whole = shard.gather  # slices -> the whole vector the model needs (collective)
 
         with torch.no_grad():
             basis = edge_basis(vectors, sigma, EDGE_INDICES)
-            result = ablation_experiment(
-                evaluate, theta, basis, batch, n_random=self.n_random, seed=self.seed
+            result = sharded_ablation_experiment(
+                evaluate, theta, basis, batch, shard, n_random=self.n_random, seed=self.seed
             )
             base_loss, base_acc = result["base_loss"], result["base_acc"]
-            _, _, base_logits = evaluate(theta, batch)
-            _, _, edge_logits = evaluate(remove_subspace(theta, basis), batch)
+            _, _, base_logits = evaluate(whole(theta), batch)
+            edge_theta = whole(sharded_remove_subspace(theta, basis, shard))
+            _, _, edge_logits = evaluate(edge_theta, batch)
             unseen_dacc = _unseen_accuracy(edge_logits, batch) - _unseen_accuracy(
                 base_logits, batch
             )
@@ -182,7 +196,7 @@ class AblationCallback(AnalysisCallback):
                 if sub.shape[0] == 0:  # σ_k = 0 (early windows) or top_k too small
                     removals[name] = {"dacc": math.nan, "dloss": math.nan, "dim": 0}
                     continue
-                loss, acc, _ = evaluate(remove_subspace(theta, sub), batch)
+                loss, acc, _ = evaluate(whole(sharded_remove_subspace(theta, sub, shard)), batch)
                 removals[name] = {
                     "dacc": float(acc) - base_acc,
                     "dloss": float(loss) - base_loss,

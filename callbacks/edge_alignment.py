@@ -19,11 +19,13 @@ it) and turns it into the paper's read-outs (PAPER.md §1, experiment 1) through
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
 from grokedge.analysis_log import AnalysisLog, Phases, log_table, read_analyses
 from grokedge.callbacks.gram import (
@@ -72,7 +74,10 @@ DIRECTION_COLUMNS = (
 
 
 def measure(
-    state: EdgeState, previous: EdgeState | None, evicted_dot: float | None
+    state: EdgeState,
+    previous: EdgeState | None,
+    evicted_dot: float | None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Every read-out of one window (glue over ``grokedge.spectral``; CPU lists out).
 
@@ -80,6 +85,9 @@ def measure(
         state: the newest window's edge, k = ``state.top_k`` directions.
         previous: the window before (``None``: no motion read-outs).
         evicted_dot: ``GramCallback.evicted_dot``, relating ``previous`` and ``state``.
+        reduce: when the vectors are this rank's slices, the sum over ranks of a partial
+            Gram (``GramCallback.reduce``; collective: every rank calls ``measure``).
+            Everything else here is W×W algebra on matrices already summed.
 
     Returns:
         ``grad_frac``, ``wd_frac``, ``align`` and their ``*_latest`` forms ([k] lists;
@@ -97,8 +105,10 @@ def measure(
     dk = math.nan
     if previous is not None:
         n = n_rot  # >= PLANE whenever k >= PLANE
-        # One [2n, 2n] Gram of (v_prev; v_curr) on the device: rotation and plane angles.
-        gram = stacked_gram(previous.vectors[:n], state.vectors[:n]).to("cpu")
+        # One [2n, 2n] Gram of (v_prev; v_curr) on the device: rotation and plane angles
+        # (sharded: of the slices, summed over ranks in one all-reduce).
+        gram = stacked_gram(previous.vectors[:n], state.vectors[:n])
+        gram = (gram if reduce is None else reduce(gram)).to("cpu")
         rotation = rotation_finish(gram).tolist()
         if k >= PLANE:
             plane = torch.tensor([0, 1, n, n + 1])
@@ -284,7 +294,9 @@ class EdgeAlignmentCallback(Callback):
         self._relabel(grok)
         step = state.step
         phase = self.phases.label(step, grok)
-        m = measure(state, self.gram.previous, self.gram.evicted_dot)
+        sharded = self.gram.shard is not None and self.gram.shard.sharded
+        reduce = self.gram.reduce if sharded else None
+        m = measure(state, self.gram.previous, self.gram.evicted_dot, reduce)
         spec = spectrum_row(state)
         self.windows += 1
 

@@ -16,8 +16,17 @@ A thin adapter from Lightning hooks to ``grokedge.spectral`` (PAPER.md §1, DESI
 Other callbacks read ``edge`` / ``previous`` (see :func:`find_gram_callback`) or register
 with :meth:`GramCallback.add_listener`; none recomputes the edge.
 
-All p-sized work stays on the parameters' device; only W×W matrices and scalars reach
-the host.
+All p-sized work stays on the parameters' device (or ``buffer_device``); only W×W
+matrices and scalars reach the host.
+
+Under data parallelism (Lightning's DDP: ``trainer=ddp``) each rank keeps only its
+contiguous slice ``[start, stop)`` of θ_sel (``shard``): its window, WD accumulator, θ at
+the last capture and edge vectors are slices, so memory and the O(W·p) work per rank fall
+with the number of ranks. One all-reduce of the packed W×W matrices per delta gives every
+rank the exact global Grams, hence the same σ, u_k and projections; ``edge.vectors`` is
+the rank's slice of v_k (:meth:`GramCallback.gather_vectors` assembles whole ones where a
+model evaluation needs them). Every rank runs the same collectives in the same order;
+only rank 0 writes files (the loggers and ``analyses.jsonl`` are rank-zero only).
 """
 
 from __future__ import annotations
@@ -46,7 +55,16 @@ from grokedge.spectral import (
     kstar_weighted,
     spectral_ratio,
 )
+from grokedge.spectral.memory import window_memory_bytes
 from grokedge.spectral.selection import _validate_select
+from grokedge.spectral.sharding import (
+    Collective,
+    LocalCollective,
+    Shard,
+    default_collective,
+    sharded_edge,
+    to_comm_device,
+)
 from grokedge.spectral.window import MIN_WINDOW
 
 GRAM_KEY = "callbacks.gram"
@@ -63,6 +81,10 @@ EdgeListener = Callable[[L.Trainer, L.LightningModule, EdgeState], None]
 """Called as ``listener(trainer, pl_module, state)`` after each new edge."""
 
 STATE_VERSION = 1
+
+SHARDED_STATE_VERSION = 2
+"""A checkpoint written by a sharded run: whole vectors gathered from every rank (so it
+can be resumed on any number of ranks) plus each rank's partial W×W matrices."""
 
 
 def _check_int(key: str, value: Any, minimum: int, allowed: str) -> int:
@@ -154,6 +176,15 @@ class GramCallback(Callback):
             (L2 in the gradient) by recording a zero WD part, instead of failing at start.
         buffer_dtype: storage of the [2, W, p] window buffers (``float32``, ``float64``,
             ``bfloat16``, ``float16``); dot products and W×W algebra are always float64.
+        buffer_device: where the window and edge-vector buffers live (``None``: the
+            parameters' device; e.g. ``cpu`` keeps a large window off a GPU, at the cost
+            of copying each delta to it).
+        shard_across_ranks: under DDP, each rank keeps its slice of θ_sel and the W×W
+            matrices are all-reduced (default); ``false``: every rank keeps the whole
+            window (no collectives, W·p memory per rank).
+        collective: the communication of the shard (a ``grokedge.spectral.sharding.
+            Collective``); ``None``: ``torch.distributed``'s default group when it has
+            more than one process, else none. For tests and custom launchers.
         config_key: config path named in error messages.
 
     Shapes and units: p = number of selected elements; each delta is [p] in parameter
@@ -194,6 +225,9 @@ class GramCallback(Callback):
         top_k: int = 4,
         allow_inexact_split: bool = False,
         buffer_dtype: str = "float32",
+        buffer_device: str | None = None,
+        shard_across_ranks: bool = True,
+        collective: Collective | None = None,
         config_key: str = GRAM_KEY,
     ) -> None:
         super().__init__()
@@ -217,6 +251,16 @@ class GramCallback(Callback):
                 f"{', '.join(BUFFER_DTYPES)}"
             )
         self.buffer_dtype = buffer_dtype
+        self.buffer_device = _check_device(f"{config_key}.buffer_device", buffer_device)
+        if not isinstance(shard_across_ranks, bool):
+            raise ValueError(
+                f"{config_key}.shard_across_ranks={shard_across_ranks!r} is not allowed: "
+                "true or false"
+            )
+        self.shard_across_ranks = shard_across_ranks
+        self.collective = collective
+        self.shard: Shard | None = None  # this rank's slice, set by attach
+        self.predicted_bytes: int | None = None
 
         self.edge: EdgeState | None = None
         self.previous: EdgeState | None = None
@@ -273,12 +317,16 @@ class GramCallback(Callback):
             self._make_tracker(optimizer, selector.named(analysed_module(pl_module)))
 
     def _make_tracker(
-        self, optimizer: Optimizer, named: list[tuple[str, Tensor]]
+        self,
+        optimizer: Optimizer,
+        named: list[tuple[str, Tensor]],
+        start: int = 0,
+        stop: int | None = None,
     ) -> DecoupledWeightDecayTracker:
         # With allow_inexact_split the tracker warns once and records zeros.
         try:
             return DecoupledWeightDecayTracker(
-                optimizer, named, allow_inexact=self.allow_inexact_split
+                optimizer, named, allow_inexact=self.allow_inexact_split, start=start, stop=stop
             )
         except ValueError as e:
             raise ValueError(
@@ -292,13 +340,36 @@ class GramCallback(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            _refuse_fsdp(trainer, self.config_key)
             self.selector = self.make_selector(pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Runs after the strategy moved the model to its device and built the optimizer,
-        # and (for most strategies) after load_state_dict stashed a checkpoint's state.
+        # Runs after the strategy moved the model to its device and built the optimizer
+        # (and initialised the process group), and (for most strategies) after
+        # load_state_dict stashed a checkpoint's state.
         model = analysed_module(pl_module)
         self.attach(model, self._optimizer_for(trainer, model), step=trainer.global_step)
+        self._report_memory(trainer)
+
+    def _report_memory(self, trainer: L.Trainer) -> None:
+        """Log ``gram/predicted_bytes`` (this rank's buffers) once and print it (rank 0)."""
+        assert self.shard is not None and self.predicted_bytes is not None
+        shard = self.shard
+        values = {"gram/predicted_bytes": float(self.predicted_bytes)}
+        # self.log is not allowed in on_fit_start: straight to the (rank-zero) loggers.
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        if trainer.is_global_zero:
+            where = (
+                f"per rank, slice of {shard.n:,} of p = {shard.p:,} on {shard.world_size} ranks"
+                if shard.sharded
+                else f"p = {shard.p:,}"
+            )
+            print(
+                f"grokedge: {self.config_key} predicts {self.predicted_bytes / 2**20:,.1f} MiB "
+                f"of buffers ({where}; W = {self.window_size}, top_k = {self.top_k}, "
+                f"{self.buffer_dtype})"
+            )
 
     def on_train_batch_end(
         self,
@@ -325,6 +396,23 @@ class GramCallback(Callback):
             self._handle.remove()
             self._handle = None
 
+    # ---------------------------------------------------------------------- sharding
+
+    def gather_vectors(self, vectors: Tensor) -> Tensor:
+        """Whole edge vectors [m, p] from this rank's slices [m, n_local] (e.g. rows of
+        ``edge.vectors``). Collective under sharding (every rank must call it); the input
+        itself on one rank. For analyses whose model evaluation needs whole directions."""
+        assert self.shard is not None
+        return self.shard.gather(vectors)
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        """Σ over ranks of a partial result computed on this rank's slices (e.g. the Gram
+        of sliced vectors from ``geometry.stacked_gram``). Collective under sharding."""
+        assert self.shard is not None
+        if not self.shard.sharded:
+            return partial
+        return self.shard.sum(to_comm_device(self.shard, partial)).to(partial.device)
+
     # ------------------------------------------------------------------ the mechanics
 
     def _optimizer_for(self, trainer: L.Trainer, model: nn.Module) -> Optimizer:
@@ -348,24 +436,59 @@ class GramCallback(Callback):
         if self.selector is None:
             self.selector = self.make_selector(model)
         named = self.selector.named(model)
-        self._params = [param.detach() for _, param in named]
-        device = self._params[0].device
-        dtype = self._params[0].dtype
-        for param in self._params[1:]:
+        device = named[0][1].device
+        dtype = named[0][1].dtype
+        for _, param in named[1:]:
             dtype = torch.promote_types(dtype, param.dtype)
         p = self.selector.p
-        self._theta_prev = torch.empty(p, dtype=dtype, device=device)
-        self._total = torch.empty(p, dtype=dtype, device=device)
-        self._prev_views = list(self.selector.unflatten(self._theta_prev).values())
-        self._total_views = list(self.selector.unflatten(self._total).values())
+        if self.shard_across_ranks:
+            collective = self.collective if self.collective is not None else default_collective()
+        else:
+            collective = LocalCollective()
+        self.shard = shard = Shard.of(p, collective)
+        if shard.n < 1:
+            raise ValueError(
+                f"{self.config_key}.select selects p={p} elements, fewer than the "
+                f"{shard.world_size} ranks; allowed: at least one element per rank (or "
+                f"{self.config_key}.shard_across_ranks=false)"
+            )
+        self._theta_prev = torch.empty(shard.n, dtype=dtype, device=device)
+        self._total = torch.empty(shard.n, dtype=dtype, device=device)
+        if shard.sharded:
+            # Views of this rank's part of each parameter and of the slice buffers.
+            by_name = dict(named)
+            segments = self.selector.segments(shard.start, shard.stop)
+            self._params = [
+                by_name[s.name].detach().reshape(-1)[s.param_start : s.param_stop] for s in segments
+            ]
+            self._prev_views = [
+                self._theta_prev[s.slice_offset : s.slice_offset + s.numel] for s in segments
+            ]
+            self._total_views = [
+                self._total[s.slice_offset : s.slice_offset + s.numel] for s in segments
+            ]
+        else:
+            self._params = [param.detach() for _, param in named]
+            self._prev_views = list(self.selector.unflatten(self._theta_prev).values())
+            self._total_views = list(self.selector.unflatten(self._total).values())
+        buffer_device = device if self.buffer_device is None else torch.device(self.buffer_device)
         self.window = UpdateWindow(
-            self.window_size, p, device=device, dtype=BUFFER_DTYPES[self.buffer_dtype]
+            self.window_size, shard.n, device=buffer_device, dtype=BUFFER_DTYPES[self.buffer_dtype]
         )
         # Preallocated: a fresh p-sized allocation per window costs page faults.
         self._vector_bufs = [
-            torch.empty(self.top_k, p, dtype=self.window.dtype, device=device) for _ in range(2)
+            torch.empty(self.top_k, shard.n, dtype=self.window.dtype, device=buffer_device)
+            for _ in range(2)
         ]
-        self.tracker = self._make_tracker(optimizer, named)
+        self.predicted_bytes = window_memory_bytes(
+            shard.n,
+            self.window_size,
+            self.top_k,
+            self.buffer_dtype,
+            param_dtype=dtype,
+            device_type=buffer_device.type,
+        )
+        self.tracker = self._make_tracker(optimizer, named, shard.start, shard.stop)
         self._handle = self.tracker.register()
         self.edge = self.previous = None
         self.evicted_dot = None
@@ -401,9 +524,11 @@ class GramCallback(Callback):
         ``skipped_deltas`` and warned about; the window, ``edge`` and ``previous`` stay
         as they were. Returns whether the delta was pushed.
         """
-        assert self.window is not None
-        # The push's own dot products detect NaN/inf (one host sync of a 2×2 matrix).
-        if not self.window.push(total, wd, check_finite=True):
+        assert self.window is not None and self.shard is not None
+        # The push's own dot products detect NaN/inf (one host sync of a 2×2 matrix);
+        # sharded, their sum over ranks, so that all ranks skip or push together.
+        reduce = self.reduce if self.shard.sharded else None
+        if not self.window.push(total, wd, check_finite=True, reduce=reduce):
             self.skipped_deltas += 1
             warnings.warn(
                 f"{self.config_key}: non-finite update delta at step {step} skipped "
@@ -413,6 +538,17 @@ class GramCallback(Callback):
                 stacklevel=2,
             )
             return False
+        if self.shard.sharded:
+            # Every rank reaches this point together (the finiteness decision is global):
+            # one all-reduce of the packed W×W matrices and the evicted dot.
+            if self.window.count >= MIN_WINDOW:
+                self.previous = self.edge
+                self.edge, self.evicted_dot = sharded_edge(
+                    self.window, self.shard, self.top_k, step, out=self._free_buffer()
+                )
+            else:
+                self.evicted_dot = None
+            return True
         evicted = self.window.last_evicted_dot
         self.evicted_dot = None if evicted is None else float(evicted)
         if self.window.count >= MIN_WINDOW:
@@ -434,6 +570,8 @@ class GramCallback(Callback):
         """Tensors and primitives only (``torch.load(weights_only=True)`` safe)."""
         if self.window is None or self.tracker is None or self._theta_prev is None:
             return dict(self._pending_state or {})
+        if self.shard is not None and self.shard.sharded:
+            return self._sharded_state_dict()
         return {
             "version": STATE_VERSION,
             "select": self.select,
@@ -445,6 +583,68 @@ class GramCallback(Callback):
             "theta_prev": self._theta_prev,
             "window": self.window.state_dict(),
             "tracker": self.tracker.state_dict(),
+        }
+
+    @torch.no_grad()
+    def _sharded_state_dict(self) -> dict[str, Any]:
+        """Collective (Lightning builds the checkpoint on every rank, rank 0 writes it):
+        every p-sized buffer gathered whole, so that the checkpoint resumes on any number
+        of ranks, the window's matrices summed (what one process would hold), and each
+        rank's own partial matrices, restored bit for bit on the same number of ranks."""
+        assert self.window is not None and self.tracker is not None and self.shard is not None
+        assert self._theta_prev is not None
+        shard = self.shard
+        window = self.window.state_dict()
+        partial = window["matrices"]
+        deltas = shard.gather(_comm(shard, window["deltas"])).to("cpu")
+        theta_prev = shard.gather(_comm(shard, self._theta_prev)).to("cpu")
+        tracker = dict(self.tracker.state_dict())
+        tracker["accumulated"] = shard.gather(_comm(shard, tracker["accumulated"])).to("cpu")
+        tracker["start"], tracker["stop"] = 0, shard.p
+        per_rank = torch.stack(shard.collective.all_gather(_comm(shard, partial.reshape(-1)))).to(
+            "cpu"
+        )
+        window.update(
+            p=shard.p,
+            deltas=deltas,
+            matrices=per_rank.sum(0).reshape(partial.shape),
+        )
+        return {
+            "version": SHARDED_STATE_VERSION,
+            "select": self.select,
+            "interval": self.interval,
+            "p": shard.p,
+            "last_capture_step": self.last_capture_step,
+            "skipped_deltas": self.skipped_deltas,
+            "edge_step": None if self.edge is None else self.edge.step,
+            "theta_prev": theta_prev,
+            "window": window,
+            "tracker": tracker,
+            "world_size": shard.world_size,
+            "rank_matrices": per_rank.reshape(shard.world_size, *partial.shape),
+        }
+
+    def _slice_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A whole-vector state cut down to this rank's slice (any world size wrote it)."""
+        assert self.shard is not None and self.window is not None
+        shard = self.shard
+        window = dict(state["window"])
+        deltas = shard.take(window["deltas"]).contiguous()
+        if int(state.get("world_size", 1)) == shard.world_size and "rank_matrices" in state:
+            matrices = state["rank_matrices"][shard.rank]
+        else:
+            # Another layout wrote it: this slice's partial matrices from its deltas.
+            matrices = _partial_matrices(deltas)
+        window.update(p=shard.n, deltas=deltas, matrices=matrices)
+        tracker = dict(state["tracker"])
+        tracker["accumulated"] = shard.take(tracker["accumulated"]).contiguous()
+        tracker["start"], tracker["stop"] = shard.start, shard.stop
+        return {
+            **state,
+            "p": shard.p,
+            "theta_prev": shard.take(state["theta_prev"]),
+            "window": window,
+            "tracker": tracker,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -460,17 +660,21 @@ class GramCallback(Callback):
     @torch.no_grad()
     def _load(self, state: dict[str, Any]) -> None:
         assert self.window is not None and self.tracker is not None
-        assert self._theta_prev is not None
+        assert self._theta_prev is not None and self.shard is not None
         key = self.config_key
+        if int(state["p"]) != self.shard.p:
+            raise ValueError(
+                f"{key}.select={self.select!r} selects p={self.shard.p} elements; the "
+                f"checkpoint's window has p={state['p']}"
+            )
+        if self.shard.sharded:
+            state = self._slice_state(state)
+        # Unsharded, a sharded run's state loads as it is: its whole vectors and summed
+        # matrices are what one process holds.
         if int(state["interval"]) != self.interval:
             raise ValueError(
                 f"{key}.interval={self.interval} differs from the checkpoint's "
                 f"{state['interval']}; resume with the same interval"
-            )
-        if int(state["p"]) != self.window.p:
-            raise ValueError(
-                f"{key}.select={self.select!r} selects p={self.window.p} elements; the "
-                f"checkpoint's window has p={state['p']}"
             )
         if int(state["window"]["size"]) != self.window.size:
             raise ValueError(
@@ -486,13 +690,56 @@ class GramCallback(Callback):
         # it (same buffers, same W×W matrices, same numbers) rather than storing [k, p].
         edge_step = state.get("edge_step")
         if edge_step is not None and self.window.count >= MIN_WINDOW:
-            self.edge = edge_from_window(
-                self.window, self.top_k, int(edge_step), out=self._vector_bufs[0]
-            )
+            if self.shard.sharded:  # collective: every rank loads the same checkpoint
+                self.edge, _ = sharded_edge(
+                    self.window, self.shard, self.top_k, int(edge_step), out=self._vector_bufs[0]
+                )
+            else:
+                self.edge = edge_from_window(
+                    self.window, self.top_k, int(edge_step), out=self._vector_bufs[0]
+                )
         else:
             self.edge = None
         self.previous = None
         self.evicted_dot = None
+
+
+def _comm(shard: Shard, tensor: Tensor) -> Tensor:
+    return to_comm_device(shard, tensor.detach())
+
+
+def _partial_matrices(deltas: Tensor) -> Tensor:
+    """[3, W, W] float64 (G, C, X_wd X_wdᵀ in ring order) of a window slice's buffer
+    [2, W, n] — what its incremental pushes would have accumulated, up to summation order."""
+    total, wd = deltas[0].to(torch.float64), deltas[1].to(torch.float64)
+    return torch.stack([total @ total.T, wd @ total.T, wd @ wd.T])
+
+
+def _check_device(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"{key}={value!r} is not allowed: null (the parameters' device) or a torch "
+            "device such as cpu, cuda, cuda:1"
+        ) from e
+    return str(value)
+
+
+def _refuse_fsdp(trainer: L.Trainer, key: str) -> None:
+    """FSDP shards parameters into flat buffers whose names the selector cannot match,
+    and Lightning 2.6 runs it on GPUs only: say so before training instead of failing
+    inside a hook."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise ValueError(
+            f"{key}: the GramCallback does not support the FSDP strategy yet (its "
+            "selected parameters are FSDP's sharded flat parameters); allowed strategies: "
+            "single device, ddp (trainer=ddp: each rank then keeps its slice of θ_sel)"
+        )
 
 
 def find_gram_callback(trainer: L.Trainer, required: bool = True) -> GramCallback | None:

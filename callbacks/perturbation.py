@@ -12,6 +12,12 @@ with θ = the GramCallback's selected parameters and v_k its newest edge vectors
   Hessian-vector product by forward-over-reverse autodiff (``curvature/hvp_v{k}``);
 - the "path-norm" points of the paper: (σ_k, |ΔL| at the largest |ε|).
 
+Under DDP with a sharded GramCallback each rank holds a slice of every v_k; the model is
+evaluated at θ + εv_k and its curvature taken along v_k, both of which need the whole
+direction, so the analysed directions are all-gathered once per call (k p-vectors) and
+every rank then runs the same sweep on the whole (replicated) θ. Every rank gets the same
+numbers; rank 0 writes them.
+
 The pure math lives in :mod:`grokedge.spectral.perturbation` and
 :mod:`grokedge.spectral.curvature`.
 """
@@ -161,7 +167,11 @@ class PerturbationCallback(AnalysisCallback):
         theta = selector.flatten(net)
         sigma = edge.sigma.tolist()
         ks = [k for k in range(1, self.n_directions + 1) if k <= len(sigma) and sigma[k - 1] > 0]
-        directions = edge.vectors[[k - 1 for k in ks]].to(theta.dtype)
+        directions = edge.vectors[[k - 1 for k in ks]]
+        if self.gram.shard is not None and self.gram.shard.sharded:
+            # θ + εv and the HVP along v need whole directions: one all-gather of k rows.
+            directions = self.gram.gather_vectors(directions)
+        directions = directions.to(theta.dtype)
 
         evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, self.buckets)
         sweep = epsilon_sweep(evaluate, theta, directions, self.grid, batch) if ks else []

@@ -303,6 +303,23 @@ def ablation_experiment(
         ):
             loss, acc, _ = _scalars(evaluate(theta + delta, batch))
             matched_d.append((loss - base_loss, acc - base_acc))
+    return ablation_result(
+        base_loss, base_acc, edge_loss, edge_acc, displacement, random_d, matched_d
+    )
+
+
+def ablation_result(
+    base_loss: float,
+    base_acc: float,
+    edge_loss: float,
+    edge_acc: float,
+    displacement: float,
+    random_d: Sequence[tuple[float, float]],
+    matched_d: Sequence[tuple[float, float]],
+) -> dict[str, Any]:
+    """The dict of :func:`ablation_experiment` from its measurements ((Δloss, Δacc) per
+    random subspace and per norm-matched displacement); shared with the sharded form
+    (``sharding.sharded_ablation_experiment``)."""
     d_loss, d_acc = edge_loss - base_loss, edge_acc - base_acc
     return {
         "base_loss": base_loss,

@@ -20,6 +20,7 @@ Gram of the deltas that later materialise the edge vectors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -171,7 +172,13 @@ class UpdateWindow:
         return self.count
 
     @torch.no_grad()
-    def push(self, total: Tensor, wd: Tensor | None = None, check_finite: bool = False) -> bool:
+    def push(
+        self,
+        total: Tensor,
+        wd: Tensor | None = None,
+        check_finite: bool = False,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> bool:
         """Add one delta, evicting the oldest when full.
 
         One pass over the buffer: the new parts are dotted with every stored row *before*
@@ -184,6 +191,11 @@ class UpdateWindow:
             wd: [p] its weight-decay part δ_wd (``None``: no weight decay, zeros).
             check_finite: if either part has a NaN/inf entry, change nothing and return
                 False (one host sync of a 2×2 matrix).
+            reduce: when the window holds one slice of a sharded vector, the sum over
+                ranks of the new parts' own [2, 2] dot products (e.g. ``Shard.sum``), so
+                that every rank takes the same decision on non-finite deltas (a NaN in
+                one rank's slice makes the sum non-finite on all). Collective: all ranks
+                must push together. ``None``: this slice alone.
         Returns:
             True if the delta was pushed.
         """
@@ -192,16 +204,21 @@ class UpdateWindow:
         if wd is not None and wd.shape != (self.p,):
             raise ValueError(f"wd must have shape [{self.p}], got {list(wd.shape)}")
         size, slot = self.size, self._head
-        # Dot products of the values as they will be stored (low-precision buffers round).
-        new_total = total.to(self.dtype)
-        new_wd = torch.zeros_like(new_total) if wd is None else wd.to(self.dtype)
+        # Dot products of the values as they will be stored (low-precision buffers round),
+        # on the buffers' device (which may differ from the parameters').
+        new_total = total.to(self.device, self.dtype)
+        new_wd = torch.zeros_like(new_total) if wd is None else wd.to(self.device, self.dtype)
         every = self._buf.view(2 * size, self.p)
         # dots[a*W + j, b] = part_a[j] · new_part_b over the *old* slots (empty ones are
         # zero); own[a, b] = new_part_a · new_part_b.
         if self._scratch is None:
             self._scratch = _scratch_for(2 * size + 2, self.p, self.accum_dtype, self.device)
         dots, own = _row_dots(every, (new_total, new_wd), self.accum_dtype, self._scratch)
-        if check_finite and not bool(torch.isfinite(own).all()):
+        if reduce is not None and check_finite:
+            own_total = reduce(own.clone())
+        else:
+            own_total = own
+        if check_finite and not bool(torch.isfinite(own_total).all()):
             return False
         self.last_evicted_dot = dots[slot, TOTAL].clone() if self.count == size else None
         dots[slot] = own[TOTAL]  # the slot now holds the new delta
