@@ -1,0 +1,336 @@
+"""A run or a sweep directory -> PNG figures, markdown tables and W&B entries.
+
+    python -m grokedge.report outputs/causal_dyck_s42          # one run
+    python -m grokedge.report multirun/dyck/2026-11-28/18-00-00  # a sweep (Hydra multirun)
+    python -m grokedge.report DIR --no-wandb                   # files only
+
+Writes ``DIR/report/report.md`` and its PNG figures. For a run: the edge lifecycle, the
+ablation against random and norm-matched controls by phase, the ε-curves, the curvature
+per direction, the probes, the weight-decay read-outs and the gap-flow terms, with their
+tables. For a sweep: the same per job (``report/runs/<job>/``), and across jobs mean ± sd
+over seeds per configuration, the weight-decay-intervention table (the paper's Table 1)
+and the universality-class table beside the paper's values (``conf/report/paper.yaml``).
+Failed jobs (``summary.json`` with ``"status": "failed"``, or none at all) are listed and
+left out. Reads only the directories' files (``report.py`` never imports the training
+code); W&B: see :mod:`grokedge.reporting.wandb_log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grokedge.reporting import figures as F
+from grokedge.reporting import tables as T
+from grokedge.reporting.discover import Collection, RunData, discover
+from grokedge.reporting.wandb_log import log_report, training_runs
+
+REPORT_DIR = "report"
+REPORT_MD = "report.md"
+
+
+@dataclass
+class Section:
+    """One part of the report: markdown, the figures it shows and the tables it holds."""
+
+    markdown: list[str] = field(default_factory=list)
+    figures: dict[str, Path] = field(default_factory=dict)
+    tables: list[T.Table] = field(default_factory=list)
+
+    def figure(self, key: str, path: Path | None, caption: str, base: Path, missing: str) -> None:
+        if path is None:
+            self.markdown.append(f"*{caption}: {missing}*\n")
+            return
+        self.figures[key] = path
+        self.markdown.append(f"![{caption}]({path.relative_to(base).as_posix()})\n")
+
+    def table(self, table: T.Table | None, missing: str | None = None) -> None:
+        if table is None or not table.rows:
+            if missing:
+                self.markdown.append(f"*{missing}*\n")
+            return
+        self.tables.append(table)
+        self.markdown.append(table.markdown() + "\n")
+
+
+def run_section(run: RunData, out: Path, base: Path, heading: str = "##") -> Section:
+    """Figures into ``out`` and the markdown of one run (links relative to ``base``)."""
+    s = Section()
+    summ = run.summary or {}
+    acc = run.last("test/acc")
+    s.markdown.append(
+        f"{heading} Run `{run.name}`\n\n"
+        f"Directory `{run.path}`; task {run.task}; ω {run.weight_decay}; seed {run.seed}; "
+        f"steps {summ.get('steps')}; grok step **{run.grok_step}**; final test accuracy "
+        f"{T.fmt(acc)}; wall {summ.get('wall_s')} s.\n"
+    )
+    sub = heading + "#"
+    s.markdown.append(f"{sub} Lifecycle of the edge\n")
+    s.figure(
+        "lifecycle",
+        F.lifecycle_figure(run, out / "lifecycle.png"),
+        "σ_j, gradient/WD share, alignment and rotation of v_1..v_4",
+        base,
+        "no gram_spectrum / edge_directions rows (callbacks without the edge)",
+    )
+    s.table(T.lifecycle_phase_table(run))
+    s.markdown.append(f"{sub} Ablation against random controls\n")
+    s.figure(
+        "ablation",
+        F.ablation_figure(run, out / "ablation.png"),
+        "ablation of the edge against random and norm-matched controls",
+        base,
+        "no ablation rows",
+    )
+    s.table(T.ablation_phase_table(run))
+    s.table(T.ablation_table(run.analyses))
+    s.markdown.append(f"{sub} ε-curves and curvature\n")
+    s.figure(
+        "eps_curves",
+        F.eps_figure(run, out / "eps_curves.png"),
+        "ε-curves",
+        base,
+        "no perturbation rows",
+    )
+    s.figure(
+        "curvature",
+        F.curvature_figure([run], out / "curvature.png"),
+        "curvature per direction",
+        base,
+        "no perturbation rows",
+    )
+    s.table(T.perturbation_table(run.analyses))
+    s.table(T.path_points_table(run.analyses))
+    s.markdown.append(f"{sub} Probes\n")
+    s.figure(
+        "probes", F.probes_figure(run, out / "probes.png"), "probes by step", base, "no probe rows"
+    )
+    s.table(T.probe_table(run.analyses))
+    s.markdown.append(f"{sub} Weight-decay removal\n")
+    s.figure(
+        "wd_removal",
+        F.wd_figure([run], out / "wd_removal.png"),
+        "weight-decay read-outs",
+        base,
+        "no wd/* metrics (the weight-decay removal was not triggered in this run)",
+    )
+    s.table(T.wd_removal_table(run))
+    s.markdown.append(f"{sub} Gap flow\n")
+    s.figure(
+        "gapflow",
+        F.gapflow_figure(run, out / "gapflow.png"),
+        "gap-flow terms",
+        base,
+        "no gap-flow terms in this run (no gapflow/* metrics: the GapFlowCallback was not "
+        "in its callbacks)",
+    )
+    s.table(T.gapflow_table(run))
+    s.table(T.run_class_table(run), missing="No class fields in summary.json.")
+    return s
+
+
+def _control_pair(collection: Collection) -> tuple[RunData, RunData] | None:
+    """A grokked run with ω > 0 and an ω = 0 run of the same task and seed, if any."""
+    for run in collection.ok:
+        if run.grok_step is None or not run.weight_decay:
+            continue
+        for other in collection.ok:
+            if other.weight_decay == 0 and other.task == run.task and other.seed == run.seed:
+                return run, other
+    return None
+
+
+def _phase_mean(run: RunData, analysis: str, phase: str, get: Any) -> float | None:
+    vals = [get(r) for r in run.rows(analysis) if r["phase"] == phase]
+    vals = [v for v in vals if isinstance(v, int | float) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
+    """The across-runs part of a sweep's report."""
+    s = Section()
+    groups = collection.groups()
+    s.markdown.append("## Across runs\n")
+    s.table(T.seeds_table(collection))
+    s.figure(
+        "sweep_lifecycle",
+        F.sweep_lifecycle_figure(groups, out / "sweep_lifecycle.png"),
+        "v1 gradient share and test accuracy across seeds",
+        base,
+        "no edge rows or test accuracy",
+    )
+    s.figure(
+        "sweep_ablation",
+        F.sweep_bars_figure(
+            groups,
+            out / "sweep_ablation.png",
+            "Edge ablation by phase, mean ± sd over seeds",
+            "Δ token accuracy (edge removed)",
+            lambda r, p: _phase_mean(r, "ablation", p, lambda x: x["edge"]["dacc"]),
+        ),
+        "edge ablation by phase across seeds",
+        base,
+        "no ablation rows",
+    )
+    s.figure(
+        "sweep_probes",
+        F.sweep_bars_figure(
+            groups,
+            out / "sweep_probes.png",
+            "Linear probe R² by phase, mean ± sd over seeds",
+            "linear probe R²",
+            lambda r, p: _phase_mean(
+                r, "probe", p, lambda x: x["scores"][x["primary"]].get("linear", {}).get("mean")
+            ),
+        ),
+        "linear probe by phase across seeds",
+        base,
+        "no probe rows",
+    )
+    pair = _control_pair(collection)
+    s.figure(
+        "sweep_curvature",
+        None
+        if pair is None
+        else F.curvature_figure(
+            list(pair),
+            out / "sweep_curvature.png",
+            [f"{r.name} (ω={r.weight_decay:g})" for r in pair],
+        ),
+        "curvature, grokked against ω = 0",
+        base,
+        "no grokked run with an ω = 0 run of the same task and seed (both with perturbation rows)",
+    )
+    wd_runs = [r for r in collection.ok if r.metric_keys("wd")]
+    s.figure(
+        "sweep_wd",
+        F.wd_figure(
+            wd_runs, out / "sweep_wd.png", [f"ω={r.weight_decay}, {r.name}" for r in wd_runs]
+        ),
+        "weight-decay read-outs per ω",
+        base,
+        "no run with wd/* read-outs",
+    )
+    s.table(T.wd_table(collection), missing="No run logged wd/* read-outs: no Table 1.")
+    s.table(T.class_table(collection))
+    s.figure(
+        "sweep_gapflow_balance",
+        F.sweep_bars_figure(
+            groups,
+            out / "sweep_gapflow_balance.png",
+            "Gap-flow balance Term 3 / |Term 2| by phase, mean ± sd over seeds",
+            "Term 3 / |Term 2|",
+            lambda r, p: _phase_mean(r, "gap_flow", p, lambda x: x.get("balance")),
+        ),
+        "gap-flow balance across seeds",
+        base,
+        "no gap_flow rows with a balance in any run",
+    )
+    return s
+
+
+def _wandb_summary(run: RunData) -> dict[str, Any]:
+    """Summary values for the report run: grok step and the class fields."""
+    out: dict[str, Any] = {"grok/step": run.grok_step}
+    for key, value in T.class_fields(run.summary).items():
+        out[key if "/" in key else key.replace("class_", "class/", 1)] = value
+    return out
+
+
+def _log_run_to_wandb(run: RunData, section: Section) -> str:
+    offline = training_runs(run.path)
+    if not offline:
+        return ""
+    info = offline[-1]
+    where = log_report(
+        run.path,
+        project=info.project,
+        group=info.group,
+        name=f"report:{info.name or run.name}",
+        figures=section.figures,
+        tables=section.tables,
+        summary=_wandb_summary(run),
+        config={"report_of": info.run_id},
+    )
+    return (
+        f"- `{run.name}`: W&B run `{where}` (group `{info.group}`), of training run `{info.run_id}`"
+    )
+
+
+def build_report(root: str | Path, use_wandb: bool = True) -> Path:
+    """Write ``root/report/report.md`` and its figures; returns the report's path."""
+    collection = discover(root)
+    root = collection.root
+    out = root / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# grokedge report: `{root}`\n"]
+    kind = "sweep" if collection.is_sweep else "run"
+    md.append(
+        f"A {kind} of {len(collection.runs)} job(s): {len(collection.ok)} finished, "
+        f"{len(collection.failed)} failed. Phases (pre/at/post/late) are relative to each "
+        "run's own grok step; figures mark it with a dashed line.\n"
+    )
+    failed = T.failed_table(collection)
+    if failed is not None:
+        md.append(failed.markdown() + "\n")
+    wandb_lines: list[str] = []
+    if collection.is_sweep:
+        across = sweep_section(collection, out, out)
+        md += across.markdown
+        for run in collection.ok:
+            section = run_section(run, out / "runs" / run.name, out)
+            md += section.markdown
+            if use_wandb:
+                wandb_lines.append(_log_run_to_wandb(run, section))
+        if use_wandb and collection.ok:
+            offline = [o for r in collection.ok for o in training_runs(r.path)]
+            if offline:
+                where = log_report(
+                    out,
+                    project=offline[0].project,
+                    group=offline[0].group.split("/")[0],
+                    name=f"report:{root.name}",
+                    figures=across.figures,
+                    tables=across.tables,
+                    summary={},
+                )
+                wandb_lines.append(f"- the sweep: W&B run `{where}`")
+    elif collection.ok:
+        section = run_section(collection.ok[0], out, out)
+        md += section.markdown
+        if use_wandb:
+            wandb_lines.append(_log_run_to_wandb(collection.ok[0], section))
+    wandb_lines = [line for line in wandb_lines if line]
+    if wandb_lines:
+        md.append(
+            "## W&B\n\nThe figures and tables were logged as separate report runs "
+            "(job type `report`) in each training run's group; `wandb sync` them:\n"
+        )
+        md.append("\n".join(wandb_lines) + "\n")
+    path = out / REPORT_MD
+    path.write_text("\n".join(md), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="a run directory or a sweep (multirun) directory")
+    parser.add_argument(
+        "--no-wandb", action="store_true", help="write files only, log nothing to W&B"
+    )
+    args = parser.parse_args(argv)
+    try:
+        path = build_report(args.dir, use_wandb=not args.no_wandb)
+    except FileNotFoundError as e:
+        print(f"grokedge.report: {e}", file=sys.stderr)
+        return 2
+    print(f"grokedge.report: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

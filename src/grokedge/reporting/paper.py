@@ -1,0 +1,27 @@
+"""The paper's numbers, from ``conf/report/paper.yaml`` (one declarative table).
+
+Every table of the report that compares with the paper reads its values from here, with
+the PAPER.md section each block cites (``source``).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+@cache
+def paper_values() -> dict[str, Any]:
+    """The parsed ``paper.yaml`` shipped with the package's configs."""
+    text = resources.files("grokedge.conf").joinpath("report", "paper.yaml").read_text("utf-8")
+    return yaml.safe_load(text)
+
+
+def mean_sd(entry: Any) -> str:
+    """A paper value as text: ``-0.58 ± 0.09`` for {mean, sd}, else the value itself."""
+    if isinstance(entry, dict) and "mean" in entry:
+        return f"{entry['mean']} ± {entry['sd']}" if "sd" in entry else str(entry["mean"])
+    return "–" if entry is None else str(entry)
