@@ -8,6 +8,7 @@ here: Hydra rejects them while composing, listing the available options.
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -53,3 +54,17 @@ def check_config(cfg: DictConfig) -> None:
     )
     _require(cfg, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     _require(cfg, "seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    for key in ("resume", "init_from"):
+        _require_file(cfg, key)
+
+
+def _require_file(cfg: DictConfig, key: str) -> None:
+    """``key`` is null or the path of an existing file (a checkpoint)."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+    if value is None:
+        return
+    allowed = "null or the path of a checkpoint, e.g. <run_dir>/checkpoints/last.ckpt"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    if not Path(value).is_file():
+        raise ConfigError(f"{key}={value!r} is not allowed: no such file; {allowed}")

@@ -1,23 +1,46 @@
 """The plain files every run directory keeps, whatever W&B does.
 
 - ``metrics.jsonl``: the full history, one ``{"step": s, "<metric>": value, ...}`` a line;
-- ``summary.json``: ``grok_step``, ``steps``, ``wall_s``, ``n_params`` and the last value
-  of every logged scalar under its metric name.
+- ``summary.json``: ``status`` (``"ok"`` or ``"failed"``, then with ``error``:
+  ``"<ExceptionType>: <message>"``), ``grok_step``, ``steps``, ``wall_s``, ``n_params`` and
+  the last value of every logged scalar under its metric name.
+
+Also the guards around a run's files and its health: :class:`OutputDirCheck` and
+:class:`SweepStatus` (Hydra callbacks: an unwritable output directory fails before Hydra
+writes anything; a sweep with a failed job exits non-zero after the last job) and
+:class:`NonFiniteLossGuard` (a Lightning callback: a NaN/inf training loss stops the run
+with a message naming the step, or is warned about).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import tempfile
+import time
+import warnings
 from argparse import Namespace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+
+STATUS_OK, STATUS_FAILED = "ok", "failed"
+"""``summary.json``'s ``status``: the run finished / it raised (``error`` says what)."""
+
+CONFIG_ERROR_EXIT = 2
+"""Exit status of a run refused before it starts (as ``grokedge.train`` for ConfigErrors)."""
 
 
 def _scalar(value: Any) -> float:
@@ -92,3 +115,190 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / SUMMARY_FILE
     path.write_text(json.dumps({k: clean(v) for k, v in summary.items()}, indent=2) + "\n")
     return path
+
+
+def error_text(exc: BaseException) -> str:
+    """``"<ExceptionType>: <message>"``, the ``error`` field of a failed ``summary.json``."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``summary.json``."""
+    return json.loads((Path(run_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------- output directories
+
+
+def unwritable_reason(path: str | Path) -> str | None:
+    """Why a run could not create and write ``path`` (``None``: it can).
+
+    Walks up to the nearest existing ancestor (Hydra creates the rest) and tries to create
+    a temporary file there: permission bits alone say nothing to root or on a read-only
+    mount. Creates and removes nothing else.
+    """
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot write in {existing}: {e.strerror or e}"
+    return None
+
+
+def _refuse_dir(key: str, value: str, reason: str) -> None:
+    print(
+        f"grokedge: configuration error: {key}={value!r} is not allowed: {reason}; "
+        f"allowed: a directory that can be created and written ({key}=DIR)",
+        file=sys.stderr,
+    )
+    sys.exit(CONFIG_ERROR_EXIT)
+
+
+class OutputDirCheck(HydraCallback):
+    """Hydra callback: refuse an output directory that cannot be written, before Hydra
+    creates it or writes ``.hydra/`` (exit status 2, one message naming the key)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        value = str(OmegaConf.select(config, "hydra.run.dir"))
+        reason = unwritable_reason(value)
+        if reason is not None:
+            _refuse_dir("hydra.run.dir", value, reason)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        value = str(OmegaConf.select(config, "hydra.sweep.dir"))
+        reason = unwritable_reason(value)
+        if reason is not None:
+            _refuse_dir("hydra.sweep.dir", value, reason)
+
+
+class SweepStatus(HydraCallback):
+    """Hydra callback: after the last job of a sweep, list the jobs whose ``summary.json``
+    says ``"status": "failed"`` and exit with status 1 if there are any.
+
+    ``train.main`` catches a sweep job's exception (the other jobs go on) and records it in
+    the job's ``summary.json``; this callback turns the failures back into the sweep's
+    exit status. It reads the files, so it works for every launcher (the in-process basic
+    one, joblib's worker processes, SLURM). Summaries older than the sweep are ignored (a
+    reused sweep directory).
+    """
+
+    def __init__(self) -> None:
+        self._started: float | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        failed: list[tuple[Path, str]] = []
+        for path in sorted(sweep_dir.rglob(SUMMARY_FILE)):
+            if self._started is not None and path.stat().st_mtime < self._started - 1:
+                continue
+            try:
+                summary = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if summary.get("status") == STATUS_FAILED:
+                failed.append((path.parent, str(summary.get("error"))))
+        if failed:
+            lines = "\n".join(f"  {d}: {err}" for d, err in failed)
+            print(f"grokedge: {len(failed)} sweep job(s) failed:\n{lines}", file=sys.stderr)
+            sys.exit(1)
+
+
+# ------------------------------------------------------------------ non-finite loss
+
+
+NONFINITE_ACTIONS = ("stop", "warn")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf (``nonfinite.action=stop``)."""
+
+
+class NonFiniteLossGuard(Callback):
+    """Watch the training loss for NaN/inf; stop the run with a clear error, or warn.
+
+    A non-finite loss gives non-finite gradients, so the optimizer step writes NaN/inf into
+    the weights and every later loss is non-finite too. GramCallback skips (and counts) the
+    non-finite deltas either way, so its window is never corrupted; this guard decides
+    whether the run goes on.
+
+    Args:
+        action: ``stop``: raise :class:`NonFiniteLossError` naming the first bad step
+            (the run ends, ``summary.json`` says ``"status": "failed"``); ``warn``: warn
+            once and train on.
+        check_every: optimizer steps between host reads of the (device-side) flag. The
+            first bad step is recorded exactly whatever this is; a larger value saves a
+            host synchronisation per step on an accelerator, at the cost of stopping up to
+            ``check_every − 1`` steps late.
+        config_key: config key named in messages.
+
+    Attributes:
+        first_bad_step: the optimizer step whose loss was first non-finite (``None``: none).
+    """
+
+    def __init__(self, action: str = "stop", check_every: int = 1, config_key: str = "nonfinite"):
+        super().__init__()
+        if action not in NONFINITE_ACTIONS:
+            raise ValueError(
+                f"{config_key}.action={action!r} is not allowed: one of "
+                f"{', '.join(NONFINITE_ACTIONS)}"
+            )
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(
+                f"{config_key}.check_every={check_every!r} is not allowed: an integer >= 1"
+            )
+        self.action = action
+        self.check_every = check_every
+        self.config_key = config_key
+        self.first_bad_step: int | None = None
+        self._first: torch.Tensor | None = None  # 0-d int64 on the loss's device; -1: none
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor) or self.first_bad_step is not None:
+            return
+        step = trainer.global_step  # the step that used this loss's gradient
+        bad = ~torch.isfinite(loss.detach()).all()
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        # Device-side: record the first bad step without a host synchronisation.
+        self._first = torch.where(bad & (self._first < 0), step, self._first)
+        if step % self.check_every and not trainer.should_stop:
+            return
+        first = int(self._first)
+        if first < 0:
+            return
+        self.first_bad_step = first
+        message = (
+            f"non-finite training loss at step {first}: its update wrote NaN/inf into the "
+            "weights (GramCallback skips non-finite deltas; its window keeps the earlier ones)"
+        )
+        if self.action == "stop":
+            raise NonFiniteLossError(
+                f"{message}. Stopped ({self.config_key}.action=stop; "
+                f"{self.config_key}.action=warn trains on)"
+            )
+        warnings.warn(f"{message}; training goes on ({self.config_key}.action=warn)", stacklevel=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_bad_step": self.first_bad_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.first_bad_step = state_dict.get("first_bad_step")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,17 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from grokedge.callbacks.init_from import InitFromCheckpoint
 from grokedge.config_checks import ConfigError, check_config
 from grokedge.module import GrokModule
-from grokedge.run_files import MetricHistoryLogger, write_summary
+from grokedge.run_files import (
+    CONFIG_ERROR_EXIT,
+    STATUS_FAILED,
+    STATUS_OK,
+    MetricHistoryLogger,
+    error_text,
+    write_summary,
+)
 from grokedge.tasks.base import GrokDataModule
 from grokedge.wandb_setup import WandbDashboardCallback, wandb_init_kwargs
 
@@ -46,6 +55,55 @@ class Run:
     module: GrokModule
     trainer: L.Trainer
     history: MetricHistoryLogger
+
+
+class RunIdentity(L.Callback):
+    """Stamps each checkpoint with the run's task and model (``checkpoint["grokedge"]``),
+    so that ``resume=`` with another task's checkpoint is refused by name."""
+
+    def __init__(self, task: str, model: str) -> None:
+        self.identity = {"task": task, "model": model}
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["grokedge"] = dict(self.identity)
+
+
+def check_resume(cfg: DictConfig, module: GrokModule) -> None:
+    """Refuse a ``resume=`` checkpoint that cannot continue this run, before training.
+
+    Reads the file (memory-mapped: no copy of a large checkpoint) and checks that it is a
+    Lightning checkpoint of the same task whose weights have this model's names and shapes.
+    """
+    path = cfg.get("resume")
+    if path is None:
+        return
+    allowed = "allowed: a checkpoint of a run of the same task and model"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a zip, truncated, pickled objects: all the same to a user
+        raise ConfigError(
+            f"resume={str(path)!r} is not allowed: it cannot be read as a checkpoint "
+            f"({error_text(e)}); {allowed}"
+        ) from e
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ConfigError(f"resume={str(path)!r} is not allowed: no state_dict in it; {allowed}")
+    task = (blob.get("grokedge") or {}).get("task")
+    if task is not None and task != cfg.task.name:
+        raise ConfigError(
+            f"resume={str(path)!r} is not allowed: it is a checkpoint of task={task}, this "
+            f"run is task={cfg.task.name}; {allowed}"
+        )
+    theirs, own = blob["state_dict"], module.state_dict()
+    missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+    shapes = sorted(k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape)
+    if missing or unexpected or shapes:
+        raise ConfigError(
+            f"resume={str(path)!r} is not allowed: its weights do not fit the model of "
+            f"task={cfg.task.name} (missing {missing[:3]}, unexpected {unexpected[:3]}, shape "
+            f"mismatch {shapes[:3]}); {allowed}"
+        )
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -99,7 +157,16 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         eval_cadence=OmegaConf.to_container(cfg.task.eval_cadence),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
     )
+    check_resume(cfg, module)
     callbacks = [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    init_from = cfg.get("init_from")
+    if init_from is not None and "init_from" not in (cfg.get("callbacks") or {}):
+        # init_from=<ckpt> works with any callbacks set (experiment=wd_intervention also
+        # names the callback in its set, with its knobs).
+        try:
+            callbacks.insert(0, InitFromCheckpoint(init_from))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     for callback in callbacks:
         # Checks that need the built model (a selector matching nothing, a weight decay
         # that cannot be split exactly) must fail here, before any training.
@@ -108,7 +175,12 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
                 callback.check_module(module)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-    callbacks += [_instantiate(cfg.checkpoint), _instantiate(cfg.progress_bar)]
+    callbacks += [
+        _instantiate(cfg.nonfinite),
+        RunIdentity(cfg.task.name, str(cfg.model.get("_target_"))),
+        _instantiate(cfg.checkpoint),
+        _instantiate(cfg.progress_bar),
+    ]
     callbacks.append(WandbDashboardCallback())  # define_metric + summary (no-op without W&B)
     loggers = _loggers(cfg, run_dir)
     trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -116,43 +188,56 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
 
 
 def fit(run: Run) -> dict[str, Any]:
-    """Train, then write ``summary.json``; returns the summary."""
+    """Train, then write ``summary.json`` (``"status": "ok"``); returns the summary.
+
+    If training raises, ``summary.json`` is written with ``"status": "failed"`` and
+    ``"error": "<ExceptionType>: <message>"`` (and what was logged until then), the W&B run
+    is finished as failed, and the exception propagates.
+    """
     n_params = run.module.n_params
     print(f"grokedge: {run.cfg.task.name} model with {n_params:,} parameters -> {run.run_dir}")
-    for logger in run.trainer.loggers:
-        logger.log_hyperparams(
-            {"config": OmegaConf.to_container(run.cfg, resolve=True), "n_params": n_params}
-        )
     start = time.perf_counter()
+    error: BaseException | None = None
     try:
+        for logger in run.trainer.loggers:
+            logger.log_hyperparams(
+                {"config": OmegaConf.to_container(run.cfg, resolve=True), "n_params": n_params}
+            )
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.cfg.resume)
+    except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary says so
+        error = e
+        raise
     finally:
         wall_s = time.perf_counter() - start
-        _finish_wandb()
-    summary = {
-        "task": run.cfg.task.name,
-        "grok_step": run.module.grok_step,
-        "steps": run.trainer.global_step,
-        "wall_s": round(wall_s, 3),
-        "n_params": n_params,
-        "torch_threads": torch.get_num_threads(),
-        **run.history.last,
-    }
-    for callback in run.trainer.callbacks:  # analyses may add fields (e.g. the run's class)
-        fields = getattr(callback, "summary_fields", None)
-        if callable(fields):
-            summary.update(fields())
-    write_summary(run.run_dir, summary)
+        _finish_wandb(exit_code=0 if error is None else 1)
+        summary = {
+            "task": run.cfg.task.name,
+            "status": STATUS_OK if error is None else STATUS_FAILED,
+            **({} if error is None else {"error": error_text(error)}),
+            "grok_step": run.module.grok_step,
+            "steps": run.trainer.global_step,
+            "wall_s": round(wall_s, 3),
+            "n_params": n_params,
+            "torch_threads": torch.get_num_threads(),
+            **run.history.last,
+        }
+        for callback in run.trainer.callbacks:  # analyses may add fields (e.g. the run's class)
+            fields = getattr(callback, "summary_fields", None)
+            if callable(fields) and error is None:
+                summary.update(fields())
+        if run.trainer.is_global_zero:  # DDP: every rank runs fit; rank 0 owns the files
+            write_summary(run.run_dir, summary)
     return summary
 
 
-def _finish_wandb() -> None:
-    # Sequential multirun jobs would share one W&B run without this.
+def _finish_wandb(exit_code: int = 0) -> None:
+    # Sequential multirun jobs would share one W&B run without this; a non-zero exit code
+    # marks the W&B run as failed.
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def discard_run_dir(run_dir: Path) -> None:
@@ -191,18 +276,50 @@ def compose(overrides: list[str], run_dir: str | Path) -> DictConfig:
     return cfg
 
 
+def _failed_job_summary(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
+    """``summary.json`` of a sweep job refused before training (nothing else is written)."""
+    write_summary(
+        run_dir,
+        {
+            "task": OmegaConf.select(cfg, "task.name", default=None),
+            "status": STATUS_FAILED,
+            "error": error_text(exc),
+            "grok_step": None,
+            "steps": 0,
+        },
+    )
+
+
 @hydra.main(version_base="1.3", config_path="pkg://grokedge.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """One run, or one job of a sweep (``-m``).
+
+    A single run refused by a :class:`ConfigError` exits with status 2 and leaves no run
+    directory; one that fails while training writes a failed ``summary.json`` and
+    re-raises (exit status 1). A sweep job's exception is recorded in the job's
+    ``summary.json`` (``"status": "failed"``, ``"error"``) and the sweep goes on; the
+    sweep exits with status 1 after its last job (``run_files.SweepStatus``).
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run = build(cfg, run_dir)
     except ConfigError as e:
-        discard_run_dir(run_dir)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records this job as failed and goes on
         print(f"grokedge: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
-    summary = fit(run)
+        if multirun:
+            _failed_job_summary(cfg, run_dir, e)
+            return None
+        discard_run_dir(run_dir)
+        sys.exit(CONFIG_ERROR_EXIT)
+    try:
+        summary = fit(run)
+    except Exception as e:
+        if not multirun:
+            raise
+        # fit wrote the failed summary and finished W&B; the next job goes on.
+        traceback.print_exc()
+        print(f"grokedge: sweep job {run_dir} failed: {error_text(e)}", file=sys.stderr)
+        return None
     value = summary.get(cfg.task.grok.metric)
     return None if value is None else float(value)
 
