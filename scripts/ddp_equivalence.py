@@ -1,0 +1,339 @@
+"""A 2-process DDP run (gloo, CPU) against a 1-process run with the same global batch.
+
+    python scripts/ddp_equivalence.py                 # both runs, then the comparison
+    python scripts/ddp_equivalence.py --steps 120 --keep outputs/ddp_eq
+
+Runs Dyck with ``callbacks=full`` twice — ``trainer=cpu`` and ``trainer=ddp`` with two
+CPU processes — and compares what they log: the singular values ``gram/sigma_j``, the
+gradient shares ``edge/grad_frac_v{k}`` and the ablation results (``analyses.jsonl``).
+It prints the largest absolute and relative differences and exits 1 if one exceeds its
+tolerance (``TOLERANCES``), 0 otherwise; the last line is ``RESULT {json}``.
+
+Same global batch: Lightning's DDP launcher gives every rank the datamodule's whole
+stream, so the DDP run splits each training batch between the ranks (``split_batch``):
+rank r keeps the rows whose labelled tokens fall in the r-th equal share of the batch's
+token weight (a row on a boundary is shared with fractional weights). Each rank's loss
+is then its token-weighted sum divided by half the batch's token weight, and the mean
+that DDP takes of the two gradients is exactly the 1-process gradient up to float
+rounding. Evaluation sets are not split (``use_distributed_sampler: false`` in
+``conf/trainer/ddp.yaml``): both ranks evaluate all of them.
+
+Lightning's DDP launcher re-runs the command line of the process that calls ``fit``: here
+``--role run`` of this script (never pytest). Hydra's global config is cleared after the
+run is built so that the launcher re-runs this script as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+TOLERANCES = {
+    # σ_j relative: the two runs differ by the float rounding of a gradient averaged over
+    # ranks, amplified over the AdamW trajectory (measured ~1e-6 at 120 steps).
+    "sigma_rel": 1e-3,
+    # energy shares and ablation/perturbation losses, absolute.
+    "grad_frac_abs": 1e-3,
+    "ablation_loss_abs": 1e-3,
+    "ablation_displacement_rel": 1e-3,
+    # accuracies move in steps of one token of the ~1,000-token subsets: allow one or two
+    # tokens flipping at a decision boundary.
+    "ablation_acc_abs": 5e-3,
+}
+
+
+def overrides(steps: int, world: int) -> list[str]:
+    """The run's Hydra overrides: callbacks=full at a cadence that fits ``steps``."""
+    interval = max(steps // 6, 2)
+    trainer = (
+        ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={world}"]
+        if world > 1
+        else ["trainer=cpu"]
+    )
+    return [
+        "task=dyck",
+        "callbacks=full",
+        "logger=none",
+        *trainer,
+        f"trainer.max_steps={steps}",
+        f"task.gram_interval={interval}",
+        f"task.eval_every={2 * interval}",
+        "task.datamodule.ood_sequences=0",
+        f"checkpoint.every_n_train_steps={3 * interval}",  # a save mid-run (collective)
+        f"callbacks.ablation.every={steps}",
+        "callbacks.ablation.n_random=4",
+        "callbacks.ablation.n_sequences=100",
+        f"callbacks.perturbation.every={steps}",
+        "callbacks.perturbation.grid_points=5",
+        "callbacks.perturbation.n_directions=2",
+        "callbacks.perturbation.n_sequences=50",
+        "callbacks.probe.kinds=[linear]",
+        "callbacks.probe.n_sequences=100",
+        "torch_threads=1",
+        "progress_bar.refresh_rate=0",
+    ]
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def split_batch(batch: dict[str, Any], rank: int, world: int, num_classes: int) -> dict:
+    """Rank ``rank``'s share of a training batch, by equal shares of its token weight.
+
+    With t_i = weight_i · (labelled tokens of row i within the head's classes) and T = Σ t,
+    rank r keeps the part of each row inside [r·T/world, (r+1)·T/world) of the cumulative
+    token weight, with its weight scaled by that fraction. Every rank's batch then holds
+    T/world token weight, and the union of the ranks' batches (weights added) is the
+    batch: DDP's mean of the per-rank mean-loss gradients is the whole batch's gradient.
+    """
+    labels = batch["labels"]
+    weight = batch["weight"].to(torch.float64)
+    tokens = ((labels != IGNORE_INDEX) & (labels < num_classes)).sum(1).to(torch.float64)
+    t = weight * tokens
+    cum = torch.cumsum(t, 0)
+    begin = cum - t
+    total = float(cum[-1])
+    lo, hi = total * rank / world, total * (rank + 1) / world
+    overlap = (torch.minimum(cum, torch.tensor(hi)) - torch.maximum(begin, torch.tensor(lo))).clamp(
+        min=0.0
+    )
+    keep = overlap > 0
+    frac = torch.where(t > 0, overlap / torch.where(t > 0, t, 1.0), 0.0)
+    out = {k: v[keep] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out["weight"] = (weight * frac)[keep].to(batch["weight"].dtype)
+    return out
+
+
+def install_split(datamodule: Any) -> None:
+    """Make ``datamodule.sample_train_batch`` return this rank's share (see ``split_batch``)."""
+    original = datamodule.sample_train_batch
+    num_classes = int(datamodule.model_dims()["num_classes"])
+
+    def sample(index: int) -> dict:
+        trainer = datamodule.trainer
+        batch = original(index)
+        if trainer is None or trainer.world_size == 1:
+            return batch
+        return split_batch(batch, trainer.global_rank, trainer.world_size, num_classes)
+
+    datamodule.sample_train_batch = sample  # the endless loader calls the instance's
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run(out: Path, steps: int, world: int) -> None:
+    """Build and fit one run into ``out`` (both DDP ranks execute this)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from grokedge.train import build, compose, fit
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    cfg = compose(overrides(steps, world), out)
+    built = build(cfg, out)
+    install_split(built.datamodule)
+    # Lightning re-runs `sys.argv` for the other ranks; with Hydra's config set it would
+    # rewrite the command for a Hydra app (this script is not one). The config's
+    # ${hydra:...} interpolations are resolved first, while Hydra's config is still there.
+    OmegaConf.resolve(built.cfg)
+    HydraConfig.instance().cfg = None
+    fit(built)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    by_step: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step.setdefault(int(row.pop("step")), {}).update(row)
+    return by_step
+
+
+def _analyses(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    rows = [json.loads(x) for x in (run_dir / "analyses.jsonl").read_text().splitlines() if x]
+    return [r for r in rows if r["analysis"] == name]
+
+
+class Diffs:
+    """Largest |a − b| and |a − b| / max(|a|, |b|) per group of compared numbers."""
+
+    def __init__(self) -> None:
+        self.abs: dict[str, float] = {}
+        self.rel: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+        self.missing: list[str] = []
+
+    def add(self, group: str, a: Any, b: Any, what: str) -> None:
+        if a is None or b is None:  # NaN is written as null
+            if (a is None) != (b is None):
+                self.missing.append(f"{what}: {a} vs {b}")
+            return
+        a, b = float(a), float(b)
+        d = abs(a - b)
+        scale = max(abs(a), abs(b))
+        self.abs[group] = max(self.abs.get(group, 0.0), d)
+        self.rel[group] = max(self.rel.get(group, 0.0), d / scale if scale > 0 else 0.0)
+        self.count[group] = self.count.get(group, 0) + 1
+
+
+def compare(one: Path, two: Path) -> tuple[Diffs, dict[str, Any]]:
+    diffs = Diffs()
+    m1, m2 = _metrics(one), _metrics(two)
+    for step in sorted(set(m1) | set(m2)):
+        a, b = m1.get(step, {}), m2.get(step, {})
+        for key in sorted(set(a) | set(b)):
+            if key.startswith("gram/sigma_"):
+                group = "sigma"
+            elif key.startswith("edge/grad_frac_v"):
+                group = "grad_frac"
+            else:
+                continue
+            if key not in a or key not in b:
+                diffs.missing.append(f"step {step} {key}: only in one run")
+                continue
+            diffs.add(group, a[key], b[key], f"step {step} {key}")
+    abl1, abl2 = _analyses(one, "ablation"), _analyses(two, "ablation")
+    if len(abl1) != len(abl2) or not abl1:
+        diffs.missing.append(f"ablation rows: {len(abl1)} vs {len(abl2)}")
+    for r1, r2 in zip(abl1, abl2, strict=False):
+        where = f"ablation step {r1['step']}"
+        if r1["step"] != r2["step"]:
+            diffs.missing.append(f"{where}: steps {r1['step']} vs {r2['step']}")
+        diffs.add("ablation_loss", r1["base_loss"], r2["base_loss"], where)
+        diffs.add("ablation_acc", r1["base_acc"], r2["base_acc"], where)
+        diffs.add("ablation_displacement", r1["displacement"], r2["displacement"], where)
+        for name in ("edge", "v1", "bulk"):
+            diffs.add("ablation_loss", r1[name]["dloss"], r2[name]["dloss"], f"{where} {name}")
+            diffs.add("ablation_acc", r1[name]["dacc"], r2[name]["dacc"], f"{where} {name}")
+        for name in ("random_dloss", "matched_dloss"):
+            for x, y in zip(r1[name], r2[name], strict=True):
+                diffs.add("ablation_loss", x, y, f"{where} {name}")
+        for name in ("random_dacc", "matched_dacc"):
+            for x, y in zip(r1[name], r2[name], strict=True):
+                diffs.add("ablation_acc", x, y, f"{where} {name}")
+    info = {
+        "predicted_bytes": [
+            _last(m1, "gram/predicted_bytes"),
+            _last(m2, "gram/predicted_bytes"),
+        ],
+        "ablation_rows": [len(abl1), len(abl2)],
+        "perturbation_rows": [
+            len(_analyses(one, "perturbation")),
+            len(_analyses(two, "perturbation")),
+        ],
+    }
+    return diffs, info
+
+
+def _last(metrics: dict[int, dict[str, float]], key: str) -> float | None:
+    values = [row[key] for _, row in sorted(metrics.items()) if key in row]
+    return values[-1] if values else None
+
+
+def verdict(diffs: Diffs) -> list[str]:
+    """The tolerances exceeded (empty: the runs agree)."""
+    limits = [
+        ("sigma", "rel", TOLERANCES["sigma_rel"]),
+        ("grad_frac", "abs", TOLERANCES["grad_frac_abs"]),
+        ("ablation_loss", "abs", TOLERANCES["ablation_loss_abs"]),
+        ("ablation_displacement", "rel", TOLERANCES["ablation_displacement_rel"]),
+        ("ablation_acc", "abs", TOLERANCES["ablation_acc_abs"]),
+    ]
+    failures = []
+    for group, kind, limit in limits:
+        if diffs.count.get(group, 0) == 0:
+            failures.append(f"{group}: nothing compared")
+            continue
+        value = (diffs.rel if kind == "rel" else diffs.abs)[group]
+        if not value <= limit:
+            failures.append(f"{group}: max {kind} difference {value:.3g} > {limit:g}")
+    failures += diffs.missing
+    return failures
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def drive(steps: int, keep: Path | None) -> int:
+    root = keep if keep is not None else Path(tempfile.mkdtemp(prefix="ddp_eq_"))
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    dirs = {}
+    try:
+        for world in (1, 2):
+            out = root / f"world{world}"
+            if out.exists():
+                shutil.rmtree(out)
+            cmd = [sys.executable, __file__, "--role", "run", "--world", str(world)]
+            cmd += ["--steps", str(steps), "--out", str(out)]
+            print(f"ddp_equivalence: {' '.join(cmd)}", flush=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            sys.stdout.write(
+                "".join(f"  [{world}] {line}\n" for line in proc.stdout.splitlines()[-8:])
+            )
+            if proc.returncode != 0:
+                sys.stdout.write(proc.stderr[-4000:])
+                print(f"RESULT {json.dumps({'ok': False, 'error': f'world {world} failed'})}")
+                return 2
+            dirs[world] = out
+        diffs, info = compare(dirs[1], dirs[2])
+        failures = verdict(diffs)
+        print(f"{'group':<24}{'n':>6}{'max abs':>12}{'max rel':>12}")
+        for group in sorted(diffs.count):
+            print(
+                f"{group:<24}{diffs.count[group]:>6}{diffs.abs[group]:>12.3g}"
+                f"{diffs.rel[group]:>12.3g}"
+            )
+        print(f"predicted buffer bytes (1 process, per DDP rank): {info['predicted_bytes']}")
+        for failure in failures:
+            print(f"FAIL {failure}")
+        result = {
+            "ok": not failures,
+            "steps": steps,
+            "counts": diffs.count,
+            "max_abs": diffs.abs,
+            "max_rel": diffs.rel,
+            "tolerances": TOLERANCES,
+            "failures": failures,
+            **info,
+        }
+        print(f"RESULT {json.dumps(result)}")
+        return 0 if not failures else 1
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=("driver", "run"), default="driver")
+    parser.add_argument("--world", type=int, default=1, help="processes (--role run)")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps of each run")
+    parser.add_argument("--out", type=Path, help="run directory (--role run)")
+    parser.add_argument("--keep", type=Path, help="keep both runs under this directory")
+    args = parser.parse_args(argv)
+    if args.role == "run":
+        if args.out is None:
+            parser.error("--role run needs --out")
+        run(args.out, args.steps, args.world)
+        return 0
+    return drive(args.steps, args.keep)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
