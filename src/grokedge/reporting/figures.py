@@ -254,6 +254,7 @@ def curvature_figure(
     labels = list(labels or [r.name for r in runs])
     fig, ax = plt.subplots(figsize=(9, 4.5))
     styles = ["o-", "s--", "^:", "d-."]
+    values: list[float] = []
     for i, run in enumerate(runs):
         rows = run.rows("perturbation")
         for k in (1, 2, 3, 4):
@@ -265,11 +266,17 @@ def curvature_figure(
             ]
             if pts:
                 xs, ys = zip(*pts, strict=True)
+                values += ys
                 ax.plot(xs, ys, styles[i % 4], color=K_COLOURS[k], label=f"v{k}, {labels[i]}")
         mark_grok(ax, run.grok_step, label=i == 0)
-    ax.set_yscale("symlog", linthresh=1e-3)
+    # Log scale while every curvature is positive; symlog only when a direction is concave.
+    scale = "log" if values and min(values) > 0 else "symlog"
+    if scale == "log":
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel(STEP_LABEL)
-    ax.set_ylabel("v_kᵀ H v_k, test loss\n(nats / parameter unit², symlog)")
+    ax.set_ylabel(f"v_kᵀ H v_k, test loss\n(nats / parameter unit², {scale})")
     ax.set_title("Curvature along the edge directions (exact HVP)")
     ax.legend(ncol=2 if len(runs) > 1 else 1, loc="upper right")
     ax.grid(alpha=0.3)

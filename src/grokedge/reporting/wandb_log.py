@@ -78,10 +78,13 @@ def log_report(
     )
     try:
         payload: dict[str, Any] = {
-            f"report/{key}": wandb.Image(str(path), caption=key) for key, path in figures.items()
+            f"report/figure/{key}": wandb.Image(str(path), caption=key)
+            for key, path in figures.items()
         }
         for table in tables:
-            payload[f"report/{table.key}"] = wandb.Table(columns=table.columns, data=table.rows)
+            payload[f"report/table/{table.key}"] = wandb.Table(
+                columns=table.columns, data=table.rows
+            )
         run.log(payload)
         run.summary.update({k: v for k, v in summary.items()})
     finally:
