@@ -188,6 +188,9 @@ class ClassCallback(AnalysisCallback):
             raise ValueError(f"{key}: thresholds not allowed: {e}") from e
         # Per window: [step, grad share of v_1, rotation of v_1 (deg; NaN: no previous)].
         self.windows: list[list[float]] = []
+        # v_1 of the previous window (a copy: the Gram's own ``previous`` is gone after a
+        # resume, and its buffer is reused two windows later).
+        self.prev_v1: torch.Tensor | None = None
         self.last: dict[str, Any] | None = None
         self.gap_flow: GapFlowCallback | None = None
 
@@ -207,11 +210,14 @@ class ClassCallback(AnalysisCallback):
     def on_edge(self, trainer: L.Trainer, pl_module: L.LightningModule, state: EdgeState) -> None:
         """Record v_1's gradient share and rotation of the new window."""
         share = float(energy_fractions(state.grad_proj[:, :1], state.wd_proj[:, :1])[0][0])
-        assert self.gram is not None
-        prev = self.gram.previous
         rotation = math.nan
-        if prev is not None and float(prev.sigma[0]) > 0 and float(state.sigma[0]) > 0:
-            rotation = float(rotation_deg(prev.vectors[0], state.vectors[0]))
+        v1 = state.vectors[0]
+        if float(state.sigma[0]) > 0:
+            if self.prev_v1 is not None:
+                rotation = float(rotation_deg(self.prev_v1.to(v1.device, v1.dtype), v1))
+            self.prev_v1 = v1.detach().clone()
+        else:
+            self.prev_v1 = None
         self.windows.append([int(state.step), share, rotation])
 
     # -------------------------------------------------------------------- the analysis
@@ -341,6 +347,7 @@ class ClassCallback(AnalysisCallback):
             last = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.last.items()}
         return super().state_dict() | {
             "windows": [list(w) for w in self.windows],
+            "prev_v1": None if self.prev_v1 is None else self.prev_v1.detach().cpu(),
             "last": last,
         }
 
@@ -349,5 +356,6 @@ class ClassCallback(AnalysisCallback):
             return
         super().load_state_dict(state_dict)
         self.windows = [list(w) for w in state_dict.get("windows", [])]
+        self.prev_v1 = state_dict.get("prev_v1")
         last = state_dict.get("last")
         self.last = None if last is None else dict(last)
