@@ -346,9 +346,18 @@ def test_gram_callback_sharded_equals_one_process(world: int) -> None:
         return measure(g.edge, g.previous, g.evicted_dot, reduce=g.reduce)
 
     for m in run_ranks(world, rank_measure):
-        for key in ("grad_frac", "rotation_deg", "principal_angles_deg", "stability"):
+        for key in ("grad_frac", "stability"):
             torch.testing.assert_close(
                 torch.tensor(m[key]), torch.tensor(dense[key]), rtol=1e-4, atol=1e-4
+            )
+        # Angles near 0 are ill-conditioned in arccos (a float32 rounding of 1e-7 in the
+        # cosine moves the angle by ~0.03°): compare their cosines.
+        for key in ("rotation_deg", "principal_angles_deg"):
+            torch.testing.assert_close(
+                torch.tensor(m[key]).deg2rad().cos(),
+                torch.tensor(dense[key]).deg2rad().cos(),
+                rtol=0,
+                atol=1e-5,
             )
 
 
