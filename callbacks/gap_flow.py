@@ -39,10 +39,12 @@ from grokedge.callbacks.common import (
     log_now,
 )
 from grokedge.callbacks.gram import analysed_module, log_scalars
-from grokedge.spectral import EdgeState, ParameterSelector
+from grokedge.spectral import EdgeState, ParameterSelector, kstar_ratio
 from grokedge.spectral.gap_flow import (
     gap_flow_at,
+    mode_coefficients,
     mode_gap,
+    newest_grad_projections,
     observed_rate,
     prediction_agreement,
 )
@@ -109,7 +111,8 @@ class GapFlowCallback(AnalysisCallback):
         sample, subset_seed: as ``AblationCallback``.
         eval_set: the evaluation set whose loss is "the training loss" (default "train").
         k: the mode whose gap is followed, 1-based (None: k* = argmax σ_j/σ_{j+1} of each
-            analysed window; needs k* + 1 <= ``callbacks.gram.top_k``).
+            analysed window; modes beyond ``callbacks.gram.top_k`` are formed from the
+            window's deltas).
         hvp_dtype: precision of the HVPs and the gradient (``float32`` | ``float64``).
         driving: which gradient projection feeds the balance the predicted class reads
             (``gapflow/balance_used``): ``raw`` (G_j = ∇L·v_j, the equation as written)
@@ -249,16 +252,25 @@ class GapFlowCallback(AnalysisCallback):
         loss_fn = BucketedEvaluate(
             pl_module.evaluate, selector, net, batch, self.buckets, dtype
         ).loss_fn()
+        k = kstar_ratio(edge.sigma) if self.k is None else self.k
+        vectors, newest = edge.vectors, edge.grad_proj[-1]
+        if k + 1 > edge.top_k and k + 1 <= edge.count and self.gram.window is not None:
+            # k* beyond the materialised edge vectors (k* = 4 of W = 5 is common): form
+            # v_k, v_k+1 from the window (the edge's own, still unchanged at this step).
+            modes = list(range(1, k + 2))
+            coeffs = mode_coefficients(edge.sigma, edge.eigvecs, modes)
+            vectors = self.gram.window.combine(coeffs)
+            newest = newest_grad_projections(edge.sigma, edge.eigvecs, edge.cross_gram, modes)
         terms = gap_flow_at(
             edge.sigma,
-            edge.vectors,
+            vectors,
             edge.count,
             loss_fn,
             theta,
             lr,
             wd,
-            self.k,
-            grad_proj_newest=edge.grad_proj[-1],
+            k,
+            grad_proj_newest=newest,
             steps_per_delta=self.gram.interval,
         )
         fields: dict[str, Any] = {

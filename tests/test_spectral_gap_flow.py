@@ -21,7 +21,9 @@ from grokedge.spectral.gap_flow import (
     effective_gradients,
     gap_flow_at,
     gap_flow_terms,
+    mode_coefficients,
     mode_gap,
+    newest_grad_projections,
     observed_rate,
     prediction_agreement,
     signal_strengths,
@@ -195,3 +197,19 @@ def test_prediction_agreement_against_scipy() -> None:
     assert one["n"] == 1 and math.isnan(one["pearson"]) and one["sign_agreement"] == 1.0
     with pytest.raises(ValueError, match="differ in length"):
         prediction_agreement([1.0, 2.0], [1.0])
+
+
+def test_modes_beyond_the_materialised_edge_from_the_window() -> None:
+    x, x_wd = window()
+    full = edge_of(x, x_wd, top_k=W)  # every vector materialised: the reference
+    small = edge_of(x, x_wd, top_k=2)
+    modes = [3, 4, 5]
+    coeffs = mode_coefficients(small.sigma, small.eigvecs, modes)
+    vectors = coeffs @ torch.tensor(x)  # what UpdateWindow.combine forms
+    torch.testing.assert_close(vectors, full.vectors[2:], rtol=1e-9, atol=1e-12)
+    newest = newest_grad_projections(small.sigma, small.eigvecs, small.cross_gram, modes)
+    torch.testing.assert_close(newest, full.grad_proj[-1, 2:], rtol=1e-9, atol=1e-12)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)  # and against numpy, up to sign
+    np.testing.assert_allclose(np.abs(vectors.numpy()), np.abs(vt[2:]), atol=1e-10)
+    want = (x - x_wd)[-1] @ vt[2:].T
+    np.testing.assert_allclose(np.abs(newest.numpy()), np.abs(want), rtol=1e-9)

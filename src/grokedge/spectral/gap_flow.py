@@ -220,6 +220,44 @@ def effective_gradients(grad_proj_newest: Tensor, lr: float, steps_per_delta: in
     return -g / (lr * steps_per_delta)
 
 
+def mode_coefficients(sigma: Tensor, eigvecs: Tensor, modes: Sequence[int]) -> Tensor:
+    """[m, W'] float64: the chronological coefficients c with v_j = c_j · X = Xᵀu_j/σ_j.
+
+    For modes beyond the materialised edge vectors (``EdgeState.top_k``): combine them with
+    the window's deltas (``UpdateWindow.combine``) to get v_j. Rows of modes with σ_j = 0
+    are zero. ``modes`` are 1-based.
+    """
+    s = sigma.to(torch.float64)
+    u = eigvecs.to(torch.float64)
+    rows = []
+    for j in modes:
+        sj = float(s[j - 1])
+        rows.append(u[:, j - 1] / sj if sj > 0 else torch.zeros_like(u[:, j - 1]))
+    return torch.stack(rows)
+
+
+def newest_grad_projections(
+    sigma: Tensor, eigvecs: Tensor, cross_gram: Tensor, modes: Sequence[int]
+) -> Tensor:
+    """[m] float64: δ_grad · v_j of the window's newest delta, from W×W algebra alone.
+
+    δ · v_j = σ_j u_j[i] and δ_wd · v_j = (C u_j)[i]/σ_j with C = X_wd Xᵀ
+    (``EdgeState.cross_gram``), i the newest (last) delta; 0 where σ_j = 0.
+    """
+    s = sigma.to(torch.float64)
+    u = eigvecs.to(torch.float64)
+    c = cross_gram.to(torch.float64)
+    out = []
+    for j in modes:
+        sj = float(s[j - 1])
+        if sj <= 0:
+            out.append(0.0)
+            continue
+        uj = u[:, j - 1]
+        out.append(float(sj * uj[-1] - (c @ uj)[-1] / sj))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def gap_flow_at(
     sigma: Tensor,
     vectors: Tensor,
