@@ -256,6 +256,8 @@ def _log_run_to_wandb(run: RunData, section: Section) -> str:
         summary=_wandb_summary(run),
         config={"report_of": info.run_id},
     )
+    if where is None:  # WANDB_MODE=disabled
+        return ""
     return (
         f"- `{run.name}`: W&B run `{where}` (group `{info.group}`), of training run `{info.run_id}`"
     )
@@ -298,7 +300,8 @@ def build_report(root: str | Path, use_wandb: bool = True) -> Path:
                     tables=across.tables,
                     summary={},
                 )
-                wandb_lines.append(f"- the sweep: W&B run `{where}`")
+                if where is not None:
+                    wandb_lines.append(f"- the sweep: W&B run `{where}`")
     elif collection.ok:
         section = run_section(collection.ok[0], out, out)
         md += section.markdown

@@ -175,7 +175,7 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     run.metrics = _read_jsonl(path / METRICS_FILE)
     run.analyses = read_analyses(path) if (path / ANALYSES_FILE).is_file() else []
     if run.summary is None and not run.failure:
-        run.failure = "no summary.json (killed or crashed before the end)"
+        run.failure = "no summary.json (still running, killed, or crashed before the end)"
     elif run.summary is not None and run.summary.get("status") == FAILED:
         run.failure = str(run.summary.get("error") or run.summary.get("reason") or "status: failed")
     return run
@@ -202,11 +202,27 @@ class Collection:
         return [r for r in self.runs if r.failed]
 
     def groups(self) -> dict[str, list[RunData]]:
-        """Finished runs by configuration without the seed, in job order."""
-        out: dict[str, list[RunData]] = {}
+        """Finished runs by configuration without the seed, in job order.
+
+        Keys are the overrides in which the configurations differ (see :meth:`common`):
+        a legend or a table row then names what was swept, not every shared override.
+        """
+        full: dict[str, list[RunData]] = {}
         for run in self.ok:
-            out.setdefault(run.group, []).append(run)
+            full.setdefault(run.group, []).append(run)
+        shared = set(self.common())
+        out: dict[str, list[RunData]] = {}
+        for group, runs in full.items():
+            label = ",".join(o for o in group.split(",") if o not in shared) or "all runs"
+            out[label] = runs
         return out
+
+    def common(self) -> list[str]:
+        """The overrides (without the seed) that every finished run's group shares."""
+        parts = [run.group.split(",") for run in self.ok]
+        if len({run.group for run in self.ok}) < 2:
+            return []  # one configuration: its full name is the label
+        return [o for o in parts[0] if all(o in p for p in parts[1:])]
 
 
 def discover(root: str | Path) -> Collection:

@@ -448,7 +448,7 @@ def seeds_table(collection: Collection) -> Table:
                         )
                         for r in runs
                     ],
-                    1,
+                    2,
                 ),
                 mean_sd_text(
                     [_per_run(r, "ablation", AT, lambda x: x["edge"]["dacc"]) for r in runs]
@@ -476,7 +476,7 @@ def seeds_table(collection: Collection) -> Table:
             ", ".join(str(v) for v in grok.values()),
             "–",
             str(p["v1_grad_share_at"]),
-            "–",
+            str(paper_values()["classes"]["dyck"]["late_grad_share"]),
             str(paper_values()["classes"]["dyck"]["rotation_deg"]),
             mean_sd(p["ablation_edge_dacc_at"]),
             mean_sd(p["ablation_edge_dacc_late"]),
@@ -490,7 +490,12 @@ def seeds_table(collection: Collection) -> Table:
         columns,
         out,
         note=(
-            "Phases are relative to each run's own grok step; 'late' values are means over "
+            (
+                "Overrides shared by every configuration: `" + ",".join(collection.common()) + "`. "
+                if collection.common()
+                else ""
+            )
+            + "Phases are relative to each run's own grok step; 'late' values are means over "
             "the run's late windows/ablations, then mean ± sd over seeds; late probes: the "
             "run's last late probe. Paper: "
             + p["source"]
@@ -569,7 +574,7 @@ def class_table(collection: Collection) -> Table:
                     _per_run(
                         run, "edge_directions", LATE, lambda x: _direction(x, 1, "rotation_deg")
                     ),
-                    1,
+                    2,
                 )
             ]
             + [
