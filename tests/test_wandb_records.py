@@ -39,7 +39,7 @@ DESIGN_PREFIXES = (
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 200-step Dyck run with callbacks=gram, logged to an offline W&B run.
+    """A 200-step Dyck run with callbacks=gram and the class callback, logged offline to W&B.
 
     The grok threshold is lowered to 0.5 so that the run groks within 200 steps (test
     accuracy passes 0.5 by the first evaluation) and ``grok/step`` has a value.
@@ -54,6 +54,8 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             [
                 "task=dyck",
                 "callbacks=gram",
+                "+callbacks@callbacks.classes=classes",  # the class names -> W&B summary
+                "callbacks.classes.n_sequences=40",
                 "logger=wandb",
                 "trainer.max_steps=200",
                 "task.gram_interval=50",
@@ -111,6 +113,14 @@ def test_summary_holds_the_grok_step(offline_run: Path) -> None:
     assert math.isfinite(summary["test/acc"])
 
 
+def test_summary_holds_the_class_names(offline_run: Path) -> None:
+    summary = summary_of(_wandb_file(offline_run))
+    local = json.loads((offline_run / "summary.json").read_text())
+    assert local["class_observed"] in ("functional", "mixed", "compression", "undetermined")
+    assert summary["class/observed"] == local["class_observed"]
+    assert summary["class/predicted"] == local["class_predicted"]
+
+
 def test_run_record_names_the_run(offline_run: Path) -> None:
     (run,) = [r.run for r in iter_records(_wandb_file(offline_run)) if r.HasField("run")]
     assert run.project == "grokedge"
@@ -130,3 +140,9 @@ def test_sweep_jobs_group_by_configuration_not_by_seed() -> None:
     assert "group" not in wandb_init_kwargs({"name": "x"}, ["seed=1"], multirun=True)
     assert wandb_init_kwargs(extra, ["seed=1"], multirun=False) == extra
     assert non_seed_overrides(["seed=1"]) == ""
+    # W&B's 128-character limit on groups: long configurations stay distinct groups.
+    many = [f"callbacks.ablation.knob_{i}=1" for i in range(10)]
+    d = wandb_init_kwargs(extra, [*many, "optimizer.weight_decay=0", "seed=1"], multirun=True)
+    e = wandb_init_kwargs(extra, [*many, "optimizer.weight_decay=1", "seed=1"], multirun=True)
+    assert len(d["group"]) <= 128 and len(e["group"]) <= 128 and d["group"] != e["group"]
+    assert len(d["job_type"]) <= 64

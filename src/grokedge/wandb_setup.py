@@ -18,6 +18,7 @@ no-ops.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -75,16 +76,29 @@ def wandb_init_kwargs(
     the user's own ``logger.wandb.group`` is never in it and is kept as given) gets the
     job's non-seed overrides appended, so seeds of one configuration share a group;
     ``job_type`` is the non-seed overrides (W&B allows 64 characters; longer strings are
-    cut, the group keeps them whole).
+    cut; a group longer than 128 characters keeps its head and a hash of the whole).
     """
     out = dict(extra)
     if not multirun:
         return out
     config = non_seed_overrides(overrides)
     if "group" in out and config:
-        out["group"] = f"{out['group']}/{config}"
-    out.setdefault("job_type", (config or "default")[:64])
+        out["group"] = _capped(f"{out['group']}/{config}", GROUP_MAX)
+    out.setdefault("job_type", (config or "default")[:JOB_TYPE_MAX])
     return out
+
+
+GROUP_MAX, JOB_TYPE_MAX = 128, 64
+"""W&B's limits on ``group`` and ``job_type`` (characters)."""
+
+
+def _capped(text: str, limit: int) -> str:
+    """``text`` if it fits, else its head and a hash of the whole: still one group per
+    configuration, never two configurations in one group."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    return f"{text[: limit - 11]}~{digest}"
 
 
 def _finite(value: Any) -> float | None:
@@ -105,7 +119,9 @@ class WandbDashboardCallback(Callback):
       synced project plots each metric against the optimizer step, not W&B's own counter.
     - ``on_train_end`` (before ``train.py`` finishes the W&B run): summary ``grok/step``
       (``None`` when the run did not grok: the key is present either way, so a runs table
-      can sort and filter on it) and every numeric ``class/*`` value logged.
+      can sort and filter on it), every numeric ``class/*`` value logged and the
+      ``class_*`` fields of the callbacks' ``summary_fields()`` (the class names) as
+      ``class/*``.
 
     A no-op without an active ``WandbLogger`` (``logger=none``, ``WANDB_MODE=disabled``).
     """
@@ -127,5 +143,13 @@ class WandbDashboardCallback(Callback):
             for key, value in source.items():
                 if key.startswith("class/") and _finite(value) is not None:
                     values[key] = _finite(value)
+        # The class names themselves are strings (no logged scalar carries them): the
+        # classifying callback's summary_fields() (``class_observed`` ...) as ``class/*``.
+        for callback in trainer.callbacks:
+            fields = getattr(callback, "summary_fields", None)
+            if callable(fields) and callback is not self:
+                for key, value in fields().items():
+                    if key.startswith("class_") and isinstance(value, str | int | float):
+                        values["class/" + key[len("class_") :]] = value
         for logger in loggers:
             logger.experiment.summary.update(values)
