@@ -143,7 +143,7 @@ def test_sweep_report_writes_every_file(sweep: Path, sweep_report: str) -> None:
         for name in RUN_FIGURES:
             _png(out / "runs" / job.name / f"{name}.png")
         has_gapflow = any(
-            k.startswith("gapflow/") for row in _jsonl(job / "metrics.jsonl") for k in row
+            k.startswith("gapflow/term") for row in _jsonl(job / "metrics.jsonl") for k in row
         )
         assert (out / "runs" / job.name / "gapflow.png").is_file() == has_gapflow
     if not any((out / "runs" / j.name / "gapflow.png").is_file() for j in _jobs(sweep)):

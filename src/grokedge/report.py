@@ -125,8 +125,8 @@ def run_section(run: RunData, out: Path, base: Path, heading: str = "##") -> Sec
         F.gapflow_figure(run, out / "gapflow.png"),
         "gap-flow terms",
         base,
-        "no gap-flow terms in this run (no gapflow/* metrics: the GapFlowCallback was not "
-        "in its callbacks)",
+        "no gap-flow terms in this run (no gapflow/term* metrics: the GapFlowCallback was "
+        "not in its callbacks, or analysed no window)",
     )
     s.table(T.gapflow_table(run))
     s.table(T.run_class_table(run), missing="No class fields in summary.json.")

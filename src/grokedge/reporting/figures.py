@@ -359,7 +359,9 @@ def gapflow_figure(run: RunData, path: Path) -> Path | None:
     rates = [k for k in keys if ("predicted" in k or "observed" in k) and k not in terms]
     panels = [(terms, "term (gap units / step, symlog)"), (balance, "Term 3 / |Term 2|")]
     panels += [(rates, "dg/dt (gap units / step, symlog)")]
-    panels = [(ks, label) for ks, label in panels if ks] or [(keys, "value")]
+    panels = [(ks, label) for ks, label in panels if ks]
+    if not terms or not panels:  # only the end-of-run agreement counts: no terms to draw
+        return None
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(9, 3.2 * len(panels)), sharex=True, squeeze=False
     )

@@ -339,7 +339,7 @@ def gapflow_table(run: RunData, max_columns: int = 12) -> Table | None:
         flat = [(r["step"], r.get("phase", "–"), _flatten(r)) for r in rows]
     else:
         keys = run.metric_keys("gapflow")
-        if not keys:
+        if not any("term" in k for k in keys):  # e.g. only the end-of-run agreement
             return None
         by_step: dict[int, dict[str, float]] = {}
         for key in keys:
@@ -356,8 +356,19 @@ def gapflow_table(run: RunData, max_columns: int = 12) -> Table | None:
 
 
 def class_fields(summary: dict[str, Any] | None) -> dict[str, Any]:
-    """The summary's fields whose key starts with ``class`` (written by the class analysis)."""
-    return {k: v for k, v in (summary or {}).items() if k.startswith("class")}
+    """The summary's fields whose key starts with ``class`` (written by the class analysis).
+
+    A ``class/x`` metric (the last logged value; the class *codes* for ``observed`` and
+    ``predicted``) is left out when the summary has the field ``class_x`` itself (the
+    class *name*): one column per quantity.
+    """
+    fields = {k: v for k, v in (summary or {}).items() if k.startswith("class")}
+    named = {k[len("class_") :] for k in fields if k.startswith("class_")}
+    return {
+        k: v
+        for k, v in fields.items()
+        if not (k.startswith("class/") and k[len("class/") :].removesuffix("_code") in named)
+    }
 
 
 def _cell(value: Any) -> str:
