@@ -17,7 +17,8 @@ one process:
   push with its incremental float64 Gram rows, eigendecomposition, top-k edge vectors),
   median over ``--captures`` captures: the time per delta;
 - ``overhead`` = (hook − opt + capture / interval) / opt: the callback's cost per
-  optimizer step as a fraction of the step, at ``--interval`` steps per delta.
+  optimizer step as a fraction of the step, at ``--interval`` steps per delta
+  (hook − opt: the median of the rounds' paired differences).
 
 Memory: the bytes of every storage the callback allocated (all tensors found through the
 garbage collector, CPU) or ``torch.cuda.memory_allocated`` growth (CUDA), and on CUDA the
@@ -141,16 +142,18 @@ def bench_one(p: int, args: argparse.Namespace, device: torch.device) -> dict[st
         p, args.window, args.top_k, args.buffer_dtype, device_type=device.type
     )
     t_opt, t_hook = statistics.median(opt_s), statistics.median(hook_s)
+    # The hook's cost from the rounds' paired differences: noise common to a round cancels.
+    t_extra = statistics.median(h - o for h, o in zip(hook_s, opt_s, strict=True))
     t_capture = statistics.median(capture_s)
     row: dict[str, Any] = {
         "p": p,
         "opt_ms": 1e3 * t_opt,
         "hook_ms": 1e3 * t_hook,
-        "hook_extra_ms": 1e3 * (t_hook - t_opt),
+        "hook_extra_ms": 1e3 * t_extra,
         "capture_ms": 1e3 * t_capture,
         "capture_min_ms": 1e3 * min(capture_s),
         "capture_over_opt": t_capture / t_opt,
-        "overhead": (t_hook - t_opt + t_capture / args.interval) / t_opt,
+        "overhead": (t_extra + t_capture / args.interval) / t_opt,
         "predicted_bytes": predicted.persistent,
         "predicted_peak_bytes": predicted.total_bytes,
         "allocated_bytes": allocated,
