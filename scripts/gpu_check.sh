@@ -22,6 +22,9 @@ BENCH_P="${BENCH_P:-1e6,1e7,5e7,1e8}"
 BENCH_P_BF16="${BENCH_P_BF16:-1e8}"
 DEVICE="${DEVICE:-cuda}"          # DEVICE=cpu TRAINER=cpu STEPS=20 BENCH_P=1e5 ...: a dry run on a CPU
 TRAINER="${TRAINER:-gpu}"
+T_RUN="${T_RUN:-330}"            # seconds allowed to each stage (timeout -k 10: Lightning traps SIGTERM)
+T_BENCH="${T_BENCH:-200}"
+T_BF16="${T_BF16:-90}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -51,7 +54,7 @@ print("hydra", hydra.__version__, "omegaconf", omegaconf.__version__, "grokedge 
 stage "(a) Dyck, callbacks=full, trainer=$TRAINER, $STEPS steps"
 RUN="$OUT/dyck_full_gpu"
 start=$(date +%s.%N)
-timeout 330 python3 -m grokedge.train task=dyck callbacks=full trainer="$TRAINER" logger=csv \
+timeout -k 10 "$T_RUN" python3 -m grokedge.train task=dyck callbacks=full trainer="$TRAINER" logger=csv \
   trainer.max_steps="$STEPS" progress_bar.refresh_rate=500 hydra.run.dir="$RUN" \
   || { echo "Dyck run failed (exit $?)"; status=1; }
 end=$(date +%s.%N)
@@ -73,11 +76,11 @@ EOF
 rm -f "$RUN"/checkpoints/*.ckpt  # not needed back
 
 stage "(b) bench_scale --device $DEVICE --p $BENCH_P (float32 window)"
-timeout 200 python3 scripts/bench_scale.py --device "$DEVICE" --p "$BENCH_P" --steps 20 --rounds 7 \
+timeout -k 10 "$T_BENCH" python3 scripts/bench_scale.py --device "$DEVICE" --p "$BENCH_P" --steps 20 --rounds 7 \
   --captures 5 --json "$OUT/bench_scale_cuda.json" || { echo "bench failed (exit $?)"; status=1; }
 
 stage "(b') bench_scale --device $DEVICE --p $BENCH_P_BF16 --buffer-dtype bfloat16"
-timeout 90 python3 scripts/bench_scale.py --device "$DEVICE" --p "$BENCH_P_BF16" --steps 20 --rounds 7 \
+timeout -k 10 "$T_BF16" python3 scripts/bench_scale.py --device "$DEVICE" --p "$BENCH_P_BF16" --steps 20 --rounds 7 \
   --captures 5 --buffer-dtype bfloat16 --json "$OUT/bench_scale_cuda_bf16.json" \
   || { echo "bf16 bench failed (exit $?)"; status=1; }
 
