@@ -15,6 +15,14 @@ when θ_sel moves by ε = 0.005‖θ_sel‖ along v_1 — on a fixed test subset
   one).
 
 Thresholds and the meaning of "late": :mod:`grokedge.spectral.classes`, docs/classes.md.
+
+Under DDP with a sharded GramCallback (``trainer=ddp``) every rank holds its slice of v_1:
+the rotation is finished from the [2, 2] Gram of (v_1 previous; v_1) summed over the ranks
+(one all-reduce per window, called by every rank in the Gram's listener), the kept
+previous v_1 is this rank's slice (whole vectors in checkpoints, so that a run resumes on
+any number of ranks), and the functional R² gathers v_1 whole once per call (the model is
+evaluated at θ + εv_1). Every rank computes the same numbers; rank 0 writes them. On one
+process nothing is communicated and the numbers are the unsharded ones bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.func import functional_call
 
 from grokedge.callbacks.common import (
@@ -40,7 +49,7 @@ from grokedge.callbacks.common import (
 )
 from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.callbacks.gram import analysed_module
-from grokedge.spectral import EdgeState, energy_fractions, rotation_deg
+from grokedge.spectral import EdgeState, energy_fractions, rotation_finish, rotation_partial
 from grokedge.spectral.classes import (
     PAPER_EPS_FRACTION,
     ClassDecision,
@@ -208,17 +217,43 @@ class ClassCallback(AnalysisCallback):
             self.gram.add_listener(self.on_edge)
 
     def on_edge(self, trainer: L.Trainer, pl_module: L.LightningModule, state: EdgeState) -> None:
-        """Record v_1's gradient share and rotation of the new window."""
+        """Record v_1's gradient share and rotation of the new window.
+
+        Collective under sharding (every rank runs the Gram's listeners): one all-reduce
+        of the [2, 2] Gram of the two v_1 slices when a rotation is measured (σ_1 and
+        ``prev_v1`` are the same on every rank, so all ranks reduce or none does).
+        """
         share = float(energy_fractions(state.grad_proj[:, :1], state.wd_proj[:, :1])[0][0])
         rotation = math.nan
         v1 = state.vectors[0]
         if float(state.sigma[0]) > 0:
-            if self.prev_v1 is not None:
-                rotation = float(rotation_deg(self.prev_v1.to(v1.device, v1.dtype), v1))
+            prev = self._prev_v1_slice()
+            if prev is not None:
+                gram = rotation_partial(prev.to(v1.device, v1.dtype), v1)
+                if self._sharded():
+                    assert self.gram is not None
+                    gram = self.gram.reduce(gram)
+                rotation = float(rotation_finish(gram)[0])
             self.prev_v1 = v1.detach().clone()
         else:
             self.prev_v1 = None
         self.windows.append([int(state.step), share, rotation])
+
+    def _sharded(self) -> bool:
+        """Whether the Gram's vectors are this rank's slices (DDP, more than one rank)."""
+        shard = None if self.gram is None else self.gram.shard
+        return shard is not None and shard.sharded
+
+    def _prev_v1_slice(self) -> Tensor | None:
+        """``prev_v1`` as this rank's slice: a whole vector restored from a checkpoint is
+        cut down once the Gram's shard is known (no communication)."""
+        prev = self.prev_v1
+        if prev is not None and self._sharded():
+            assert self.gram is not None and self.gram.shard is not None
+            shard = self.gram.shard
+            if prev.shape[-1] == shard.p:  # whole (a checkpoint's): keep this rank's slice
+                self.prev_v1 = prev = shard.take(prev).clone()
+        return prev
 
     # -------------------------------------------------------------------- the analysis
 
@@ -226,7 +261,10 @@ class ClassCallback(AnalysisCallback):
     def functional_r2(
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> tuple[float, float, float, int]:
-        """(R² mean, R² sd, ε, positions) on the current weights and edge v_1."""
+        """(R² mean, R² sd, ε, positions) on the current weights and edge v_1.
+
+        Collective under sharding: v_1 is gathered whole (one p-vector) when σ_1 > 0.
+        """
         assert self.gram is not None and self.gram.edge is not None
         assert self.gram.selector is not None
         edge, selector = self.gram.edge, self.gram.selector
@@ -236,7 +274,10 @@ class ClassCallback(AnalysisCallback):
         batch = self.subset(trainer, pl_module)
         theta = selector.flatten(net)
         eps = functional_epsilon(theta, self.eps_fraction)
-        moved = theta + eps * edge.vectors[0].to(theta.dtype)
+        v1 = edge.vectors[0]
+        if self._sharded():  # θ + εv_1 needs the whole direction: one all-gather
+            v1 = self.gram.gather_vectors(edge.vectors[:1])[0]
+        moved = theta + eps * v1.to(theta.dtype)
         params = selector.functional_params(moved, dict(net.named_parameters()))
         base = hidden_for_probe(trace_of(net, batch), self.block)
         _, trace = functional_call(
@@ -342,16 +383,29 @@ class ClassCallback(AnalysisCallback):
     # -------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """Primitives and CPU tensors; ``prev_v1`` whole. Collective under sharding
+        (Lightning builds the checkpoint on every rank): the slices are all-gathered."""
         last = None
         if self.last is not None:  # primitives only
             last = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.last.items()}
         return super().state_dict() | {
             "windows": [list(w) for w in self.windows],
-            "prev_v1": None if self.prev_v1 is None else self.prev_v1.detach().cpu(),
+            "prev_v1": self._whole_prev_v1(),
             "last": last,
         }
 
+    def _whole_prev_v1(self) -> Tensor | None:
+        """``prev_v1`` as a whole CPU vector (gathered from the ranks' slices if sharded)."""
+        prev = self._prev_v1_slice()
+        if prev is None:
+            return None
+        if self._sharded():
+            assert self.gram is not None
+            prev = self.gram.gather_vectors(prev.detach().reshape(1, -1))[0]
+        return prev.detach().cpu()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore; ``prev_v1`` is whole and is sliced at its first use if sharded."""
         if not state_dict:
             return
         super().load_state_dict(state_dict)

@@ -26,6 +26,15 @@ the raw gradients, ω and η are untouched, and the weight-decay part is exactly
 was, so the GramCallback's split stays exact (its gradient part is the modified a_t).
 All of it is one p-vector copy, two dot products and one axpy a step, on the parameters'
 device, without host synchronisation.
+
+Under DDP (``trainer=ddp``) the selected parameters, their gradients (all-reduced by DDP)
+and the optimizer's steps are replicated, while a sharded GramCallback holds only this
+rank's slice of v_1. The whole v_1 is all-gathered once per new edge (at the first armed
+step that sees it; every rank steps together and sees the same edge, so every rank
+gathers) and kept; c, w and the change are then computed locally on whole, identical
+vectors, so every rank applies the same update and the replicas stay equal, with no
+collective in the per-step hooks otherwise. On one process nothing is gathered or copied:
+the edge's own v_1 is used, bit for bit as before.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from grokedge.callbacks.common import (
 )
 from grokedge.callbacks.gram import analysed_module
 from grokedge.callbacks.intervention import InterventionCallback
+from grokedge.spectral import EdgeState
 
 DECOUPLING_KEY = "callbacks.decoupling"
 DECOUPLING = "decoupling"
@@ -130,6 +140,8 @@ class EdgeDecouplingCallback(InterventionCallback):
         self._before: Tensor | None = None
         self._before_views: list[Tensor] = []
         self._armed = False
+        self._v1_whole: Tensor | None = None  # sharded: v_1 gathered whole, [p]
+        self._v1_edge: EdgeState | None = None  # the edge it was gathered from
         self._stats: Tensor | None = None  # float64 [len(STAT_NAMES)] since last read
         self._pending_stats: Tensor | None = None
         self.optimizer: Optimizer | None = None
@@ -203,6 +215,9 @@ class EdgeDecouplingCallback(InterventionCallback):
         edge = None if self.gram is None else self.gram.edge
         self._armed = self.fired_step is not None and edge is not None and float(edge.sigma[0]) > 0
         if self._armed:
+            assert edge is not None
+            if self._sharded() and self._v1_edge is not edge:
+                self._gather_v1(edge)
             torch._foreach_copy_(self._before_views, [p.detach().view(-1) for p in self._params])
 
     @torch.no_grad()
@@ -213,6 +228,9 @@ class EdgeDecouplingCallback(InterventionCallback):
         assert self.gram is not None and self.gram.edge is not None and self._stats is not None
         assert self.selector is not None
         v1 = self.gram.edge.vectors[0]
+        if self._sharded():
+            assert self._v1_whole is not None and self._v1_edge is self.gram.edge
+            v1 = self._v1_whole
         v_views = [v.view(-1) for v in self.selector.unflatten(v1).values()]
         groups = optimizer.param_groups
         c = torch.zeros((), dtype=torch.float64, device=v1.device)  # a·v1
@@ -244,6 +262,18 @@ class EdgeDecouplingCallback(InterventionCallback):
         self._stats += torch.stack(
             [torch.ones_like(c), energy, c * c, change * change, opposed.to(torch.float64)]
         )
+
+    def _sharded(self) -> bool:
+        """Whether the Gram's edge vectors are this rank's slices (DDP, > 1 rank)."""
+        shard = getattr(self.gram, "shard", None)
+        return shard is not None and shard.sharded
+
+    def _gather_v1(self, edge: EdgeState) -> None:
+        """Keep the whole v_1 of ``edge`` (collective: one all-gather of a p-vector)."""
+        assert self.gram is not None
+        whole = self.gram.gather_vectors(edge.vectors[:1])[0]
+        self._v1_whole = whole.to(self._params[0].device).contiguous()
+        self._v1_edge = edge
 
     # ------------------------------------------------------------------ read-outs
 

@@ -15,6 +15,14 @@ p-sized work): the change of g = d_k − d_{k+1} (the analysed window's k) over 
 running agreement of predicted and observed (Pearson, Spearman, sign agreement) is logged
 as pairs complete and written to ``summary.json``. The math lives in
 :mod:`grokedge.spectral.gap_flow`.
+
+Under DDP with a sharded GramCallback (``trainer=ddp``) the edge vectors, and the modes
+beyond ``top_k`` formed from the window, are this rank's slices; the curvatures and the
+gradient projections are taken on the whole (replicated) θ_sel, so each analysed window
+all-gathers the two vectors v_k, v_{k+1} it needs (every rank calls it, with the same k:
+σ is global). Everything else (σ, the newest delta's projections) comes from the Gram's
+summed W×W matrices. Every rank computes the same terms; rank 0 writes them. On one
+process nothing is communicated and the numbers are the unsharded ones bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from grokedge.analysis_log import log_table
 from grokedge.callbacks.common import (
@@ -261,6 +269,8 @@ class GapFlowCallback(AnalysisCallback):
             coeffs = mode_coefficients(edge.sigma, edge.eigvecs, modes)
             vectors = self.gram.window.combine(coeffs)
             newest = newest_grad_projections(edge.sigma, edge.eigvecs, edge.cross_gram, modes)
+        if self.gram.shard is not None and self.gram.shard.sharded:
+            vectors = self._whole_modes(vectors, k)
         terms = gap_flow_at(
             edge.sigma,
             vectors,
@@ -305,6 +315,21 @@ class GapFlowCallback(AnalysisCallback):
             }
         fields.update(terms.as_dict(), observed_dgdt=observed)
         return Result(scalars, fields)
+
+    def _whole_modes(self, vectors: Tensor, k: int) -> Tensor:
+        """Rows k−1, k (v_k, v_{k+1}, 0-based) of the sliced ``vectors`` [m, n_local]
+        gathered whole, at their own row indices of an [min(k + 1, m), p] tensor.
+
+        ``gap_flow_at`` reads only those two rows (and the row count, to decide whether
+        both modes exist), so the rows before them are left zero instead of being
+        gathered. Collective: one all-gather of at most two rows, on every rank.
+        """
+        assert self.gram is not None
+        lo, hi = max(k - 1, 0), min(k + 1, vectors.shape[0])
+        pair = self.gram.gather_vectors(vectors[lo:hi])
+        whole = pair.new_zeros(hi, pair.shape[-1])
+        whole[lo:hi] = pair
+        return whole
 
     # ------------------------------------------------------------------- agreement
 
