@@ -15,7 +15,6 @@ import importlib.util
 import json
 import math
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.callbacks.gram import GramCallback
 from grokedge.spectral import rotation_deg
 from tests.conftest import REPO
-from tests.test_spectral_sharding import run_ranks
+from tests.test_spectral_sharding import _Net, run_ranks
 
 SCRIPT = REPO / "scripts" / "ddp_equivalence.py"
 
@@ -94,20 +93,6 @@ def test_split_batch_mean_gradient_is_the_whole_batch_gradient() -> None:
 
 
 # ------------------------------------------------- shard-aware callbacks, ranks as threads
-
-
-_INIT = threading.Lock()
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        # The initialisation draws from the global generator: one rank-thread at a time,
-        # or another thread's draws interleave and the replicas start apart.
-        with _INIT:
-            torch.manual_seed(0)
-            self.a = nn.Linear(13, 7)
-            self.b = nn.Linear(7, 3)
 
 
 def _train(

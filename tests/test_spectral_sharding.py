@@ -289,12 +289,18 @@ def test_one_rank_ablation_is_the_plain_one() -> None:
 # ------------------------------------------------------------------- GramCallback
 
 
+_INIT = threading.Lock()
+
+
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(13, 7)
-        self.b = nn.Linear(7, 3)
+        # The initialisation draws from the global generator: one rank-thread at a time,
+        # or another thread's draws interleave and the replicas start apart.
+        with _INIT:
+            torch.manual_seed(0)
+            self.a = nn.Linear(13, 7)
+            self.b = nn.Linear(7, 3)
 
 
 def _train_gram(
