@@ -135,10 +135,7 @@ FULL = [
     "callbacks.wd_removal.n_sequences=30",
     "callbacks.wd_removal.folds=2",
     "checkpoint.every_n_train_steps=15",  # saves at 15, 30, 45: mid-interval (N = 10)
-    # GrokModule logs the batch loss when global_step % n == 0 while Lightning flushes to
-    # the loggers when (global_step + 1) % n == 0: with n = 50 the row at step 49 carries
-    # step 0's loss, a stale value a resumed run cannot have. n = 1 keeps them in step.
-    "trainer.log_every_n_steps=1",
+    "trainer.log_every_n_steps=25",  # batch-loss rows at 0, 25, 50 (one after the resume)
     "trainer.max_steps=70",
 ]
 CRASH_STEP, CKPT_STEP = 52, 45
@@ -178,6 +175,10 @@ def test_full_stack_resumed_after_a_crash_writes_what_an_uninterrupted_run_write
     # A resumed fit logs GramCallback's predicted buffer size once, at step 0 (a constant).
     assert resumed_metrics[0] == next(r for r in full_metrics if "gram/predicted_bytes" in r)
     assert_continues(full_metrics, resumed_metrics[1:])
+    # The batch loss is stamped with the step of the weights it was computed at.
+    loss_steps = [r["step"] for r in full_metrics if "train/batch_loss" in r]
+    assert loss_steps == [0, 25, 50], loss_steps
+    assert [r["step"] for r in resumed_metrics if "train/batch_loss" in r] == [50]
 
     full_rows = read_analyses(full.run_dir)
     resumed_rows = read_analyses(resumed.run_dir)

@@ -171,9 +171,12 @@ class GrokModule(L.LightningModule):
     # -- training ---------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.stats(batch).mean_loss()
-        # Logging every step costs more than a small model's step; log on a cadence.
+        # Logging every step costs more than a small model's step; log on a cadence, and
+        # stamp the loss with the step of the weights it was computed at (self.log would
+        # hold it until Lightning's own flush, a batch count later, so a resumed run could
+        # not reproduce the rows).
         if self.global_step % self.log_every_n_steps == 0:
-            self.log("train/batch_loss", loss)
+            self.log_scalars({"train/batch_loss": loss.detach()})
         return loss
 
     def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
