@@ -45,7 +45,7 @@ from grokedge.spectral import (
 )
 from grokedge.train import build, compose, fit
 
-ANALYSES = ("ablation", "perturbation", "probe", "wd_removal")
+ANALYSES = ("ablation", "perturbation", "probe", "gap_flow", "classes", "wd_removal")
 
 
 class Timed:
