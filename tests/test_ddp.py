@@ -28,7 +28,7 @@ from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.callbacks.gram import GramCallback
 from grokedge.spectral import rotation_deg
 from tests.conftest import REPO
-from tests.test_spectral_sharding import _Net, run_ranks
+from tests.test_spectral_sharding import _Net, _train_step, run_ranks
 
 SCRIPT = REPO / "scripts" / "ddp_equivalence.py"
 
@@ -113,12 +113,7 @@ def _train(
         cb.selector, cb.gram, cb.fired_step = gram.selector, gram, 0
         cb.attach(net, opt)
     for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(8, 13, generator=g)
-        loss = net.b(torch.tanh(net.a(x))).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _train_step(net, opt, step)
         if gram.capture(step + 1) and gram.edge is not None and hook is not None:
             hook(gram, step + 1)
     if cb is not None:
@@ -256,27 +251,30 @@ def test_gap_flow_gathers_modes_k_and_k1_at_their_rows(k: int) -> None:
 # ------------------------------------------------------------------ real DDP processes
 
 
-def _result(proc: Any) -> dict[str, Any]:
+def _run_equivalence(tmp_path: Path, *args: str) -> tuple[Any, dict[str, Any]]:
+    """Run scripts/ddp_equivalence.py ARGS (keeping its runs in ``tmp_path``); its process
+    and the RESULT it printed, which must say ok."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert proc.returncode == 0 and result["ok"], result
+    return proc, result
 
 
 @pytest.mark.slow
 def test_ddp_run_matches_one_process(tmp_path: Path) -> None:
     """scripts/ddp_equivalence.py: σ_j, gradient shares, ablation, gap flow, perturbation
     and classes within tolerance."""
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--steps", "120", "--keep", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    result = _result(proc)
-    assert proc.returncode == 0 and result["ok"], result
+    proc, result = _run_equivalence(tmp_path, "--steps", "120")
     # Compared something of each kind, in both runs.
     for group in (
         "sigma",
@@ -303,18 +301,7 @@ def test_ddp_run_matches_one_process(tmp_path: Path) -> None:
 def test_ddp_decoupling_matches_one_process(tmp_path: Path) -> None:
     """experiment=decoupling under trainer=ddp: finishes, the ranks' final parameters are
     bit-identical, decouple/* and σ_j match a 1-process run with the same global batch."""
-    import subprocess
-
-    cmd = [sys.executable, str(SCRIPT), "--experiment", "decoupling", "--steps", "60"]
-    proc = subprocess.run(
-        [*cmd, "--keep", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    result = _result(proc)
-    assert proc.returncode == 0 and result["ok"], result
+    _, result = _run_equivalence(tmp_path, "--experiment", "decoupling", "--steps", "60")
     assert result["ranks_equal"] is True
     for group in ("sigma", "decouple", "params"):
         assert result["counts"][group] > 0, group

@@ -303,6 +303,16 @@ class _Net(nn.Module):
             self.b = nn.Linear(7, 3)
 
 
+def _train_step(net: _Net, opt: torch.optim.Optimizer, step: int) -> None:
+    """One AdamW step on the batch of ``step`` (a fixed stream, the same on every rank:
+    DDP keeps replicas identical)."""
+    x = torch.randn(8, 13, generator=torch.Generator().manual_seed(step))
+    loss = net.b(torch.tanh(net.a(x))).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def _train_gram(
     collective: Any, steps: int = 9, state: dict | None = None, start: int = 0
 ) -> GramCallback:
@@ -319,12 +329,7 @@ def _train_gram(
         opt.load_state_dict(state["opt"])
     gram.attach(net, opt, step=start)
     for step in range(start, steps):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(8, 13, generator=g)
-        loss = net.b(torch.tanh(net.a(x))).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _train_step(net, opt, step)
         gram.capture(step + 1)
     gram.net, gram.opt = net, opt  # for the resume test
     return gram
