@@ -50,6 +50,9 @@ from typing import Any
 
 import torch
 
+from grokedge.analysis_log import read_analyses
+from grokedge.run_files import metrics_by_step
+
 IGNORE_INDEX = -100
 
 TOLERANCES = {
@@ -217,20 +220,6 @@ def run(out: Path, steps: int, world: int, experiment: str = "full") -> None:
 # --------------------------------------------------------------------------- compare
 
 
-def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    by_step: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step.setdefault(int(row.pop("step")), {}).update(row)
-    return by_step
-
-
-def _analyses(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    rows = [json.loads(x) for x in (run_dir / "analyses.jsonl").read_text().splitlines() if x]
-    return [r for r in rows if r["analysis"] == name]
-
-
 class Diffs:
     """Largest |a − b| and |a − b| / max(|a|, |b|) per group of compared numbers."""
 
@@ -286,7 +275,7 @@ def _compare_scaled(diffs: Diffs, group: str, pairs: dict[str, list[tuple[Any, A
 
 def compare(one: Path, two: Path, experiment: str = "full") -> tuple[Diffs, dict[str, Any]]:
     diffs = Diffs()
-    m1, m2 = _metrics(one), _metrics(two)
+    m1, m2 = metrics_by_step(one), metrics_by_step(two)
     scaled: dict[str, list[tuple[Any, Any, str]]] = {}
     for step in sorted(set(m1) | set(m2)):
         a, b = m1.get(step, {}), m2.get(step, {})
@@ -311,7 +300,7 @@ def compare(one: Path, two: Path, experiment: str = "full") -> tuple[Diffs, dict
     if experiment == "decoupling":
         info.update(_compare_params(diffs, one, two))
         return diffs, info
-    abl1, abl2 = _analyses(one, "ablation"), _analyses(two, "ablation")
+    abl1, abl2 = read_analyses(one, ["ablation"]), read_analyses(two, ["ablation"])
     if len(abl1) != len(abl2) or not abl1:
         diffs.missing.append(f"ablation rows: {len(abl1)} vs {len(abl2)}")
     for r1, r2 in zip(abl1, abl2, strict=False):
@@ -335,18 +324,21 @@ def compare(one: Path, two: Path, experiment: str = "full") -> tuple[Diffs, dict
     info.update(
         ablation_rows=[len(abl1), len(abl2)],
         perturbation_rows=[
-            len(_analyses(one, "perturbation")),
-            len(_analyses(two, "perturbation")),
+            len(read_analyses(one, ["perturbation"])),
+            len(read_analyses(two, ["perturbation"])),
         ],
-        gap_flow_rows=[len(_analyses(one, "gap_flow")), len(_analyses(two, "gap_flow"))],
-        class_rows=[len(_analyses(one, "classes")), len(_analyses(two, "classes"))],
+        gap_flow_rows=[
+            len(read_analyses(one, ["gap_flow"])),
+            len(read_analyses(two, ["gap_flow"])),
+        ],
+        class_rows=[len(read_analyses(one, ["classes"])), len(read_analyses(two, ["classes"]))],
     )
     return diffs, info
 
 
 def _compare_perturbation(diffs: Diffs, one: Path, two: Path) -> None:
     """Max KL per direction and v_kᵀHv_k (HVP, central difference) of each call."""
-    rows1, rows2 = _analyses(one, "perturbation"), _analyses(two, "perturbation")
+    rows1, rows2 = read_analyses(one, ["perturbation"]), read_analyses(two, ["perturbation"])
     if len(rows1) != len(rows2) or not rows1:
         diffs.missing.append(f"perturbation rows: {len(rows1)} vs {len(rows2)}")
     scaled: dict[str, list[tuple[Any, Any, str]]] = {}
@@ -373,7 +365,7 @@ CLASS_NUMBERS = ("late_grad_share", "late_rotation_deg", "functional_r2", "late_
 
 def _compare_classes(diffs: Diffs, one: Path, two: Path) -> None:
     """The class rows: the names exactly, the measurements within ``class_abs``."""
-    rows1, rows2 = _analyses(one, "classes"), _analyses(two, "classes")
+    rows1, rows2 = read_analyses(one, ["classes"]), read_analyses(two, ["classes"])
     if len(rows1) != len(rows2) or not rows1:
         diffs.missing.append(f"classes rows: {len(rows1)} vs {len(rows2)}")
     for r1, r2 in zip(rows1, rows2, strict=False):

@@ -40,7 +40,7 @@ from grokedge.callbacks.gram import analysed_module
 from grokedge.config_checks import ConfigError
 from grokedge.models import CausalTransformer
 from grokedge.module import GrokModule
-from grokedge.run_files import read_metrics
+from grokedge.run_files import metrics_by_step
 from grokedge.spectral import ParameterSelector, flat_evaluator
 from grokedge.tasks.dyck import DyckDataModule
 from grokedge.train import Run, build, compose, fit
@@ -199,13 +199,6 @@ def _callback(run: Run, kind: type):
     return found
 
 
-def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = {}
-    for row in read_metrics(run_dir):
-        out.setdefault(row["step"], {}).update(row)
-    return out
-
-
 # ------------------------------------------------------------------------------ tests
 
 
@@ -222,7 +215,7 @@ def test_full_run_writes_every_analysis(runs: Runs) -> None:
     assert "wd_removal" not in by_kind  # its trigger is off in callbacks=full
     assert {r["analysis"] for r in read_analyses(runs.root / "wd")} >= {"wd_removal"}
 
-    metrics = _metrics(runs.root / "full")
+    metrics = metrics_by_step(runs.root / "full")
     last = metrics[STEPS]
     names = [
         "ablation/edge_dacc",
@@ -299,7 +292,7 @@ def test_resumed_run_continues_the_cadences(runs: Runs) -> None:
         a.pop("seconds"), b.pop("seconds")
         assert _close(a, b), (a["analysis"], a, b)
     prefixes = ("ablation/", "perturb/", "curvature/", "probe/")
-    m_full, m_res = _metrics(runs.root / "full"), _metrics(runs.root / "resumed")
+    m_full, m_res = metrics_by_step(runs.root / "full"), metrics_by_step(runs.root / "resumed")
     for step in (s for s in m_full if s > CUT):
         want = {k: v for k, v in m_full[step].items() if k.startswith(prefixes)}
         got = {k: v for k, v in m_res.get(step, {}).items() if k.startswith(prefixes)}
@@ -361,7 +354,7 @@ def test_wd_removal_sets_the_groups_and_the_split_follows(runs: Runs) -> None:
     assert gram.edge.wd_proj[2:].abs().max() == 0.0
     assert gram.edge.wd_proj[:2].abs().max() > 0
 
-    metrics = _metrics(runs.root / "wd")
+    metrics = metrics_by_step(runs.root / "wd")
     assert metrics[WD_AT]["wd/removed_step"] == WD_AT
     for step in (WD_AT, 40, 50, 60):
         for name in ("wd/theta_norm", "wd/theta_norm_selected", "wd/attn_entropy", "wd/linear_r2"):
@@ -385,7 +378,7 @@ def test_decoupling_removes_v1_from_the_gradient_part(runs: Runs) -> None:
     assert len(before) == DECOUPLE_AT - 2 * INTERVAL and len(after) == 45 - DECOUPLE_AT
     assert max(before) > 1e-3, before  # the gradient part does have a v_1 component...
     assert max(after) < 1e-5, after  # ...until the decoupling removes it, every step
-    metrics = _metrics(runs.root / "decoupled")
+    metrics = metrics_by_step(runs.root / "decoupled")
     assert metrics[DECOUPLE_AT]["decouple/start_step"] == DECOUPLE_AT
     m = metrics[35]
     assert m["decouple/steps"] == 10

@@ -23,7 +23,7 @@ from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import ClassCallback, GapFlowCallback, find_gram_callback
 from grokedge.callbacks.gram import analysed_module
 from grokedge.config_checks import ConfigError
-from grokedge.run_files import read_metrics
+from grokedge.run_files import metrics_by_step
 from grokedge.spectral.classes import CLASS_CODES, CLASSES, UNDETERMINED
 from grokedge.train import Run, build, compose, fit
 
@@ -97,13 +97,6 @@ def _callback(run: Run, kind: type):
     return found
 
 
-def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = {}
-    for row in read_metrics(run_dir):
-        out.setdefault(row["step"], {}).update(row)
-    return out
-
-
 def _sigma_by_step(run_dir: Path) -> dict[int, list[float]]:
     """σ of every window, as the EdgeAlignmentCallback wrote it (not the code under test)."""
     return {r["step"]: r["sigma"] for r in read_analyses(run_dir, ["gram_spectrum"])}
@@ -118,7 +111,7 @@ def test_gap_flow_rows_use_the_windows_spectrum_and_the_runs_optimizer(runs: Run
     rows = read_analyses(root, ["gap_flow"])
     assert [r["step"] for r in rows] == WINDOWS
     sigmas = _sigma_by_step(root)
-    metrics = _metrics(root)
+    metrics = metrics_by_step(root)
     for r in rows:
         sigma, k = sigmas[r["step"]], r["k"]
         assert r["edge_step"] == r["step"]

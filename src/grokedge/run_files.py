@@ -106,6 +106,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def metrics_by_step(run_dir: str | Path) -> dict[int, dict[str, float]]:
+    """The rows of a run's ``metrics.jsonl`` merged per step (``step`` kept in each row;
+    a key logged twice at one step keeps its later value)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for row in read_metrics(run_dir):
+        by_step.setdefault(int(row["step"]), {}).update(row)
+    return by_step
+
+
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     """Write ``summary.json`` (NaN/inf as null: it must stay valid JSON)."""
 
