@@ -173,7 +173,7 @@ def load_run(path: Path, name: str | None = None) -> RunData:
         except json.JSONDecodeError as e:
             run.failure = f"summary.json unreadable ({e.msg})"
     run.metrics = _read_jsonl(path / METRICS_FILE)
-    run.analyses = read_analyses(path) if (path / ANALYSES_FILE).is_file() else []
+    run.analyses = read_analyses(path)  # [] when the run wrote none
     if run.summary is None and not run.failure:
         run.failure = "no summary.json (still running, killed, or crashed before the end)"
     elif run.summary is not None and run.summary.get("status") == FAILED:
