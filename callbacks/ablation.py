@@ -12,7 +12,12 @@ its newest edge vectors:
   (QR of Gaussians; the paper's control);
 - ``matched``: θ + Δθ for ``n_random`` random directions with ‖Δθ‖ = ‖θ − θ_edge‖, the
   edge removal's displacement (the norm-matched control: a random subspace holds only
-  ~2/p of ‖θ‖², so the paper's control barely moves θ).
+  ~2/p of ‖θ‖², so the paper's control barely moves θ);
+- ``shrink``: θ·(1 − d/‖θ‖), θ moved the same distance d = ‖θ − θ_edge‖ straight toward
+  0 (clamped at 0 when d > ‖θ‖). Where the edge lies along θ its removal shortens θ,
+  which a random displacement (nearly orthogonal to θ) does not; the shrink spends the
+  whole distance on shortening θ, so it removes 1 − (1 − d/‖θ‖)² of ‖θ‖², never less
+  than the edge's d²/‖θ‖² (both shares are recorded).
 
 Under DDP with a sharded GramCallback every rank runs the analysis on its slice of θ and
 of the edge vectors: projections and norms are partial dot products summed over ranks,
@@ -72,7 +77,7 @@ def _unseen_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> fl
 
 
 class AblationCallback(AnalysisCallback):
-    """Edge ablation with random and norm-matched controls, on a cadence and at grok.
+    """Edge ablation with random, norm-matched and shrink controls, on a cadence and at grok.
 
     Needs a :class:`~grokedge.callbacks.gram.GramCallback` (before it in the callback list)
     with ``top_k >= 2`` (``>= 4`` for the bulk removal).
@@ -105,13 +110,19 @@ class AblationCallback(AnalysisCallback):
         ``ablation/edge_z`` = (Δ_edge − mean Δ_random) / sd (absent when the random
         controls have no spread), ``ablation/matched_dacc_mean``,
         ``ablation/matched_dacc_sd``, ``ablation/matched_ratio`` (the ratio against the
-        norm-matched control), ``ablation/matched_z``, ``ablation/base_acc``,
-        ``ablation/displacement`` (‖θ − θ_edge‖, parameter units),
+        norm-matched control), ``ablation/matched_z``, ``ablation/shrink_dacc``,
+        ``ablation/shrink_dloss``, ``ablation/shrink_ratio`` = |Δ_edge acc| /
+        (|Δ_shrink acc| + 1e-8), ``ablation/shrink_factor`` (1 − d/‖θ‖, clamped at 0),
+        ``ablation/base_acc``, ``ablation/displacement`` (‖θ − θ_edge‖, parameter units),
+        ``ablation/theta_sq_removed_frac`` and ``ablation/shrink_theta_sq_removed_frac``
+        (share of ‖θ_sel‖² the edge removal and the shrink delete, 1 − ‖θ'‖²/‖θ‖²),
         ``ablation/edge_dacc_unseen`` (on the subset's rows unseen in training).
 
     Writes one ``ablation`` row per call to ``analyses.jsonl`` (every Δ, both summaries,
-    the edge's σ and step, the trigger and the seconds it took) and the W&B table
-    ``ablation/table``.
+    ``edge`` and ``shrink`` each with ``dacc``, ``dloss``, ``displacement`` and
+    ``theta_sq_removed_frac`` — the shrink also ``factor`` and ``clamped`` —,
+    ``theta_norm``, the edge's σ and step, the trigger and the seconds it took) and the
+    W&B table ``ablation/table`` (one ``shrink`` row).
 
     Example:
         >>> callbacks = [GramCallback(interval=100), AblationCallback(every=500)]
@@ -221,8 +232,14 @@ class AblationCallback(AnalysisCallback):
             "ablation/matched_dacc_sd": acc_m["random_sd"],
             "ablation/matched_ratio": acc_m["ratio"],
             "ablation/matched_z": acc_m["z"],
+            "ablation/shrink_dacc": result["shrink_dacc"],
+            "ablation/shrink_dloss": result["shrink_dloss"],
+            "ablation/shrink_ratio": result["shrink_ratio"],
+            "ablation/shrink_factor": result["shrink_factor"],
             "ablation/base_acc": base_acc,
             "ablation/displacement": result["displacement"],
+            "ablation/theta_sq_removed_frac": result["theta_sq_removed_frac"],
+            "ablation/shrink_theta_sq_removed_frac": result["shrink_theta_sq_removed_frac"],
             "ablation/edge_dacc_unseen": unseen_dacc,
         }
         fields = {
@@ -233,7 +250,21 @@ class AblationCallback(AnalysisCallback):
             "edge_dim": int(basis.shape[0]),
             "base_acc": base_acc,
             "base_loss": base_loss,
-            "edge": {"dacc": d_acc, "dloss": d_loss},
+            "edge": {
+                "dacc": d_acc,
+                "dloss": d_loss,
+                "displacement": result["displacement"],
+                "theta_sq_removed_frac": result["theta_sq_removed_frac"],
+            },
+            "shrink": {
+                "dacc": result["shrink_dacc"],
+                "dloss": result["shrink_dloss"],
+                "displacement": result["shrink_displacement"],
+                "theta_sq_removed_frac": result["shrink_theta_sq_removed_frac"],
+                "factor": result["shrink_factor"],
+                "clamped": result["shrink_clamped"],
+            },
+            "theta_norm": result["theta_norm"],
             "v1": removals["v1"],
             "bulk": removals["bulk"],
             "edge_dacc_unseen": unseen_dacc,
@@ -251,6 +282,7 @@ class AblationCallback(AnalysisCallback):
             ["edge", 0, d_acc, d_loss],
             ["v1", 0, removals["v1"]["dacc"], removals["v1"]["dloss"]],
             ["bulk", 0, removals["bulk"]["dacc"], removals["bulk"]["dloss"]],
+            ["shrink", 0, result["shrink_dacc"], result["shrink_dloss"]],
         ]
         for kind in ("random", "matched"):
             pairs = zip(result[f"{kind}_dacc"], result[f"{kind}_dloss"], strict=True)

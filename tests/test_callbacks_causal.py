@@ -227,6 +227,12 @@ def test_full_run_writes_every_analysis(runs: Runs) -> None:
         "ablation/ratio",
         "ablation/matched_dacc_mean",
         "ablation/matched_ratio",
+        "ablation/shrink_dacc",
+        "ablation/shrink_dloss",
+        "ablation/shrink_ratio",
+        "ablation/shrink_factor",
+        "ablation/theta_sq_removed_frac",
+        "ablation/shrink_theta_sq_removed_frac",
         *(f"perturb/max_kl_v{k}" for k in (1, 2, 3, 4)),
         *(f"perturb/max_dloss_v{k}" for k in (1, 2, 3, 4)),
         *(f"curvature/fd_v{k}" for k in (1, 2, 3, 4)),
@@ -245,6 +251,16 @@ def test_full_run_writes_every_analysis(runs: Runs) -> None:
     (abl,) = [r for r in read_analyses(runs.root / "full", ["ablation"]) if r["step"] == STEPS]
     assert abl["displacement"] > 0 and len(abl["matched_dacc"]) == 3
     assert abl["n_sequences"] == 40.0 and abl["n_rows"] <= 40
+    # The shrink moves θ as far, straight toward 0: ‖θ‖² loses 1 − c² of itself, the edge
+    # removal d²/‖θ‖² (both measured on the float32 vectors).
+    edge, shrink = abl["edge"], abl["shrink"]
+    assert edge["displacement"] == abl["displacement"] and shrink["clamped"] is False
+    assert shrink["displacement"] == pytest.approx(abl["displacement"], rel=1e-5)
+    assert shrink["factor"] == pytest.approx(1 - abl["displacement"] / abl["theta_norm"])
+    r_sq = (abl["displacement"] / abl["theta_norm"]) ** 2
+    assert edge["theta_sq_removed_frac"] == pytest.approx(r_sq, rel=1e-3, abs=1e-5)
+    assert shrink["theta_sq_removed_frac"] == pytest.approx(1 - shrink["factor"] ** 2, abs=1e-5)
+    assert {"dacc", "dloss"} <= shrink.keys() and math.isfinite(shrink["dacc"])
     (pert,) = [r for r in read_analyses(runs.root / "full", ["perturbation"]) if r["step"] == 60]
     assert len(pert["sweep"]) == 4 * 5 and len(pert["path_points"]) == 4
     zero = [r for r in pert["sweep"] if r["epsilon"] == 0.0]

@@ -29,7 +29,18 @@ from grokedge.spectral import (
     subspace_coefficients,
     sweep_extremes,
 )
+from grokedge.spectral.ablation import (
+    shrink_factor,
+    shrink_toward_zero,
+    theta_sq_removed_fraction,
+)
 from grokedge.spectral.perturbation import IGNORE_LABEL
+from grokedge.spectral.sharding import (
+    Shard,
+    sharded_ablation_experiment,
+    sharded_shrink_toward_zero,
+)
+from tests.test_spectral_sharding import ThreadCollective, _toy_evaluate, run_ranks
 
 ORTHO_TOL = 1e-6
 P = 500
@@ -94,6 +105,105 @@ def test_float32_theta_keeps_its_dtype():
     out = remove_subspace(theta, basis)
     assert out.dtype == torch.float32
     assert float((basis.double() @ out.double()).abs().max()) < ORTHO_TOL
+
+
+# ---------------------------------------------------------------------------- shrink
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shrink_toward_zero_by_brute_force(dtype):
+    theta = gauss(P, seed=40).to(dtype)
+    values = [float(x) for x in theta]
+    norm = math.sqrt(sum(x * x for x in values))  # ‖θ‖ by hand, in Python floats
+    d = 0.37 * norm
+    expected = torch.tensor([x * (1.0 - d / norm) for x in values], dtype=torch.float64)
+    out = shrink_toward_zero(theta, d)
+    assert out.dtype == dtype
+    assert torch.allclose(out.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-13)
+    moved = float((theta.double() - out.double()).norm())
+    assert moved == pytest.approx(d, rel=1e-6)
+    assert shrink_factor(d, norm) == (pytest.approx(0.63), False)
+    # A given whole-vector norm is used as is (a slice's own norm would be smaller).
+    half = shrink_toward_zero(theta, d, theta_norm=2 * norm)
+    assert torch.allclose(half.double(), theta.double() * (1.0 - d / (2 * norm)), rtol=1e-6)
+    # It is the displacement of length d that shortens θ most: the triangle inequality's
+    # bound ‖θ'‖ = ‖θ‖ − d, so ‖θ‖² loses 1 − (1 − 0.37)² of itself.
+    assert float(out.double().norm()) == pytest.approx(norm - d, rel=1e-6)
+    frac = theta_sq_removed_fraction(norm, float(out.double().norm()))
+    assert frac == pytest.approx(1 - 0.63**2, rel=1e-6)
+
+
+def test_shrink_clamps_at_zero():
+    theta = gauss(P, seed=41)
+    norm = float(theta.norm())
+    assert shrink_factor(2.5 * norm, norm) == (0.0, True)
+    out = shrink_toward_zero(theta, 2.5 * norm)
+    assert torch.equal(out, torch.zeros(P, dtype=torch.float64))  # displacement ‖θ‖ < d
+    assert theta_sq_removed_fraction(norm, 0.0) == 1.0
+    # Exactly ‖θ‖ reaches 0 without clamping; d = 0 moves nothing, even at θ = 0.
+    assert shrink_factor(norm, norm) == (0.0, False)
+    assert torch.equal(shrink_toward_zero(theta, 0.0), theta)
+    assert shrink_factor(0.0, 0.0) == (1.0, False) and shrink_factor(1e-3, 0.0) == (0.0, True)
+    assert math.isnan(theta_sq_removed_fraction(0.0, 0.0))
+    with pytest.raises(ValueError):
+        shrink_factor(-1.0, norm)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_shrink_equals_the_whole_vector_one(world: int) -> None:
+    p = 3001
+    theta = gauss(p, seed=42)
+    norm = float(theta.norm())
+
+    def rank(r: int, coll: ThreadCollective) -> list[torch.Tensor]:
+        shard = Shard.of(p, coll)
+        return [
+            shard.gather(sharded_shrink_toward_zero(shard.take(theta), d, shard))
+            for d in (0.3 * norm, 1.5 * norm)  # the second one clamps
+        ]
+
+    for shrunk, clamped in run_ranks(world, rank):
+        torch.testing.assert_close(
+            shrunk, shrink_toward_zero(theta, 0.3 * norm), rtol=1e-13, atol=0
+        )
+        assert torch.equal(clamped, torch.zeros(p, dtype=torch.float64))
+    one = sharded_shrink_toward_zero(theta, 0.3 * norm, Shard.of(p))
+    assert torch.equal(one, shrink_toward_zero(theta, 0.3 * norm))
+
+
+SHRINK_KEYS = (
+    "theta_norm",
+    "theta_sq_removed_frac",
+    "shrink_loss",
+    "shrink_acc",
+    "shrink_dloss",
+    "shrink_dacc",
+    "shrink_displacement",
+    "shrink_factor",
+    "shrink_theta_sq_removed_frac",
+    "shrink_ratio",
+)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_ablation_shrink_equals_the_dense_one(world: int) -> None:
+    p = 3001
+    evaluate = _toy_evaluate(p)
+    theta = gauss(p, seed=43)
+    basis = random_orthonormal_subspace(2, p, 98, 0, dtype=torch.float64)
+    dense = ablation_experiment(evaluate, theta, basis, {}, n_random=2, seed=1)
+    assert dense["shrink_clamped"] is False and dense["shrink_dacc"] != 0.0
+
+    def rank(r: int, coll: ThreadCollective) -> dict:
+        shard = Shard.of(p, coll)
+        return sharded_ablation_experiment(
+            evaluate, shard.take(theta), shard.take(basis), {}, shard, n_random=2, seed=1
+        )
+
+    for result in run_ranks(world, rank):
+        for key in SHRINK_KEYS:
+            assert math.isclose(result[key], dense[key], rel_tol=1e-10, abs_tol=1e-12), key
+        assert result["shrink_clamped"] is False
 
 
 # ---------------------------------------------------------------------------- random draws
@@ -179,6 +289,19 @@ def test_ablation_experiment_displacements():
         assert d == pytest.approx(float((sub @ theta0).norm()))
     assert out["acc_matched"]["random_sd"] == pytest.approx(0.0, abs=1e-12)
     assert out["loss_random"]["n_random"] == 6
+    # The shrink moves θ the same distance, straight toward 0; the edge removal deletes
+    # r² of ‖θ‖², the shrink 1 − (1 − r)², with r = d/‖θ‖.
+    norm = float(theta0.norm())
+    r = removed / norm
+    assert out["theta_norm"] == pytest.approx(norm, rel=1e-12)
+    assert out["shrink_dloss"] == pytest.approx(removed, rel=1e-12)
+    assert out["shrink_dacc"] == pytest.approx(-removed, rel=1e-12)
+    assert out["shrink_displacement"] == pytest.approx(removed, rel=1e-12)
+    assert out["shrink_factor"] == pytest.approx(1 - r, rel=1e-12)
+    assert out["shrink_clamped"] is False
+    assert out["theta_sq_removed_frac"] == pytest.approx(r**2, rel=1e-9)
+    assert out["shrink_theta_sq_removed_frac"] == pytest.approx(1 - (1 - r) ** 2, rel=1e-9)
+    assert out["shrink_ratio"] == pytest.approx(1.0, rel=1e-6)  # |Δ_edge| = |Δ_shrink| here
 
 
 # ---------------------------------------------------------------------------- KL and sweeps

@@ -6,7 +6,16 @@ with the same removal along random orthonormal subspaces of the same dimension. 
 random k-dimensional subspace of R^p holds only about k/p of ‖θ‖², so that control
 moves θ by almost nothing and the paper's ratio |Δ_edge| / |mean Δ_random| divides by
 nearly zero (§5). The *norm-matched* control fixes this: random directions scaled so
-that ‖Δθ‖ equals the edge removal's displacement ‖θ − θ'‖.
+that ‖Δθ‖ equals the edge removal's displacement d = ‖θ − θ'‖.
+
+The edge, however, can lie largely along θ: removing it then deletes a large share of
+‖θ‖², while a random direction of R^p is nearly orthogonal to θ, so the
+norm-matched displacement leaves ‖θ‖ almost unchanged. The *shrink* control moves θ the
+same distance d straight toward 0, θ' = θ·(1 − d/‖θ‖): if the edge's effect were only
+that of a smaller weight norm, the shrink would show it too. It is deterministic (no
+draws). Both removals record the share of ‖θ‖² they delete
+(:func:`theta_sq_removed_fraction`): at equal distance d = r‖θ‖ the edge removes r², the
+shrink 1 − (1 − r)² (more: it is the displacement of length d that shortens θ most).
 
 All vectors live in the flat layout of :class:`~grokedge.spectral.ParameterSelector`
 (θ_sel ∈ R^p, parameter units). Random draws are made on the CPU from a seed derived
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -102,6 +112,62 @@ def remove_subspace(
     coeffs = subspace_coefficients(theta, basis) if coefficients is None else coefficients
     removed = coeffs.to(theta.device, torch.float64) @ basis.to(torch.float64)
     return (theta.to(torch.float64) - removed).to(theta.dtype)
+
+
+# ---------------------------------------------------------------------------- shrink
+
+
+def shrink_factor(distance: float, theta_norm: float) -> tuple[float, bool]:
+    """The factor c = 1 − d/‖θ‖ with ‖θ − c·θ‖ = d: θ moved straight toward 0 by d.
+
+    Args:
+        distance: d >= 0, parameter units (the edge removal's displacement ‖θ − θ_edge‖).
+        theta_norm: ‖θ‖ >= 0 of the whole vector, parameter units.
+    Returns:
+        (c in [0, 1], clamped). ``clamped`` is True when d > ‖θ‖: θ cannot move further
+        toward 0 than 0 itself, so c = 0 and the displacement is ‖θ‖ < d. d = 0 gives
+        c = 1 (nothing moves, even for θ = 0).
+    """
+    if distance < 0 or theta_norm < 0:
+        raise ValueError(f"need distance, theta_norm >= 0, got {distance}, {theta_norm}")
+    if distance == 0:
+        return 1.0, False
+    if distance > theta_norm:
+        return 0.0, True
+    return 1.0 - distance / theta_norm, False
+
+
+def shrink_toward_zero(
+    theta: Tensor, distance: float, *, theta_norm: float | None = None
+) -> Tensor:
+    """θ' = θ·max(0, 1 − d/‖θ‖): the shrink control (see :func:`shrink_factor`).
+
+    Args:
+        theta: [p] flat selected parameters (or this rank's slice of them).
+        distance: d, parameter units.
+        theta_norm: ‖θ‖ of the whole vector when ``theta`` is a slice (summed over ranks,
+            as ``sharding.sharded_shrink_toward_zero`` does); computed here if None. The
+            factor is a function of the whole vector's norm, so every slice is scaled
+            alike and the slices together are the whole vector's shrink.
+    Returns:
+        [p] θ', same dtype and device as ``theta`` (scaled in float64). ‖θ − θ'‖ =
+        min(d, ‖θ‖) up to ``theta``'s rounding.
+    """
+    if theta_norm is None:
+        theta_norm = float(torch.linalg.vector_norm(theta.to(torch.float64)))
+    factor, _ = shrink_factor(distance, theta_norm)
+    return (theta.to(torch.float64) * factor).to(theta.dtype)
+
+
+def theta_sq_removed_fraction(theta_norm: float, moved_norm: float) -> float:
+    """Share of ‖θ‖² a change θ → θ' deletes: 1 − ‖θ'‖²/‖θ‖² (NaN for θ = 0).
+
+    Negative when θ' is longer than θ (a norm-matched displacement nearly orthogonal to θ
+    lengthens it slightly). Both norms are of whole vectors, parameter units.
+    """
+    if theta_norm == 0:
+        return math.nan
+    return 1.0 - (moved_norm / theta_norm) ** 2
 
 
 # ---------------------------------------------------------------------------- random draws
@@ -257,6 +323,26 @@ def ablation_summary(delta_edge: float, deltas_random: Sequence[float] | Tensor)
 # ---------------------------------------------------------------------------- experiment
 
 
+@dataclass(frozen=True)
+class ShrinkMeasure:
+    """What the shrink control measured (whole-vector quantities).
+
+    Attributes:
+        loss, acc: metrics at θ·c (loss in nats, accuracy in [0, 1]).
+        displacement: ‖θ − θ·c‖, parameter units (= d unless clamped).
+        norm: ‖θ·c‖, parameter units.
+        factor: c (:func:`shrink_factor`).
+        clamped: d > ‖θ‖, so c = 0.
+    """
+
+    loss: float
+    acc: float
+    displacement: float
+    norm: float
+    factor: float
+    clamped: bool
+
+
 def ablation_experiment(
     evaluate: FlatEvaluate,
     theta: Tensor,
@@ -265,12 +351,13 @@ def ablation_experiment(
     n_random: int = DEFAULT_N_RANDOM,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Edge removal with both controls, on one evaluation batch.
+    """Edge removal with its three controls, on one evaluation batch.
 
     1. edge: θ' = :func:`remove_subspace` (θ, ``basis``);
     2. random: the same removal along ``n_random`` random orthonormal subspaces of the
        same dimension (the paper's control);
-    3. norm-matched: θ + Δθ for ``n_random`` random Δθ with ‖Δθ‖ = ‖θ − θ'‖.
+    3. norm-matched: θ + Δθ for ``n_random`` random Δθ with ‖Δθ‖ = d = ‖θ − θ'‖;
+    4. shrink: θ·(1 − d/‖θ‖) (:func:`shrink_toward_zero`), the same distance d along −θ.
 
     Args:
         evaluate: ``(flat θ [p], batch) -> (loss, acc, logits)`` (see
@@ -283,13 +370,29 @@ def ablation_experiment(
         dict: ``base_loss``, ``base_acc``, ``edge_loss``, ``edge_acc``, ``displacement``
         (‖θ − θ'‖, parameter units), ``random_dacc``/``random_dloss`` and
         ``matched_dacc``/``matched_dloss`` (lists), and ``acc_random``, ``loss_random``,
-        ``acc_matched``, ``loss_matched``: :func:`ablation_summary` of each.
+        ``acc_matched``, ``loss_matched``: :func:`ablation_summary` of each; see
+        :func:`ablation_result` for the norms and the shrink control's keys.
     """
     with torch.no_grad():
         base_loss, base_acc, _ = _scalars(evaluate(theta, batch))
         edge_theta = remove_subspace(theta, basis)
         edge_loss, edge_acc, _ = _scalars(evaluate(edge_theta, batch))
         displacement = float(torch.linalg.vector_norm((theta - edge_theta).to(torch.float64)))
+        theta_norm = float(torch.linalg.vector_norm(theta.to(torch.float64)))
+        edge_norm = float(torch.linalg.vector_norm(edge_theta.to(torch.float64)))
+        factor, clamped = shrink_factor(displacement, theta_norm)
+        shrunk = shrink_toward_zero(theta, displacement, theta_norm=theta_norm)
+        shrink_loss, shrink_acc, _ = _scalars(evaluate(shrunk, batch))
+        # Measured on the vectors (not min(d, ‖θ‖)): θ' carries θ's dtype rounding, as
+        # the edge removal's displacement does.
+        shrink = ShrinkMeasure(
+            loss=shrink_loss,
+            acc=shrink_acc,
+            displacement=float(torch.linalg.vector_norm((theta - shrunk).to(torch.float64))),
+            norm=float(torch.linalg.vector_norm(shrunk.to(torch.float64))),
+            factor=factor,
+            clamped=clamped,
+        )
         k, p = basis.shape
         random_d: list[tuple[float, float]] = []
         for sub in iter_random_orthonormal_subspaces(
@@ -304,7 +407,16 @@ def ablation_experiment(
             loss, acc, _ = _scalars(evaluate(theta + delta, batch))
             matched_d.append((loss - base_loss, acc - base_acc))
     return ablation_result(
-        base_loss, base_acc, edge_loss, edge_acc, displacement, random_d, matched_d
+        base_loss,
+        base_acc,
+        edge_loss,
+        edge_acc,
+        displacement,
+        random_d,
+        matched_d,
+        theta_norm=theta_norm,
+        edge_norm=edge_norm,
+        shrink=shrink,
     )
 
 
@@ -316,17 +428,42 @@ def ablation_result(
     displacement: float,
     random_d: Sequence[tuple[float, float]],
     matched_d: Sequence[tuple[float, float]],
+    *,
+    theta_norm: float,
+    edge_norm: float,
+    shrink: ShrinkMeasure,
 ) -> dict[str, Any]:
     """The dict of :func:`ablation_experiment` from its measurements ((Δloss, Δacc) per
-    random subspace and per norm-matched displacement); shared with the sharded form
-    (``sharding.sharded_ablation_experiment``)."""
+    random subspace and per norm-matched displacement, the norms ‖θ‖ and ‖θ_edge‖, the
+    shrink control's); shared with the sharded form (``sharding.sharded_ablation_experiment``).
+
+    Besides the keys listed in :func:`ablation_experiment`: ``theta_norm`` (‖θ‖),
+    ``theta_sq_removed_frac`` (share of ‖θ‖² the edge removal deletes,
+    :func:`theta_sq_removed_fraction`); ``shrink_loss``, ``shrink_acc``, ``shrink_dloss``,
+    ``shrink_dacc``, ``shrink_displacement`` (‖θ − θ_shrink‖), ``shrink_factor``,
+    ``shrink_clamped``, ``shrink_theta_sq_removed_frac``; ``shrink_ratio`` =
+    |Δ_edge acc| / (|Δ_shrink acc| + 1e-8), the paper's ratio against the shrink.
+    """
     d_loss, d_acc = edge_loss - base_loss, edge_acc - base_acc
+    shrink_dacc = shrink.acc - base_acc
     return {
         "base_loss": base_loss,
         "base_acc": base_acc,
         "edge_loss": edge_loss,
         "edge_acc": edge_acc,
         "displacement": displacement,
+        "theta_norm": theta_norm,
+        "theta_sq_removed_frac": theta_sq_removed_fraction(theta_norm, edge_norm),
+        "shrink_loss": shrink.loss,
+        "shrink_acc": shrink.acc,
+        "shrink_dloss": shrink.loss - base_loss,
+        "shrink_dacc": shrink_dacc,
+        "shrink_displacement": shrink.displacement,
+        "shrink_factor": shrink.factor,
+        "shrink_clamped": shrink.clamped,
+        "shrink_theta_sq_removed_frac": theta_sq_removed_fraction(theta_norm, shrink.norm),
+        # One deterministic control: a ratio, but no spread for a z or an ablation_summary.
+        "shrink_ratio": abs(d_acc) / (abs(shrink_dacc) + RATIO_FLOOR),
         "random_dloss": [x[0] for x in random_d],
         "random_dacc": [x[1] for x in random_d],
         "matched_dloss": [x[0] for x in matched_d],

@@ -31,12 +31,15 @@ from torch import Tensor
 
 from grokedge.spectral.ablation import (
     DEFAULT_N_RANDOM,
+    ShrinkMeasure,
     ablation_experiment,
     ablation_result,
     draw_generator,
     random_displacement,
     random_orthonormal_subspace,
     remove_subspace,
+    shrink_factor,
+    shrink_toward_zero,
     subspace_coefficients,
 )
 from grokedge.spectral.edge import EdgeState, compute_edge
@@ -382,9 +385,10 @@ def sharded_ablation_experiment(
 
     Projections and norms are partial dot products summed over ranks: the edge
     coefficients θ·v_k, the random subspaces' Gram (Cholesky-QR), the norm-matched
-    displacements' norms, ‖θ − θ'‖. The model, however, is evaluated on whole parameter
-    vectors, so each ablated or displaced θ is all-gathered from its slices (one p-vector
-    per evaluation: 2 + 2·``n_random`` gathers). The random draws are those of the
+    displacements' norms, ‖θ − θ'‖, ‖θ‖ (the shrink factor), ‖θ_edge‖, ‖θ_shrink‖ and
+    ‖θ − θ_shrink‖. The model, however, is evaluated on whole parameter vectors, so each
+    ablated, shrunk or displaced θ is all-gathered from its slices (one p-vector per
+    evaluation: 3 + 2·``n_random`` gathers). The random draws are those of the
     single-process experiment (:func:`gaussian_rows`), so results agree with a 1-process
     run to float round-off. On one rank it is ``ablation_experiment`` itself.
 
@@ -404,6 +408,21 @@ def sharded_ablation_experiment(
         edge_slice = sharded_remove_subspace(theta, basis, shard)
         edge_loss, edge_acc = _scalars2(evaluate(shard.gather(edge_slice), batch))
         displacement = shard.norm((theta - edge_slice).to(torch.float64))
+        theta_norm = shard.norm(theta.to(torch.float64))
+        edge_norm = shard.norm(edge_slice.to(torch.float64))
+        # The factor comes from the whole vector's norm, so every rank scales its slice by
+        # the same c and the slices make up the single-process shrink.
+        factor, clamped = shrink_factor(displacement, theta_norm)
+        shrunk = shrink_toward_zero(theta, displacement, theta_norm=theta_norm)
+        shrink_loss, shrink_acc = _scalars2(evaluate(shard.gather(shrunk), batch))
+        shrink = ShrinkMeasure(
+            loss=shrink_loss,
+            acc=shrink_acc,
+            displacement=shard.norm((theta - shrunk).to(torch.float64)),
+            norm=shard.norm(shrunk.to(torch.float64)),
+            factor=factor,
+            clamped=clamped,
+        )
         k = basis.shape[0]
         random_d: list[tuple[float, float]] = []
         for index in range(n_random):
@@ -419,8 +438,26 @@ def sharded_ablation_experiment(
             loss, acc = _scalars2(evaluate(shard.gather(theta + delta), batch))
             matched_d.append((loss - base_loss, acc - base_acc))
     return ablation_result(
-        base_loss, base_acc, edge_loss, edge_acc, displacement, random_d, matched_d
+        base_loss,
+        base_acc,
+        edge_loss,
+        edge_acc,
+        displacement,
+        random_d,
+        matched_d,
+        theta_norm=theta_norm,
+        edge_norm=edge_norm,
+        shrink=shrink,
     )
+
+
+def sharded_shrink_toward_zero(theta: Tensor, distance: float, shard: Shard) -> Tensor:
+    """This rank's slice of θ·max(0, 1 − d/‖θ‖) (collective: ‖θ‖² is summed over ranks).
+    ``theta`` [n_local], ``distance`` d in parameter units; on one rank
+    ``ablation.shrink_toward_zero`` itself."""
+    if not shard.sharded:
+        return shrink_toward_zero(theta, distance)
+    return shrink_toward_zero(theta, distance, theta_norm=shard.norm(theta.to(torch.float64)))
 
 
 def sharded_remove_subspace(theta: Tensor, basis: Tensor, shard: Shard) -> Tensor:
