@@ -44,6 +44,7 @@ from grokedge.callbacks.common import (
     check_int,
     hidden_for_probe,
     model_inputs,
+    probe_data,
     probe_target_tensors,
     trace_of,
 )
@@ -62,7 +63,6 @@ from grokedge.spectral.classes import (
     predicted_class,
 )
 from grokedge.spectral.probes import functional_r2 as functional_r2_score
-from grokedge.spectral.probes import hidden_states_and_targets
 
 CLASS_KEY = "callbacks.classes"
 CLASSES = "classes"
@@ -93,7 +93,7 @@ class ClassCallback(AnalysisCallback):
             ``AblationCallback``.
         eps_fraction: ε = eps_fraction · ‖θ_sel‖ along v_1 (the paper: 0.005).
         block: block whose output is read (-1: the last, before the final LayerNorm).
-        folds: K of the linear probe's grouped K-fold (capped at the number of sequences).
+        folds: K of the linear probe's grouped K-fold (capped at the number of strings).
         seed: seed of the folds.
         min_late, tail: "late" windows are the ``late``-phase ones if there are at least
             ``min_late``, else the last ``tail`` windows.
@@ -286,9 +286,8 @@ class ClassCallback(AnalysisCallback):
         perturbed = hidden_for_probe(trace, self.block)
         declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
         target = declared[next(iter(declared))]
-        weight = batch.get("weight")
-        a = hidden_states_and_targets(base, target, weight)
-        b = hidden_states_and_targets(perturbed, target, weight)
+        a = probe_data(trainer.datamodule, net, batch, base, target)
+        b = probe_data(trainer.datamodule, net, batch, perturbed, target)
         n_groups = len(set(a.groups.tolist()))
         if n_groups < 2:
             return math.nan, math.nan, eps, len(a.targets)

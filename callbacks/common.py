@@ -41,6 +41,7 @@ from grokedge.spectral import (
     ParameterSelector,
     flat_evaluator,
 )
+from grokedge.spectral.probes import ProbeData, hidden_states_and_targets, row_strings
 
 IGNORE_INDEX = -100
 """The batch contract's unlabelled marker (``grokedge.tasks.base.IGNORE_INDEX``)."""
@@ -416,6 +417,34 @@ def hidden_for_probe(trace: Any, block: int) -> Tensor:
     return trace.hidden[block]
 
 
+def pad_id_of(datamodule: Any) -> int:
+    """The task's padding id (``model_dims()["pad_id"]``; 0 where it declares none)."""
+    return int(datamodule.model_dims().get("pad_id", 0))
+
+
+def probe_data(
+    datamodule: Any, net: nn.Module, batch: Batch, hidden: Tensor, target: Tensor
+) -> ProbeData:
+    """The probe samples of ``target`` [B, T] in ``hidden`` [B, T, d], grouped by string.
+
+    The one place the analyses (probes, functional R², intervention read-outs) build
+    their fold groups: a row's string is its model inputs (``net.input_keys``) read by
+    :func:`~grokedge.spectral.probes.row_strings`, the inputs aligned with ``labels`` up
+    to the row's last labelled position, a seq2seq source (``UNALIGNED_KEYS``) without
+    its trailing padding. Identical strings in several rows (an evaluation set that is not
+    deduplicated) are then one group and never straddle a fold; distinct rows keep their
+    row indices as groups.
+    """
+    labels = batch["labels"]
+    aligned, unaligned = [], []
+    for key in net.input_keys:
+        value = batch[key]
+        is_aligned = value.ndim >= 2 and value.shape[1] == labels.shape[1]
+        (aligned if is_aligned and key not in UNALIGNED_KEYS else unaligned).append(value)
+    strings = row_strings(labels, aligned, unaligned, pad_id_of(datamodule))
+    return hidden_states_and_targets(hidden, target, batch.get("weight"), strings)
+
+
 def log_now(
     trainer: L.Trainer, pl_module: L.LightningModule, values: Mapping[str, float], direct: bool
 ) -> None:
@@ -624,7 +653,7 @@ class AnalysisCallback(Callback, ABC):
             index = list(dm.eval_names).index(self.eval_set)
             loaders = dm.val_dataloader()
             loader = loaders[index] if isinstance(loaders, list | tuple) else loaders
-            pad_id = int(dm.model_dims().get("pad_id", 0))
+            pad_id = pad_id_of(dm)
             batch = fixed_subset(
                 loader_batches(loader), self.n_sequences, self.subset_seed, self.sample, pad_id
             )

@@ -24,13 +24,14 @@ from grokedge.callbacks.common import (
     check_optional_int,
     hidden_for_probe,
     log_now,
+    probe_data,
     probe_target_tensors,
     theta_norm,
     trace_of,
 )
 from grokedge.callbacks.gram import analysed_module
 from grokedge.spectral import ParameterSelector, attention_entropy, score_probes
-from grokedge.spectral.probes import LINEAR, ProbeConfig, hidden_states_and_targets
+from grokedge.spectral.probes import LINEAR, ProbeConfig
 
 
 def compression_measures(
@@ -64,7 +65,7 @@ def compression_measures(
     values[f"{prefix}/attn_entropy"] = attention_entropy(trace.attn, valid, batch.get("weight"))
     targets = probe_target_tensors(trainer.datamodule, batch, key)
     name, target = next(iter(targets.items()))
-    data = hidden_states_and_targets(hidden_for_probe(trace, block), target, batch.get("weight"))
+    data = probe_data(trainer.datamodule, net, batch, hidden_for_probe(trace, block), target)
     score = score_probes(
         data.features,
         data.targets,

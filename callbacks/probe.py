@@ -7,8 +7,9 @@ the task declares a target (``datamodule.probe_targets(batch)``: Dyck the depth;
 arithmetic the answer and both operands at the last position; SCAN the actions still to
 emit) are regressed on that target by three scikit-learn probes: linear (Ridge α = 1),
 quadratic (degree-2 features + Ridge α = 10) and an MLP (64 hidden, α = 0.01, early
-stopping), each scored by R² under K-fold cross-validation grouped by sequence (mean ±
-sd over the folds), or the paper's single random 70/30 split of positions.
+stopping), each scored by R² under K-fold cross-validation grouped by string (all
+positions of one string, in however many rows it appears, on one side of every split;
+mean ± sd over the folds), or the paper's single random 70/30 split of positions.
 
 The forward pass is a plain ``torch.no_grad`` read of the live network in eval mode; the
 probes use their own seeds (numpy), so training is unaffected. The probes themselves live
@@ -33,11 +34,12 @@ from grokedge.callbacks.common import (
     check_choices,
     check_int,
     hidden_for_probe,
+    probe_data,
     probe_target_tensors,
     trace_of,
 )
 from grokedge.callbacks.gram import analysed_module
-from grokedge.spectral import hidden_states_and_targets, score_probes
+from grokedge.spectral import score_probes
 from grokedge.spectral.probes import GROUPED_KFOLD, PROBE_KINDS, PROTOCOLS, ProbeConfig
 
 PROBE_KEY = "callbacks.probe"
@@ -71,9 +73,9 @@ class ProbeCallback(AnalysisCallback):
         kinds: probes to fit, any of ``linear``, ``quadratic``, ``mlp``.
         targets: names of the task's probe targets to score (None: all it declares; the
             first declared is the *primary* one).
-        protocol: ``grouped_kfold`` (folds grouped by sequence, mean ± sd) or
+        protocol: ``grouped_kfold`` (folds grouped by string, mean ± sd) or
             ``paper_split`` (one random 70/30 split of positions, sd undefined).
-        folds: K of the grouped K-fold (>= 2; capped at the number of sequences). The
+        folds: K of the grouped K-fold (>= 2; capped at the number of strings). The
             default 3 trains each probe on 2/3 of the sequences, close to the paper's 70 %,
             and keeps the quadratic probe (a ridge on 8,384 features, O(n²) in the
             positions) at ~10 s a call on one CPU thread; 5 folds cost ~2x.
@@ -191,7 +193,7 @@ class ProbeCallback(AnalysisCallback):
         n_samples = 0
         not_converged = 0  # MLP fits stopped by mlp_max_iter (sklearn ConvergenceWarning)
         for name in self._chosen_targets(declared):
-            data = hidden_states_and_targets(hidden, declared[name], batch.get("weight"))
+            data = probe_data(trainer.datamodule, net, batch, hidden, declared[name])
             n_samples = max(n_samples, len(data.targets))
             n_groups = len(np.unique(data.groups))
             folds = min(self.folds, n_groups)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
+from grokedge.callbacks.common import fixed_subset, probe_data
 from grokedge.models import CausalTransformer
 from grokedge.spectral import (
     ProbeConfig,
@@ -19,6 +20,8 @@ from grokedge.spectral import (
     probe_splits,
     score_probes,
 )
+from grokedge.spectral.probes import StringGroups, row_strings
+from grokedge.tasks.dyck import DyckDataModule
 
 # Tiny synthetic sets stop the MLP at max_iter before early stopping does; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore", category=ConvergenceWarning)
@@ -144,13 +147,146 @@ def test_functional_r2(data):
 def test_hidden_states_and_targets_selects_labelled_positions():
     hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
     labels = torch.tensor([[0, 1, -100], [1, 2, 1]])
-    data = hidden_states_and_targets(hidden, labels, torch.tensor([2.0, 1.0]), group_offset=7)
+    weight = torch.tensor([2.0, 1.0])
+    data = hidden_states_and_targets(hidden, labels, weight, string_ids=StringGroups(start=7))
     assert np.array_equal(data.features, hidden.view(6, 2)[[0, 1, 3, 4, 5]].numpy())
     assert np.array_equal(data.targets, [0, 1, 1, 2, 1])
     assert np.array_equal(data.groups, [7, 7, 8, 8, 8])
     assert np.array_equal(data.weights, [2, 2, 1, 1, 1])
     unweighted = hidden_states_and_targets(hidden, labels)
     assert np.array_equal(unweighted.weights, np.ones(5)) and unweighted.groups[0] == 0
+
+
+# ---------------------------------------------------------------------------- string groups
+
+
+def test_row_strings_read_the_tokens_not_the_padding():
+    """Equal token content, equal key, whatever the padding's width and id."""
+    labels = torch.tensor([[1, 2, -100, -100], [1, 0, 1, 0], [1, 2, -100, -100]])
+    tokens = torch.tensor([[0, 0, 2, 2], [0, 1, 0, 1], [0, 0, 0, 0]])  # rows 0, 2: "(("
+    src = torch.tensor([[5, 0, 0], [5, 6, 0], [5, 0, 0]])
+    keys = row_strings(labels, [tokens])
+    assert keys[0] == keys[2] and keys[0] != keys[1]
+    # Another batch, another width: row 0 again, and "((" with the source of row 1.
+    labels2 = torch.tensor([[1, 2], [1, 2]])
+    tokens2, src2 = torch.tensor([[0, 0], [0, 0]]), torch.tensor([[5], [5]])
+    assert row_strings(labels2, [tokens2])[0] == keys[0]
+    both = row_strings(labels, [tokens], [src])
+    assert both[0] == both[2] and row_strings(labels2, [tokens2], [src2])[0] == both[0]
+    src2 = torch.tensor([[5, 0, 0, 0], [5, 6, 0, 0]])
+    assert row_strings(labels2, [tokens2], [src2])[1] not in both  # "((" with source 5 6
+    with pytest.raises(ValueError, match="input"):
+        row_strings(labels)
+    with pytest.raises(ValueError, match="aligned"):
+        row_strings(labels, [tokens[:, :3]])
+
+
+def test_string_groups_join_duplicate_rows_across_batches():
+    """Duplicate rows share a group, distinct rows never do, over concatenated batches."""
+    texts = [["()", "(())", "()", "()()"], ["(())", "((()))", "()", "((()))"]]
+    ids, datas = StringGroups(), []
+    for batch_texts in texts:
+        width = max(len(t) for t in batch_texts) + 1  # one column of padding at least
+        tokens = torch.full((len(batch_texts), width), 2)
+        labels = torch.full((len(batch_texts), width), -100)
+        for r, text in enumerate(batch_texts):
+            tokens[r, : len(text)] = torch.tensor([0 if c == "(" else 1 for c in text])
+            labels[r, : len(text)] = 1
+        hidden = torch.randn(len(batch_texts), width, 3)
+        strings = row_strings(labels, [tokens])
+        datas.append(hidden_states_and_targets(hidden, labels, None, strings, ids))
+    groups = np.concatenate([d.groups for d in datas])
+    text_of = [t for batch_texts in texts for t in batch_texts for _ in t]  # per position
+    assert len(groups) == len(text_of)
+    for i in range(len(groups)):
+        for j in range(len(groups)):
+            assert (groups[i] == groups[j]) == (text_of[i] == text_of[j])
+    # Numbered by first appearance: "()" 0, "(())" 1, "()()" 2, "((()))" 3.
+    assert [int(g) for g in dict.fromkeys(groups.tolist())] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="strings"):
+        hidden_states_and_targets(hidden, labels, None, strings[:2])
+
+
+def test_folds_never_split_a_string():
+    """Brute force over every fold: no string on both sides, whatever rows hold it."""
+    rng = np.random.default_rng(5)
+    n_strings, rows = 15, 60
+    texts = rng.integers(0, n_strings, size=rows)  # rows holding the same string repeatedly
+    width = 6
+    labels = torch.full((rows, width), -100)
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    for r, t in enumerate(texts.tolist()):
+        length = 1 + t % width
+        labels[r, :length] = 1
+        tokens[r, :length] = t
+    strings = row_strings(labels, [tokens])
+    data = hidden_states_and_targets(torch.randn(rows, width, 2), labels, None, strings)
+    row_of = np.repeat(np.arange(rows), (labels != -100).sum(dim=1).numpy())
+    string_of = texts[row_of]
+    assert len(np.unique(data.groups)) == len(np.unique(texts)) < rows
+    for seed in range(3):
+        for train, test in probe_splits(data.groups, folds=4, seed=seed):
+            assert not set(string_of[train]) & set(string_of[test])
+    # Grouped by row, copies of a string would straddle a fold (the leak fixed here).
+    by_row = hidden_states_and_targets(torch.randn(rows, width, 2), labels).groups
+    assert any(
+        set(string_of[train]) & set(string_of[test])
+        for train, test in probe_splits(by_row, folds=4, seed=0)
+    )
+
+
+def test_distinct_rows_keep_the_row_groups_and_scores(data):
+    """All rows distinct: the string groups are the row indices, the R² bit for bit."""
+    rng, x, _ = data
+    rows, width = N_GROUPS, PER_GROUP
+    tokens = torch.from_numpy(rng.permutation(rows)[:, None] + np.zeros(width, int))
+    labels = torch.ones(rows, width, dtype=torch.long)
+    hidden = torch.from_numpy(x.reshape(rows, width, DIM))
+    target = torch.from_numpy(rng.integers(0, 5, size=(rows, width)))
+    by_string = hidden_states_and_targets(hidden, target, None, row_strings(labels, [tokens]))
+    by_row = hidden_states_and_targets(hidden, target)
+    assert np.array_equal(by_string.groups, by_row.groups)
+    assert np.array_equal(by_row.groups, np.repeat(np.arange(rows), width))
+    kinds = ("linear", "quadratic")
+    assert score_probes(*by_string[:3], kinds=kinds) == score_probes(*by_row[:3], kinds=kinds)
+
+
+@pytest.mark.parametrize("deduplicate", [True, False])
+def test_dyck_probe_groups_follow_the_strings(deduplicate: bool):
+    """A real Dyck test subset: deduplicated rows keep their row groups and R² exactly;
+    with ``deduplicate=false`` copies of a string are one group and never straddle a fold."""
+    dm = DyckDataModule(ood_sequences=0, n_sequences=1050, deduplicate=deduplicate)
+    dm.setup()
+    batch = fixed_subset(list(dm.val_dataloader()[0]), 300, seed=0)
+    torch.manual_seed(0)
+    net = CausalTransformer(vocab_size=3, num_classes=13, max_len=24, d_model=16).eval()
+    with torch.no_grad():
+        _, trace = net(batch["tokens"], return_trace=True)
+    hidden, labels = trace.hidden[-1], batch["labels"]
+    data = probe_data(dm, net, batch, hidden, labels)
+    by_row = hidden_states_and_targets(hidden, labels, batch["weight"])  # the old grouping
+    valid = labels != -100
+    texts = [tuple(row[ok].tolist()) for row, ok in zip(batch["tokens"], valid, strict=True)]
+    string_of = np.array([hash(t) for t in texts])[by_row.groups]  # per position
+    assert np.array_equal(data.features, by_row.features)
+    assert np.array_equal(data.weights, by_row.weights)
+    if deduplicate:
+        assert len(set(texts)) == len(texts)
+        assert np.array_equal(data.groups, by_row.groups)
+        args = (data.features, data.targets)
+        kinds = ("linear",)
+        new = score_probes(*args, data.groups, kinds, 3, sample_weight=data.weights)
+        old = score_probes(*args, by_row.groups, kinds, 3, sample_weight=by_row.weights)
+        assert new == old
+        return
+    assert len(set(texts)) < len(texts) == 300  # one row per sequence, copies among them
+    assert len(np.unique(data.groups)) == len(set(texts))
+    for train, test in probe_splits(data.groups, folds=3, seed=0):
+        assert not set(string_of[train]) & set(string_of[test])
+    assert any(  # the row grouping leaked copies across the folds
+        set(string_of[train]) & set(string_of[test])
+        for train, test in probe_splits(by_row.groups, folds=3, seed=0)
+    )
 
 
 # ---------------------------------------------------------------------------- attention

@@ -13,11 +13,17 @@ state at every labelled position:
 - ``mlp``: StandardScaler → MLPRegressor(64 hidden, α = 0.01, early stopping).
 
 Each is scored by R² on held-out data. The default protocol (``grouped_kfold``) is K-fold
-cross-validation grouped by sequence: all positions of one sequence sit on the same side
-of every split, so a probe cannot read a sequence's identity off its other positions;
-scores are mean ± sd over the folds. ``paper_split`` is the paper's single random 70/30
-split of positions (sequences straddle it; kept for comparison). Scalers are fitted
-inside each training fold (Pipelines), so nothing of the test fold leaks.
+cross-validation grouped by *string*: all positions of one string sit on the same side of
+every split, so a probe cannot read a string's identity off its other positions; scores
+are mean ± sd over the folds. The group of a position is the token content of its row
+(:func:`row_strings`, numbered by :class:`StringGroups`), not the row itself: an
+evaluation set that is not deduplicated (Dyck's ``deduplicate=false``: the 5,000 test
+sequences hold ~2,200 distinct strings) has identical strings in several rows, and
+grouping by row would put copies of one string on both sides of a fold. With distinct
+rows the string ids are the row indices, so the folds are the row-grouped ones.
+``paper_split`` is the paper's single random 70/30 split of positions (sequences
+straddle it; kept for comparison). Scalers are fitted inside each training fold
+(Pipelines), so nothing of the test fold leaks.
 
 Row weights (deduplicated evaluation rows stand for ``weight`` identical sequences) are
 passed to every fit and to R² as sample weights.
@@ -26,7 +32,7 @@ passed to every fit and to R² as sample weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -87,7 +93,7 @@ class ProbeData(NamedTuple):
 
     features: np.ndarray  # [n, d]
     targets: np.ndarray  # [n]
-    groups: np.ndarray  # [n], the sequence (row) each position belongs to
+    groups: np.ndarray  # [n], the string (StringGroups id of its row) of each position
     weights: np.ndarray  # [n], the row weight of each position
 
 
@@ -99,34 +105,128 @@ def _numpy(x: ArrayLike, dtype: type = np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def row_strings(
+    labels: Tensor,
+    aligned: Sequence[Tensor] = (),
+    unaligned: Sequence[Tensor] = (),
+    pad_id: int = 0,
+) -> list[tuple[bytes, ...]]:
+    """The string of each row of a batch: the key the probes group positions by.
+
+    Args:
+        labels: [B, T] the batch's labels (``-100`` = unlabelled).
+        aligned: input tensors [B, T, ...] position-aligned with ``labels`` (Dyck and
+            modular ``tokens``, SCAN ``tgt_in``): each row is read up to its last
+            labelled position. What lies past it is padding, whatever its id (merged
+            subsets pad with another id than the task's own batches), and a causal model
+            never reads it into a labelled position.
+        unaligned: input tensors [B, S, ...] with their own width (a seq2seq ``src``):
+            each row without its trailing ``pad_id`` entries.
+        pad_id: the padding id of ``unaligned``.
+    Returns:
+        [B] hashable keys (one bytes string per tensor): equal for rows with the same
+        tokens, whatever batch or padding width they come from, different otherwise.
+    """
+    if not aligned and not unaligned:
+        raise ValueError("row_strings needs at least one input tensor")
+    rows, width = labels.shape[:2]
+    for t in (*aligned, *unaligned):
+        if t.shape[0] != rows:
+            raise ValueError(f"input {list(t.shape)} and labels {list(labels.shape)} differ")
+    for t in aligned:
+        if t.ndim < 2 or t.shape[1] != width:
+            raise ValueError(f"aligned input {list(t.shape)} and labels {list(labels.shape)}")
+    for t in unaligned:
+        if t.ndim < 2:
+            raise ValueError(f"unaligned input {list(t.shape)}: needs [B, S, ...]")
+    valid = (labels != IGNORE_LABEL).cpu()
+    position = torch.arange(1, width + 1).expand(rows, width)
+    lengths = torch.where(valid, position, 0).amax(dim=1).tolist() if width else [0] * rows
+    aligned_np = [t.detach().cpu().numpy() for t in aligned]
+    unaligned_np = [t.detach().cpu().numpy() for t in unaligned]
+    ends = []  # per unaligned tensor: [B] 1 + the last non-pad position of each row
+    for u in unaligned_np:
+        real = np.any(u != pad_id, axis=tuple(range(2, u.ndim)))  # [B, S]
+        last = np.where(real, np.arange(1, real.shape[1] + 1), 0)
+        ends.append(last.max(axis=1, initial=0).tolist())
+    return [
+        tuple(a[r, : lengths[r]].tobytes() for a in aligned_np)
+        + tuple(u[r, : end[r]].tobytes() for u, end in zip(unaligned_np, ends, strict=True))
+        for r in range(rows)
+    ]
+
+
+class StringGroups:
+    """Group ids of strings, for the probes' folds: equal strings share one id.
+
+    Each string not seen before gets the next integer (from ``start``), in order of first
+    appearance. Give one instance to every batch of a concatenation (see
+    :func:`hidden_states_and_targets`): ids then stay equal for equal strings across the
+    batches and distinct for distinct ones. With all rows distinct the ids are the
+    running row indices (+ ``start``), i.e. the row grouping, hence the same folds:
+    ``GroupKFold`` depends on the ids only through their order.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self._ids: dict[Hashable, int] = {}
+        self._next = int(start)
+
+    def ids(self, strings: Sequence[Hashable]) -> np.ndarray:
+        """[len(strings)] int64: the id of each string (new ones numbered on)."""
+        out = np.empty(len(strings), dtype=np.int64)
+        for i, key in enumerate(strings):
+            found = self._ids.get(key)
+            if found is None:
+                found = self._ids[key] = self._next
+                self._next += 1
+            out[i] = found
+        return out
+
+    def fresh(self, n: int) -> np.ndarray:
+        """[n] int64: n new ids, one per row taken as a string of its own."""
+        out = np.arange(self._next, self._next + n, dtype=np.int64)
+        self._next += n
+        return out
+
+
 def hidden_states_and_targets(
     hidden: Tensor,
     labels: Tensor,
     weight: Tensor | None = None,
-    group_offset: int = 0,
+    strings: Sequence[Hashable] | None = None,
+    string_ids: StringGroups | None = None,
 ) -> ProbeData:
-    """Every labelled position of a batch as a probe sample.
+    """Every labelled position of a batch as a probe sample, grouped by string.
 
     Args:
         hidden: [B, T, d] hidden states (e.g. ``ModelTrace.hidden[-1]``: the last block's
             output before the final LayerNorm, what the paper probes).
         labels: [B, T] targets (Dyck: depth after the token); ``-100`` = unlabelled.
         weight: [B] row weights (None: 1).
-        group_offset: added to the row index, so that batches concatenated one after the
-            other keep distinct groups (pass the number of rows already collected).
+        strings: [B] the string of each row (:func:`row_strings`): rows with equal
+            strings are one group. None: every row a string of its own (only right when
+            the rows are known to be distinct).
+        string_ids: the :class:`StringGroups` that numbers the strings; pass the same one
+            to every batch to be concatenated, so that equal strings share an id across the
+            batches and distinct ones never do. None: a fresh one (ids from 0).
     Returns:
-        :class:`ProbeData` (features [n, d], targets [n] = the labels, groups [n] = row
-        index + offset, weights [n]), positions in row-major order.
+        :class:`ProbeData` (features [n, d], targets [n] = the labels, groups [n] = the
+        string id of each position's row, weights [n]), positions in row-major order.
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {list(hidden.shape)} and labels {list(labels.shape)} differ")
+    if strings is not None and len(strings) != labels.shape[0]:
+        raise ValueError(f"{len(strings)} strings for {labels.shape[0]} rows")
+    numbering = StringGroups() if string_ids is None else string_ids
+    n_rows = labels.shape[0]
+    row_ids = numbering.fresh(n_rows) if strings is None else numbering.ids(strings)
     mask = labels != IGNORE_LABEL
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
     w = torch.ones(labels.shape[0]) if weight is None else weight.detach()
     return ProbeData(
         features=_numpy(hidden[mask]),
         targets=_numpy(labels[mask]),
-        groups=_numpy(rows[mask], np.int64) + group_offset,
+        groups=row_ids[_numpy(rows[mask], np.int64)],
         weights=_numpy(w.to(labels.device)[rows[mask]]),
     )
 
@@ -232,7 +332,7 @@ def score_probes(
     Args:
         features: [n, d] hidden states.
         targets: [n] the task variable.
-        groups: [n] sequence id of each sample.
+        groups: [n] the group (string) of each sample (``ProbeData.groups``).
         kinds: any of ``linear``, ``quadratic``, ``mlp``.
         folds: K of the grouped K-fold (ignored by ``paper_split``).
         seed: seed of the fold assignment, the paper split and the MLP.
