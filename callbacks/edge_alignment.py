@@ -11,7 +11,12 @@ it) and turns it into the paper's read-outs (PAPER.md §1, experiment 1) through
   between the halves of the window;
 - events: the first window where v_1's gradient share falls below 1/2
   (``edge/flip_step``) and where the alignment on v_1 is positive (``edge/align_step``),
-  to compare with ``grok/step``; the g_23 compression once the grok step is known;
+  to compare with ``grok/step``, under every edge definition
+  (:mod:`grokedge.spectral.edge_definitions`); the g_23 compression once the grok step is
+  known; the g_23 peak and the largest rotation of v_1;
+- provenance: when a dominant delta (one that owns most of σ_1² of the raw window) enters
+  or leaves the window, and which events coincide with it — those are flagged as window
+  artifacts (``edge_summary`` row, ``edge/*_window_artifact``);
 - every window's phase (pre / at / post / late) relative to the run's own grok step
   (:class:`grokedge.analysis_log.Phases`).
 """
@@ -36,6 +41,7 @@ from grokedge.callbacks.gram import (
 )
 from grokedge.spectral import (
     EdgeState,
+    WindowSpectrum,
     energy_fractions,
     latest_energy_fractions,
     principal_angles_finish,
@@ -44,6 +50,8 @@ from grokedge.spectral import (
     stacked_gram,
     window_shift_dk_bound,
 )
+from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
+from grokedge.spectral.provenance import DominanceTracker, coinciding
 
 EDGE_KEY = "callbacks.edge_alignment"
 
@@ -55,6 +63,15 @@ PLANE = 2
 
 DEFAULT_AT_INTERVALS = 1
 DEFAULT_POST_INTERVALS = 10
+
+FLIP_BELOW = 0.5
+"""A flip: v_1's gradient share falls below this (the weight-decay part owns the rest)."""
+
+FLIP, FLIP_LATEST, ALIGN = "flip", "flip_latest", "align"
+G23_PEAK, ROTATION_SPIKE = "g23_peak", "rotation_spike"
+DEFINITION_EVENTS = (FLIP, FLIP_LATEST, ALIGN)
+"""Events found under every edge definition; ``g23_peak`` and ``rotation_spike`` are
+found on the edge the analyses use (``callbacks.gram.edge_definition``)."""
 
 SPECTRUM, DIRECTIONS, SUMMARY = "gram_spectrum", "edge_directions", "edge_summary"
 ANALYSES = (SPECTRUM, DIRECTIONS, SUMMARY)
@@ -156,6 +173,30 @@ def edge_scalars(m: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+def definition_readouts(spectrum: WindowSpectrum) -> dict[str, Any]:
+    """The energy read-outs of one definition's window ([k] lists): ``count``, ``sigma``,
+    ``grad_frac``, ``wd_frac``, ``align`` and ``grad_frac_latest``, ``align_latest``
+    (newest delta alone), ``delta_share`` ([W'] each delta's share of σ_1², u_1[i]²)."""
+    grad, wd, align = energy_fractions(spectrum.grad_proj, spectrum.wd_proj)
+    grad_latest, _, align_latest = latest_energy_fractions(spectrum.grad_proj, spectrum.wd_proj)
+    share = (spectrum.eigvecs[:, 0] ** 2).tolist() if float(spectrum.sigma[0]) > 0 else []
+    return {
+        "count": spectrum.count,
+        "first_step": spectrum.spans[0][0] if spectrum.spans else None,
+        "sigma": spectrum.sigma.tolist(),
+        "grad_frac": grad.tolist(),
+        "wd_frac": wd.tolist(),
+        "align": align.tolist(),
+        "grad_frac_latest": grad_latest.tolist(),
+        "align_latest": align_latest.tolist(),
+        "delta_share": share,
+    }
+
+
+def _first_below(values: list[float], threshold: float) -> bool:
+    return bool(values) and math.isfinite(values[0]) and values[0] < threshold
+
+
 def _check_steps(key: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -177,21 +218,32 @@ class EdgeAlignmentCallback(Callback):
             ``None``: ten Gram intervals (Dyck: 1,000 steps; the paper's post and late
             Dyck checkpoints are g + 800 and g + 3,300).
         tables: log W&B tables when a ``WandbLogger`` is attached (no-op otherwise).
+        dominance_threshold: a delta whose share of the raw window's σ_1² is at least this
+            is *dominant*; its entering or leaving the window is recorded (in (0, 1]).
+        coincidence_windows: an event within this many Gram intervals of a dominant delta
+            entering or leaving is flagged as a window artifact (>= 0).
         config_key: config path named in error messages.
 
     Logs at every window (``global_step``; k = 1..top_k unless noted):
         ``edge/grad_frac_v{k}``, ``edge/wd_frac_v{k}`` (window-mean energy shares, sum 1),
         ``edge/align_v{k}`` (squared parameter units), ``edge/grad_frac_latest_v{k}``,
+        ``edge/grad_frac_v1_{d}``, ``edge/grad_frac_latest_v1_{d}`` (d: every edge
+        definition),
         ``edge/align_latest_v{k}`` (newest delta only), ``edge/rotation_deg`` (v_1) and
         ``edge/rotation_v{k}_deg`` (k <= 3) between consecutive windows,
         ``edge/principal_angle_{1,2}_deg``, ``edge/dk_bound`` (Davis–Kahan bound on
         sin of v_1's rotation; ``edge/dk_bound_deg`` its arcsin), ``edge/stability_v{j}``
-        (j <= W'/2); once each: ``edge/flip_step``, ``edge/align_step``,
+        (j <= W'/2); once each: ``edge/flip_step``, ``edge/align_step`` (the analysed
+        edge) and ``edge/{flip,flip_latest,align}_step_{d}`` per definition,
         ``gram/g23_compression`` (max g_23 up to the grok step over g_23 at the last
-        window at or before it).
+        window at or before it); at the end, ``edge/{event}_window_artifact`` (1: the
+        event coincides with a dominant delta entering or leaving the window).
 
-    Writes rows ``gram_spectrum``, ``edge_directions`` (one per window) and
-    ``edge_summary`` (at the end of training) to ``analyses.jsonl``; see
+    Writes rows ``gram_spectrum`` (with the raw window's ``provenance``),
+    ``edge_directions`` (with every definition's read-outs under ``definitions``; one
+    each per window) and ``edge_summary`` (at the end of training: events, their steps
+    under each definition, the dominant-delta changes and which events coincide with
+    them) to ``analyses.jsonl``; see
     ``grokedge.analysis_log`` for the phase labels and their relabelling.
 
     Example:
@@ -204,10 +256,32 @@ class EdgeAlignmentCallback(Callback):
         phase_at: int | None = None,
         phase_post: int | None = None,
         tables: bool = True,
+        dominance_threshold: float = 0.5,
+        coincidence_windows: int = 1,
         config_key: str = EDGE_KEY,
     ) -> None:
         super().__init__()
         self.config_key = config_key
+        if (
+            isinstance(dominance_threshold, bool)
+            or not isinstance(dominance_threshold, int | float)
+            or not 0 < dominance_threshold <= 1
+        ):
+            raise ValueError(
+                f"{config_key}.dominance_threshold={dominance_threshold!r} is not allowed: "
+                "a number in (0, 1]"
+            )
+        if (
+            isinstance(coincidence_windows, bool)
+            or not isinstance(coincidence_windows, int)
+            or coincidence_windows < 0
+        ):
+            raise ValueError(
+                f"{config_key}.coincidence_windows={coincidence_windows!r} is not allowed: "
+                "an integer >= 0 (Gram intervals)"
+            )
+        self.coincidence_windows = coincidence_windows
+        self.dominance = DominanceTracker(float(dominance_threshold))
         self.phase_at = _check_steps(f"{config_key}.phase_at", phase_at)
         self.phase_post = _check_steps(f"{config_key}.phase_post", phase_post)
         if self.phase_at is not None and self.phase_post is not None:
@@ -217,6 +291,12 @@ class EdgeAlignmentCallback(Callback):
         self.flip_step: int | None = None
         self.align_step: int | None = None
         self.g23_compression: float | None = None
+        self.g23_peak_step: int | None = None
+        self.rotation_spike: list[float] | None = None  # [step, degrees] of v_1's largest
+        # {event: {definition: first step or None}} for the DEFINITION_EVENTS
+        self.definition_steps: dict[str, dict[str, int | None]] = {
+            e: dict.fromkeys(EDGE_DEFINITIONS) for e in DEFINITION_EVENTS
+        }
         self.windows = 0
         self._g23_history: list[list[float]] = []  # [step, g23] up to the grok step
 
@@ -263,12 +343,18 @@ class EdgeAlignmentCallback(Callback):
         late: dict[str, float] = {}
         if self._finish_compression(grok, None):
             late["gram/g23_compression"] = self.g23_compression
-        # Lightning forbids self.log in on_train_end: straight to the loggers.
+        # Lightning forbids self.log in on_train_end: straight to the loggers (below).
+        assert self.analysis_log is not None and self.phases is not None
+        assert self.gram is not None
+        events = self.events()
+        main = self.gram.edge_definition
+        for e in events:
+            if e["definition"] == main:
+                late[f"edge/{e['event']}_window_artifact"] = float(e["window_artifact"])
         finite = {k: v for k, v in late.items() if v is not None and math.isfinite(v)}
         if finite:
             for logger in trainer.loggers:
                 logger.log_metrics(finite, step=step)
-        assert self.analysis_log is not None and self.phases is not None
         self.analysis_log.write(
             SUMMARY,
             step,
@@ -277,9 +363,24 @@ class EdgeAlignmentCallback(Callback):
             flip_step=self.flip_step,
             align_step=self.align_step,
             g23_compression=self.g23_compression,
+            g23_peak_step=self.g23_peak_step,
+            rotation_spike_step=None if self.rotation_spike is None else self.rotation_spike[0],
+            rotation_spike_deg=None if self.rotation_spike is None else self.rotation_spike[1],
             windows=self.windows,
             phase_at=self.phases.at,
             phase_post=self.phases.post,
+            edge_definition=main,
+            interval=self.gram.interval,
+            window=self.gram.window_size,
+            start_step=self.gram.start_step,
+            dominance_threshold=self.dominance.threshold,
+            coincidence_windows=self.coincidence_windows,
+            definitions={
+                name: {e: self.definition_steps[e][name] for e in DEFINITION_EVENTS}
+                for name in EDGE_DEFINITIONS
+            },
+            dominant_changes=[vars(c) for c in self.dominance.changes],
+            events=events,
         )
         if self.tables:
             self._final_table(trainer, step)
@@ -301,12 +402,22 @@ class EdgeAlignmentCallback(Callback):
         self.windows += 1
 
         values = edge_scalars(m)
-        if self.flip_step is None and m["grad_frac"] and m["grad_frac"][0] < 0.5:
+        if self.flip_step is None and _first_below(m["grad_frac"], FLIP_BELOW):
             self.flip_step = step
             values["edge/flip_step"] = float(step)
         if self.align_step is None and m["align"] and m["align"][0] > 0:
             self.align_step = step
             values["edge/align_step"] = float(step)
+        rotation = m["rotation_deg"][0] if m["rotation_deg"] else math.nan
+        if math.isfinite(rotation) and (
+            self.rotation_spike is None or rotation > self.rotation_spike[1]
+        ):
+            self.rotation_spike = [float(step), float(rotation)]
+        definitions = self._definition_events(step, values)
+        provenance = self.gram.provenance
+        paper = self.gram.spectra.get("paper")
+        if provenance is not None and paper is not None:
+            self.dominance.update(step, provenance, paper.spans)
         if self.g23_compression is None:
             if (grok is None or step <= grok) and math.isfinite(spec["g23"]):
                 self._g23_history.append([float(step), float(spec["g23"])])
@@ -325,9 +436,14 @@ class EdgeAlignmentCallback(Callback):
             dk_bound=m["dk_bound"],
             dk_bound_deg=m["dk_bound_deg"],
             skipped_deltas=self.gram.skipped_deltas,
+            edge_definition=state.definition,
+            spans=[list(s) for s in state.spans],
+            provenance=None if provenance is None else provenance.row(),
         )
         directions = self._directions(state, m)
-        self.analysis_log.write(DIRECTIONS, step, phase, grok, directions=directions)
+        self.analysis_log.write(
+            DIRECTIONS, step, phase, grok, directions=directions, definitions=definitions
+        )
         if self.tables:
             log_table(
                 trainer,
@@ -364,6 +480,62 @@ class EdgeAlignmentCallback(Callback):
             )
         return out
 
+    def _definition_events(self, step: int, values: dict[str, float]) -> dict[str, Any]:
+        """Read-outs of every definition's window; first flips and alignments per
+        definition into ``values`` (once each). Returns the read-outs by definition."""
+        assert self.gram is not None
+        out: dict[str, Any] = {}
+        for name, spectrum in self.gram.spectra.items():
+            if spectrum is None:
+                continue
+            r = definition_readouts(spectrum)
+            out[name] = r
+            values[f"edge/grad_frac_v1_{name}"] = r["grad_frac"][0]
+            values[f"edge/grad_frac_latest_v1_{name}"] = r["grad_frac_latest"][0]
+            fired = {
+                FLIP: _first_below(r["grad_frac"], FLIP_BELOW),
+                FLIP_LATEST: _first_below(r["grad_frac_latest"], FLIP_BELOW),
+                ALIGN: bool(r["align"]) and r["align"][0] > 0,
+            }
+            for event, now in fired.items():
+                if now and self.definition_steps[event].get(name) is None:
+                    self.definition_steps[event][name] = step
+                    values[f"edge/{event}_step_{name}"] = float(step)
+        return out
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event found so far with the dominant-delta changes it coincides with.
+
+        Each: ``event``, ``definition``, ``step``, ``coinciding`` (the changes within
+        ``coincidence_windows`` Gram intervals: step, kind, begin, end, share) and
+        ``window_artifact`` (True when there is one)."""
+        assert self.gram is not None
+        tolerance = self.coincidence_windows * self.gram.interval
+        found: list[tuple[str, str, int]] = [
+            (event, name, step)
+            for event, steps in self.definition_steps.items()
+            for name, step in steps.items()
+            if step is not None
+        ]
+        main = self.gram.edge_definition
+        if self.g23_peak_step is not None:
+            found.append((G23_PEAK, main, self.g23_peak_step))
+        if self.rotation_spike is not None:
+            found.append((ROTATION_SPIKE, main, int(self.rotation_spike[0])))
+        out = []
+        for event, name, step in found:
+            hits = coinciding(step, self.dominance.changes, tolerance)
+            out.append(
+                {
+                    "event": event,
+                    "definition": name,
+                    "step": step,
+                    "coinciding": [vars(c) for c in hits],
+                    "window_artifact": bool(hits),
+                }
+            )
+        return out
+
     # -------------------------------------------------------------------- bookkeeping
 
     def _finish_compression(self, grok: int | None, newest_step: int | None) -> bool:
@@ -380,7 +552,8 @@ class EdgeAlignmentCallback(Callback):
             self.g23_compression = math.nan
             return False
         at_grok = upto[-1][1]
-        peak = max(v for _, v in upto)
+        peak_step, peak = max(upto, key=lambda r: r[1])
+        self.g23_peak_step = int(peak_step)
         self.g23_compression = peak / at_grok if at_grok > 0 else math.inf
         return True
 
@@ -411,6 +584,10 @@ class EdgeAlignmentCallback(Callback):
             "align_step": self.align_step,
             "g23_compression": self.g23_compression,
             "g23_history": [list(r) for r in self._g23_history],
+            "g23_peak_step": self.g23_peak_step,
+            "rotation_spike": self.rotation_spike,
+            "definition_steps": {e: dict(d) for e, d in self.definition_steps.items()},
+            "dominance": self.dominance.state_dict(),
             "windows": self.windows,
         }
 
@@ -422,3 +599,10 @@ class EdgeAlignmentCallback(Callback):
         self.g23_compression = state_dict["g23_compression"]
         self._g23_history = [list(r) for r in state_dict["g23_history"]]
         self.windows = int(state_dict["windows"])
+        # Absent in checkpoints written before provenance: start those empty.
+        self.g23_peak_step = state_dict.get("g23_peak_step")
+        self.rotation_spike = state_dict.get("rotation_spike")
+        for event, steps in state_dict.get("definition_steps", {}).items():
+            self.definition_steps[event].update(steps)
+        if "dominance" in state_dict:
+            self.dominance.load_state_dict(state_dict["dominance"])

@@ -48,21 +48,28 @@ from grokedge.spectral import (
     EdgeState,
     ParameterSelector,
     UpdateWindow,
-    edge_from_window,
     g23,
     gaps,
     kstar_ratio,
     kstar_weighted,
     spectral_ratio,
 )
+from grokedge.spectral.edge import WindowSpectrum
+from grokedge.spectral.edge_definitions import (
+    PAPER,
+    all_spectra,
+    check_definition,
+    definition_edge,
+)
 from grokedge.spectral.memory import window_memory_bytes
+from grokedge.spectral.provenance import WindowProvenance, window_provenance
 from grokedge.spectral.selection import _validate_select
 from grokedge.spectral.sharding import (
     Collective,
     LocalCollective,
     Shard,
     default_collective,
-    sharded_edge,
+    reduced_window_matrices,
     to_comm_device,
 )
 from grokedge.spectral.window import MIN_WINDOW
@@ -172,6 +179,15 @@ class GramCallback(Callback):
             ``task.gram_interval`` (100 Dyck and modular, 500 SCAN).
         window: W, deltas in the window (>= 2; the paper: 5).
         top_k: edge vectors v_1..v_k to materialise (>= 1).
+        edge_definition: which window's spectrum is *the* edge (``edge``, read by every
+            analysis): ``paper`` (the raw deltas), ``burn_in`` (only deltas that begin at
+            or after ``start_step``) or ``normalized`` (every delta scaled to unit norm);
+            see :mod:`grokedge.spectral.edge_definitions`. The spectra of all three are
+            published in ``spectra`` whatever the choice.
+        start_step: the burn-in, in optimizer steps (>= 0): the ``burn_in`` window takes
+            only deltas that begin at or after it, and a window holding an earlier delta
+            is flagged (``gram/window_holds_burn_in``). ``None``: one interval N, i.e.
+            every delta but the first, θ(N) − θ(0), which carries the initial transient.
         allow_inexact_split: run with an optimizer whose weight decay is not decoupled
             (L2 in the gradient) by recording a zero WD part, instead of failing at start.
         buffer_dtype: storage of the [2, W, p] window buffers (``float32``, ``float64``,
@@ -191,11 +207,17 @@ class GramCallback(Callback):
     units; σ_j in parameter units; Gram entries in squared parameter units.
 
     Published (read-only for other callbacks):
-        edge: ``EdgeState`` of the newest window (``None`` until it holds 2 deltas).
+        edge: ``EdgeState`` of the newest window under ``edge_definition`` (``None`` until
+            that window holds 2 deltas).
+        spectra: ``{definition: WindowSpectrum | None}`` of the newest window under every
+            definition (W×W algebra only, no vectors).
+        provenance: ``WindowProvenance`` of the newest raw (``paper``) window: its span,
+            burn-in flag and each delta's share of σ_1².
         previous: the ``EdgeState`` before it (for rotation; ``None`` after a restart from
             a checkpoint until the next delta, and at the start).
         evicted_dot: δ_evicted · δ_newest of the latest push (float; ``None`` when the
-            window only grew), relating ``previous`` and ``edge`` for Davis–Kahan.
+            window only grew, or when ``edge_definition`` is not ``paper``: it relates
+            consecutive raw windows), relating ``previous`` and ``edge`` for Davis–Kahan.
         skipped_deltas: non-finite deltas skipped so far.
 
     ``edge.vectors`` and ``previous.vectors`` live in two preallocated [top_k, p] buffers
@@ -207,7 +229,10 @@ class GramCallback(Callback):
 
     Logs at each closed delta (``global_step``): ``gram/sigma_{j}``, ``gram/g23``,
     ``gram/kstar``, ``gram/kstar_weighted``, ``gram/ratio``, ``gram/deltas``,
-    ``gram/skipped_deltas`` (see :func:`spectrum_scalars`).
+    ``gram/skipped_deltas`` (see :func:`spectrum_scalars`), and the provenance of the raw
+    window: ``gram/window_first_step``, ``gram/window_last_step``,
+    ``gram/window_holds_burn_in``, ``gram/dominant_delta_share`` (largest share of σ_1²
+    owned by one delta), ``gram/dominant_delta_step`` (that delta's begin step).
 
     Example:
         >>> gram = GramCallback(select="attention", interval=100, window=5, top_k=4)
@@ -223,6 +248,8 @@ class GramCallback(Callback):
         interval: int = 100,
         window: int = 5,
         top_k: int = 4,
+        edge_definition: str = PAPER,
+        start_step: int | None = None,
         allow_inexact_split: bool = False,
         buffer_dtype: str = "float32",
         buffer_device: str | None = None,
@@ -239,6 +266,17 @@ class GramCallback(Callback):
             f"{config_key}.window", window, MIN_WINDOW, f"an integer >= {MIN_WINDOW}"
         )
         self.top_k = _check_int(f"{config_key}.top_k", top_k, 1, "an integer >= 1")
+        self.edge_definition = check_definition(f"{config_key}.edge_definition", edge_definition)
+        self.start_step = (
+            self.interval
+            if start_step is None
+            else _check_int(
+                f"{config_key}.start_step",
+                start_step,
+                0,
+                "null or an integer >= 0 (optimizer steps)",
+            )
+        )
         if not isinstance(allow_inexact_split, bool):
             raise ValueError(
                 f"{config_key}.allow_inexact_split={allow_inexact_split!r} is not allowed: "
@@ -264,6 +302,8 @@ class GramCallback(Callback):
 
         self.edge: EdgeState | None = None
         self.previous: EdgeState | None = None
+        self.spectra: dict[str, WindowSpectrum | None] = {}
+        self.provenance: WindowProvenance | None = None
         self.evicted_dot: float | None = None
         self.skipped_deltas = 0
         self.last_capture_step: int | None = None
@@ -386,6 +426,8 @@ class GramCallback(Callback):
         values: dict[str, float] = {"gram/skipped_deltas": float(self.skipped_deltas)}
         if pushed and self.edge is not None:
             values.update(spectrum_scalars(self.edge))
+        if pushed and self.provenance is not None:
+            values.update(self.provenance.scalars())
         log_scalars(trainer, pl_module, values)
         if pushed and self.edge is not None:
             for listener in self._listeners:
@@ -491,6 +533,7 @@ class GramCallback(Callback):
         self.tracker = self._make_tracker(optimizer, named, shard.start, shard.stop)
         self._handle = self.tracker.register()
         self.edge = self.previous = None
+        self.spectra, self.provenance = {}, None
         self.evicted_dot = None
         self.skipped_deltas = 0
         torch._foreach_copy_(self._prev_views, self._params)
@@ -510,16 +553,17 @@ class GramCallback(Callback):
             torch.sub(param, prev, out=out)  # one pass: total = θ_now − θ_prev
         torch._foreach_copy_(self._prev_views, self._params)
         wd = self.tracker.accumulated
-        pushed = self.push_delta(self._total, wd, step)
+        pushed = self.push_delta(self._total, wd, step, begin=self.last_capture_step)
         wd.zero_()
         self.tracker.steps = 0
         self.last_capture_step = int(step)
         return pushed
 
     @torch.no_grad()
-    def push_delta(self, total: Tensor, wd: Tensor, step: int) -> bool:
+    def push_delta(self, total: Tensor, wd: Tensor, step: int, begin: int | None = None) -> bool:
         """Push one delta (total [p], its WD part [p]) and publish the new edge.
 
+        ``begin``: the step the delta starts from (θ(step) − θ(begin)); ``None``: unknown.
         A delta with any non-finite entry in either part is skipped, counted in
         ``skipped_deltas`` and warned about; the window, ``edge`` and ``previous`` stay
         as they were. Returns whether the delta was pushed.
@@ -528,7 +572,8 @@ class GramCallback(Callback):
         # The push's own dot products detect NaN/inf (one host sync of a 2×2 matrix);
         # sharded, their sum over ranks, so that all ranks skip or push together.
         reduce = self.reduce if self.shard.sharded else None
-        if not self.window.push(total, wd, check_finite=True, reduce=reduce):
+        span = None if begin is None else (int(begin), int(step))
+        if not self.window.push(total, wd, check_finite=True, reduce=reduce, span=span):
             self.skipped_deltas += 1
             warnings.warn(
                 f"{self.config_key}: non-finite update delta at step {step} skipped "
@@ -538,23 +583,45 @@ class GramCallback(Callback):
                 stacklevel=2,
             )
             return False
-        if self.shard.sharded:
-            # Every rank reaches this point together (the finiteness decision is global):
-            # one all-reduce of the packed W×W matrices and the evicted dot.
-            if self.window.count >= MIN_WINDOW:
-                self.previous = self.edge
-                self.edge, self.evicted_dot = sharded_edge(
-                    self.window, self.shard, self.top_k, step, out=self._free_buffer()
-                )
-            else:
-                self.evicted_dot = None
-            return True
-        evicted = self.window.last_evicted_dot
-        self.evicted_dot = None if evicted is None else float(evicted)
         if self.window.count >= MIN_WINDOW:
             self.previous = self.edge
-            self.edge = edge_from_window(self.window, self.top_k, step, out=self._free_buffer())
+            self._publish(step)
+        else:
+            self.evicted_dot = None
         return True
+
+    def _publish(self, step: int) -> None:
+        """The spectra of the window under every definition, its provenance and the edge
+        under ``edge_definition``. Sharded, every rank gets here together (the finiteness
+        decision is global): one all-reduce of the packed W×W matrices and the evicted
+        dot; the rest is the same W×W algebra on every rank."""
+        assert self.window is not None and self.shard is not None
+        g, c, w, evicted = reduced_window_matrices(self.window, self.shard)
+        spans = self.window.spans()
+        self.spectra = all_spectra(g, c, w, spans, self.top_k, step, self.start_step)
+        paper = self.spectra[PAPER]
+        self.provenance = None if paper is None else window_provenance(paper, self.start_step)
+        self.edge = definition_edge(
+            self.edge_definition,
+            g,
+            c,
+            w,
+            self.window,
+            spans,
+            self.top_k,
+            step,
+            self.start_step,
+            out=self._free_buffer(),
+        )
+        self.evicted_dot = evicted if self.edge_definition == PAPER else None
+
+    def _edge_step(self) -> int | None:
+        """Step of the newest published window (its spectra exist even while a burn-in
+        leaves ``edge`` empty)."""
+        if self.edge is not None:
+            return self.edge.step
+        paper = self.spectra.get(PAPER)
+        return None if paper is None else paper.step
 
     def _free_buffer(self) -> Tensor:
         """The vector buffer that ``previous`` (about to be dropped) does not use."""
@@ -579,7 +646,7 @@ class GramCallback(Callback):
             "p": self.window.p,
             "last_capture_step": self.last_capture_step,
             "skipped_deltas": self.skipped_deltas,
-            "edge_step": None if self.edge is None else self.edge.step,
+            "edge_step": self._edge_step(),
             "theta_prev": self._theta_prev,
             "window": self.window.state_dict(),
             "tracker": self.tracker.state_dict(),
@@ -616,7 +683,7 @@ class GramCallback(Callback):
             "p": shard.p,
             "last_capture_step": self.last_capture_step,
             "skipped_deltas": self.skipped_deltas,
-            "edge_step": None if self.edge is None else self.edge.step,
+            "edge_step": self._edge_step(),
             "theta_prev": theta_prev,
             "window": window,
             "tracker": tracker,
@@ -689,17 +756,11 @@ class GramCallback(Callback):
         # The newest edge is a deterministic function of the restored window: recompute
         # it (same buffers, same W×W matrices, same numbers) rather than storing [k, p].
         edge_step = state.get("edge_step")
+        self.edge = None
+        self.spectra, self.provenance = {}, None
         if edge_step is not None and self.window.count >= MIN_WINDOW:
-            if self.shard.sharded:  # collective: every rank loads the same checkpoint
-                self.edge, _ = sharded_edge(
-                    self.window, self.shard, self.top_k, int(edge_step), out=self._vector_bufs[0]
-                )
-            else:
-                self.edge = edge_from_window(
-                    self.window, self.top_k, int(edge_step), out=self._vector_bufs[0]
-                )
-        else:
-            self.edge = None
+            # Collective when sharded: every rank loads the same checkpoint.
+            self._publish(int(edge_step))
         self.previous = None
         self.evicted_dot = None
 

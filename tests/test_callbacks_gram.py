@@ -339,7 +339,21 @@ def test_non_finite_parameters_are_skipped_through_capture() -> None:
     "override,needles",
     [
         ("callbacks.gram.window=1", ["callbacks.gram.window=1", ">= 2"]),
-        ("task.gram_interval=0", ["callbacks.gram.interval=0", ">= 1"]),
+        ("task.gram_interval=0", ["task.gram_interval=0", ">= 1"]),
+        ("callbacks.gram.interval=0", ["callbacks.gram.interval=0", ">= 1"]),
+        (
+            "callbacks.gram.start_step=99999",
+            ["callbacks.gram.start_step=99999", "trainer.max_steps"],
+        ),
+        ("callbacks.gram.start_step=-1", ["callbacks.gram.start_step=-1", ">= 0"]),
+        (
+            "callbacks.gram.edge_definition=raw",
+            ["callbacks.gram.edge_definition='raw'", "paper, burn_in, normalized"],
+        ),
+        (
+            "callbacks.edge_alignment.dominance_threshold=1.5",
+            ["callbacks.edge_alignment.dominance_threshold=1.5", "(0, 1]"],
+        ),
         ("callbacks.gram.top_k=0", ["callbacks.gram.top_k=0", ">= 1"]),
         ("callbacks.gram.select=nosuch", ["callbacks.gram.select='nosuch'", "attention"]),
         ("callbacks.gram.buffer_dtype=int8", ["callbacks.gram.buffer_dtype='int8'", "float32"]),

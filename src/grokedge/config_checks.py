@@ -52,10 +52,28 @@ def check_config(cfg: DictConfig) -> None:
         lambda v: v is None or (isinstance(v, int) and v >= 0),
         "null or an integer >= 0",
     )
+    _require(cfg, "task.gram_interval", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    _check_burn_in(cfg)
     _require(cfg, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     _require(cfg, "seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     for key in ("resume", "init_from"):
         _require_file(cfg, key)
+
+
+def _check_burn_in(cfg: DictConfig) -> None:
+    """An explicit ``callbacks.gram.start_step`` is a step the run reaches: a burn-in at or
+    beyond ``trainer.max_steps`` would leave the ``burn_in`` edge empty for the whole run.
+    (null, the default, is one Gram interval.)"""
+    key = "callbacks.gram.start_step"
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+    if value is None:
+        return
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < max_steps:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed: null or an integer >= 0 and below "
+            f"trainer.max_steps={max_steps} (optimizer steps)"
+        )
 
 
 def _require_file(cfg: DictConfig, key: str) -> None:

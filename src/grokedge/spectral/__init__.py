@@ -35,9 +35,21 @@ from grokedge.spectral.decomposition import (
 from grokedge.spectral.edge import (
     DeltaSource,
     EdgeState,
+    WindowSpectrum,
     compute_edge,
     edge_from_window,
     spectrum,
+    window_spectrum,
+)
+from grokedge.spectral.edge_definitions import (
+    BURN_IN,
+    EDGE_DEFINITIONS,
+    NORMALIZED,
+    PAPER,
+    all_spectra,
+    definition_edge,
+    definition_rows,
+    definition_spectrum,
 )
 from grokedge.spectral.geometry import (
     davis_kahan_bound,
@@ -80,6 +92,13 @@ from grokedge.spectral.probes import (
     probe_splits,
     score_probes,
 )
+from grokedge.spectral.provenance import (
+    DominanceTracker,
+    DominantChange,
+    WindowProvenance,
+    coinciding,
+    window_provenance,
+)
 from grokedge.spectral.selection import (
     ParameterSelector,
     Segment,
@@ -110,6 +129,21 @@ __all__ = [
     "directional_curvature",
     "directional_curvatures",
     "edge_from_window",
+    "window_spectrum",
+    "WindowSpectrum",
+    "BURN_IN",
+    "EDGE_DEFINITIONS",
+    "NORMALIZED",
+    "PAPER",
+    "all_spectra",
+    "definition_edge",
+    "definition_rows",
+    "definition_spectrum",
+    "DominanceTracker",
+    "DominantChange",
+    "WindowProvenance",
+    "coinciding",
+    "window_provenance",
     "energy_fractions",
     "epsilon_grid",
     "epsilon_sweep",

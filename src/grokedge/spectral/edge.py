@@ -24,7 +24,7 @@ vectors and projections are zero, never NaN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -44,41 +44,61 @@ class DeltaSource(Protocol):
 
 
 @dataclass
-class EdgeState:
-    """The spectrum and edge of one window. W' = deltas in the window, k = top_k.
+class WindowSpectrum:
+    """The spectrum of one window and the per-delta projections on its directions, from
+    W×W algebra alone (no p-sized vectors). W' = deltas in the window, k = top_k.
 
     Attributes:
         step: optimizer step at which the window's newest delta was closed.
         sigma: [W'] float64 CPU, singular values of X, descending, >= 0.
         eigvecs: [W', W'] float64 CPU, column j = u_j (eigenvector of G for σ_j²), sign
             convention of the module docstring.
-        vectors: [k, p] on the deltas' device and dtype, rows v_1..v_k (unit norm over the
-            whole θ_sel; a slice of it under slicing); zero rows where σ_k = 0.
         grad_proj: [W', k] float64 CPU, δ_grad,i · v_k (parameter units).
         wd_proj: [W', k] float64 CPU, δ_wd,i · v_k.
         count: W', deltas in the window.
         gram, cross_gram, wd_gram: [W', W'] float64 CPU, the (summed) matrices used.
+        spans: W' (begin, end) optimizer steps of the deltas, oldest first (empty when
+            unrecorded).
+        definition: the edge definition that formed the window's rows
+            (:mod:`grokedge.spectral.edge_definitions`; ``paper``: the raw deltas).
     """
 
     step: int
     sigma: Tensor
     eigvecs: Tensor
-    vectors: Tensor
     grad_proj: Tensor
     wd_proj: Tensor
     count: int
     gram: Tensor
     cross_gram: Tensor
     wd_gram: Tensor
+    spans: list[tuple[int, int]] = field(default_factory=list, kw_only=True)
+    definition: str = field(default="paper", kw_only=True)
 
     @property
     def top_k(self) -> int:
-        return self.vectors.shape[0]
+        return self.grad_proj.shape[1]
 
     @property
     def total_proj(self) -> Tensor:
         """[W', k] float64, δ_i · v_k = grad_proj + wd_proj."""
         return self.grad_proj + self.wd_proj
+
+
+@dataclass
+class EdgeState(WindowSpectrum):
+    """A :class:`WindowSpectrum` with its top-k edge vectors materialised.
+
+    Attributes:
+        vectors: [k, p] on the deltas' device and dtype, rows v_1..v_k (unit norm over the
+            whole θ_sel; a slice of it under slicing); zero rows where σ_k = 0.
+    """
+
+    vectors: Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.vectors.shape[0]
 
 
 def spectrum(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,6 +116,72 @@ def spectrum(gram: Tensor) -> tuple[Tensor, Tensor]:
     return evals.sqrt(), evecs
 
 
+def _checked(gram: Tensor, cross_gram: Tensor, wd_gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n = gram.shape[0]
+    if gram.shape != (n, n) or cross_gram.shape != (n, n) or wd_gram.shape != (n, n):
+        raise ValueError(
+            f"gram, cross_gram, wd_gram must be square and equal, got {list(gram.shape)}, "
+            f"{list(cross_gram.shape)}, {list(wd_gram.shape)}"
+        )
+    return (
+        gram.to("cpu", torch.float64),
+        cross_gram.to("cpu", torch.float64),
+        wd_gram.to("cpu", torch.float64),
+    )
+
+
+def _decompose(
+    gram: Tensor, cross_gram: Tensor, top_k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """σ, U, the [top_k, W'] coefficients of v_k in the deltas, and the total and WD
+    projections [W', top_k] of each delta on each v_k (all float64 CPU)."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    n = gram.shape[0]
+    sigma, u = spectrum(gram)
+    k_avail = min(top_k, n)
+    u_k, s_k = u[:, :k_avail], sigma[:k_avail]
+    nonzero = s_k > 0
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, s_k, torch.ones_like(s_k)), 0.0)
+    coeffs = torch.zeros(top_k, n, dtype=torch.float64)
+    coeffs[:k_avail] = (u_k * inv).T  # v_k = Σ_i (u_k[i] / σ_k) δ_i
+    total_proj = torch.zeros(n, top_k, dtype=torch.float64)
+    wd_proj = torch.zeros(n, top_k, dtype=torch.float64)
+    total_proj[:, :k_avail] = u_k * s_k  # zero where σ_k = 0
+    wd_proj[:, :k_avail] = (cross_gram @ u_k) * inv
+    return sigma, u, coeffs, total_proj, wd_proj
+
+
+def window_spectrum(
+    gram: Tensor,
+    cross_gram: Tensor,
+    wd_gram: Tensor,
+    top_k: int,
+    step: int,
+    spans: list[tuple[int, int]] | None = None,
+    definition: str = "paper",
+) -> WindowSpectrum:
+    """The spectrum and projections of a window from its W×W matrices alone (no vectors).
+
+    Args as :func:`compute_edge`; ``spans``: the deltas' (begin, end) steps, oldest first.
+    """
+    gram, cross_gram, wd_gram = _checked(gram, cross_gram, wd_gram)
+    sigma, u, _, total_proj, wd_proj = _decompose(gram, cross_gram, top_k)
+    return WindowSpectrum(
+        step=int(step),
+        sigma=sigma,
+        eigvecs=u,
+        grad_proj=total_proj - wd_proj,
+        wd_proj=wd_proj,
+        count=gram.shape[0],
+        gram=gram,
+        cross_gram=cross_gram,
+        wd_gram=wd_gram,
+        spans=list(spans or []),
+        definition=definition,
+    )
+
+
 def compute_edge(
     gram: Tensor,
     cross_gram: Tensor,
@@ -104,6 +190,8 @@ def compute_edge(
     top_k: int,
     step: int,
     out: Tensor | None = None,
+    spans: list[tuple[int, int]] | None = None,
+    definition: str = "paper",
 ) -> EdgeState:
     """Eigendecompose the window's Gram and materialise the top-k edge vectors.
 
@@ -118,32 +206,11 @@ def compute_edge(
         out: optional [top_k, p] buffer for the vectors (deltas' dtype and device); reuse
             one across windows to avoid a fresh p-sized allocation each time. The state's
             ``vectors`` is then this buffer: don't reuse it while the state is in use.
+        spans, definition: recorded in the state (see :class:`WindowSpectrum`).
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    gram, cross_gram, wd_gram = _checked(gram, cross_gram, wd_gram)
     n = gram.shape[0]
-    if gram.shape != (n, n) or cross_gram.shape != (n, n) or wd_gram.shape != (n, n):
-        raise ValueError(
-            f"gram, cross_gram, wd_gram must be square and equal, got {list(gram.shape)}, "
-            f"{list(cross_gram.shape)}, {list(wd_gram.shape)}"
-        )
-    gram = gram.to("cpu", torch.float64)
-    cross_gram = cross_gram.to("cpu", torch.float64)
-    wd_gram = wd_gram.to("cpu", torch.float64)
-    sigma, u = spectrum(gram)
-
-    k_avail = min(top_k, n)
-    u_k, s_k = u[:, :k_avail], sigma[:k_avail]
-    nonzero = s_k > 0
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, s_k, torch.ones_like(s_k)), 0.0)
-    coeffs = torch.zeros(top_k, n, dtype=torch.float64)
-    coeffs[:k_avail] = (u_k * inv).T  # v_k = Σ_i (u_k[i] / σ_k) δ_i
-
-    total_proj = torch.zeros(n, top_k, dtype=torch.float64)
-    wd_proj = torch.zeros(n, top_k, dtype=torch.float64)
-    total_proj[:, :k_avail] = u_k * s_k  # zero where σ_k = 0
-    wd_proj[:, :k_avail] = (cross_gram @ u_k) * inv
-
+    sigma, u, coeffs, total_proj, wd_proj = _decompose(gram, cross_gram, top_k)
     if isinstance(deltas, Tensor):
         if deltas.ndim != 2 or deltas.shape[0] != n:
             raise ValueError(f"deltas must be [{n}, p], got {list(deltas.shape)}")
@@ -163,6 +230,8 @@ def compute_edge(
         gram=gram,
         cross_gram=cross_gram,
         wd_gram=wd_gram,
+        spans=list(spans or []),
+        definition=definition,
     )
 
 
@@ -171,5 +240,12 @@ def edge_from_window(
 ) -> EdgeState:
     """``compute_edge`` on a single (unsliced) window: no reduction of the W×W matrices."""
     return compute_edge(
-        window.gram(), window.cross_gram(), window.wd_gram(), window, top_k, step, out
+        window.gram(),
+        window.cross_gram(),
+        window.wd_gram(),
+        window,
+        top_k,
+        step,
+        out,
+        spans=window.spans(),
     )

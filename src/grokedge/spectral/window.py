@@ -53,6 +53,9 @@ SCRATCH_BYTES_ACCELERATOR = 256 << 20
 TOTAL, WD = 0, 1
 """Indices of the two parts in the stacked buffer."""
 
+UNKNOWN_SPAN = (-1, -1)
+"""The (begin, end) steps recorded for a delta pushed without its span."""
+
 
 def chunked_matmul_t(rows: Tensor, vecs: Tensor, accum_dtype: torch.dtype) -> Tensor:
     """``rows @ vecs.T`` accumulated in ``accum_dtype``.
@@ -158,6 +161,9 @@ class UpdateWindow:
         # δ_evicted · δ_newest of the latest push (0-d, accum_dtype, on the device); None
         # when it evicted nothing. Relates consecutive windows (geometry.window_shift_grams).
         self.last_evicted_dot: Tensor | None = None
+        # (begin, end) optimizer steps of the delta in each ring slot: its provenance.
+        # UNKNOWN_SPAN where the caller gave none (or an old checkpoint had none).
+        self._spans: list[tuple[int, int]] = [UNKNOWN_SPAN] * size
         self._scratch: Tensor | None = None  # reused by push (no page faults per push)
 
     @property
@@ -178,6 +184,7 @@ class UpdateWindow:
         wd: Tensor | None = None,
         check_finite: bool = False,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        span: tuple[int, int] | None = None,
     ) -> bool:
         """Add one delta, evicting the oldest when full.
 
@@ -196,6 +203,8 @@ class UpdateWindow:
                 that every rank takes the same decision on non-finite deltas (a NaN in
                 one rank's slice makes the sum non-finite on all). Collective: all ranks
                 must push together. ``None``: this slice alone.
+            span: (begin, end) optimizer steps of the delta, θ(end) − θ(begin); kept for
+                the window's provenance (:meth:`spans`). ``None``: unknown.
         Returns:
             True if the delta was pushed.
         """
@@ -225,6 +234,7 @@ class UpdateWindow:
         dots[size + slot] = own[WD]
         self._buf[TOTAL, slot].copy_(new_total)
         self._buf[WD, slot].copy_(new_wd)
+        self._spans[slot] = UNKNOWN_SPAN if span is None else (int(span[0]), int(span[1]))
         d_tot, w_tot = dots[:size, TOTAL], dots[:size, WD]  # δ_j·δ_new, δ_j·δ_wd,new
         d_wd, w_wd = dots[size:, TOTAL], dots[size:, WD]  # δ_wd,j·δ_new, δ_wd,j·δ_wd,new
         self._gram[slot, :] = d_tot
@@ -244,11 +254,16 @@ class UpdateWindow:
         self._mats.zero_()
         self._head = self.count = 0
         self.last_evicted_dot = None
+        self._spans = [UNKNOWN_SPAN] * self.size
 
     def order(self) -> list[int]:
         """Ring slots of the filled deltas, oldest first."""
         first = (self._head - self.count) % self.size
         return [(first + i) % self.size for i in range(self.count)]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(begin, end) optimizer steps of the filled deltas, oldest first."""
+        return [self._spans[i] for i in self.order()]
 
     def _chronological(self, mat: Tensor) -> Tensor:
         idx = torch.tensor(self.order(), dtype=torch.long, device=mat.device)
@@ -326,6 +341,7 @@ class UpdateWindow:
             "pushes": self.pushes,
             "deltas": self._buf,
             "matrices": self._mats,
+            "spans": [list(span) for span in self._spans],
         }
 
     @torch.no_grad()
@@ -340,3 +356,7 @@ class UpdateWindow:
         self._head = int(state["head"])
         self.count = int(state["count"])
         self.pushes = int(state["pushes"])
+        spans = state.get("spans")  # absent in checkpoints written before provenance
+        self._spans = (
+            [UNKNOWN_SPAN] * self.size if spans is None else [(int(b), int(e)) for b, e in spans]
+        )

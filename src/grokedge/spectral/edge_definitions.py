@@ -1,0 +1,188 @@
+"""Edge definitions: which rows form the window whose spectrum is called the edge.
+
+The paper's edge is the top right singular vector of the raw window X = [δ_1; …; δ_W'].
+Its σ_1² is a sum of per-delta contributions σ_1² u_1[i]², so one delta much larger than
+the others (the first one, θ(N) − θ(0), carries the initial transient) can own the edge
+until it leaves the window, W intervals later (docs/edge_definitions.md). The other
+definitions change the rows, not the algebra:
+
+- ``paper``:      X' = X, every delta of the window as it is;
+- ``burn_in``:    X' = the rows of X whose delta *begins* at or after ``start_step``
+                  (a delta θ(e) − θ(b) begins at b): the window simply ignores the deltas
+                  of the burn-in, and equals ``paper`` once none is left in it;
+- ``normalized``: X' = D^{-1/2} X with D = diag(G): every delta scaled to unit norm, so
+                  the edge is the direction the deltas *share*, whatever their sizes.
+                  Its weight-decay part is scaled by the same 1/‖δ_i‖, so that
+                  δ'_grad,i + δ'_wd,i = δ'_i still holds and the energy shares keep their
+                  meaning (each delta weighs the same in the window mean).
+
+Each is X' = T X for a [W'', W'] row map T (a selection and a scaling), hence
+
+    G' = T G Tᵀ,   C' = T C Tᵀ,   X'_wd X'_wdᵀ = T (X_wd X_wdᵀ) Tᵀ,   v'_k = (c'_k T) X
+
+so every definition costs W×W algebra, plus one combination of the stored deltas for
+the definition whose vectors are materialised. Under slicing the matrices are the summed
+ones and T is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grokedge.spectral.edge import (
+    DeltaSource,
+    EdgeState,
+    WindowSpectrum,
+    compute_edge,
+    window_spectrum,
+)
+from grokedge.spectral.window import MIN_WINDOW
+
+PAPER, BURN_IN, NORMALIZED = "paper", "burn_in", "normalized"
+EDGE_DEFINITIONS = (PAPER, BURN_IN, NORMALIZED)
+"""Every edge definition, the paper's first."""
+
+
+def check_definition(key: str, value: object) -> str:
+    """``value`` if it names an edge definition, else ValueError naming ``key``."""
+    if value not in EDGE_DEFINITIONS:
+        raise ValueError(f"{key}={value!r} is not allowed: one of {', '.join(EDGE_DEFINITIONS)}")
+    return str(value)
+
+
+def definition_rows(
+    definition: str, gram: Tensor, spans: list[tuple[int, int]], start_step: int = 0
+) -> Tensor:
+    """The row map T of ``definition`` for one window.
+
+    Args:
+        definition: one of :data:`EDGE_DEFINITIONS`.
+        gram: [W', W'] G = X Xᵀ (summed over slices), chronological.
+        spans: W' (begin, end) steps of the deltas, oldest first (``burn_in`` reads the
+            begins; an unknown begin, −1, counts as inside the burn-in).
+        start_step: the burn-in: ``burn_in`` keeps deltas with begin >= start_step (0:
+            every delta).
+    Returns:
+        T, [W'', W'] float64 CPU (W'' <= W': the rows kept, in chronological order).
+    """
+    n = gram.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    if definition == PAPER:
+        return eye
+    if definition == BURN_IN:
+        if start_step <= 0:
+            return eye
+        if len(spans) != n:
+            raise ValueError(f"burn_in needs the {n} deltas' spans, got {len(spans)}")
+        keep = [i for i, (begin, _) in enumerate(spans) if begin >= start_step]
+        return eye[keep]
+    if definition == NORMALIZED:
+        norms = gram.to("cpu", torch.float64).diagonal().clamp(min=0).sqrt()
+        # A zero delta stays a zero row: no direction to share.
+        inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+        return torch.diag(inv)
+    raise ValueError(f"unknown edge definition {definition!r}: one of {EDGE_DEFINITIONS}")
+
+
+def mapped_matrices(
+    rows: Tensor, gram: Tensor, cross_gram: Tensor, wd_gram: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """T G Tᵀ, T C Tᵀ and T Gw Tᵀ ([W'', W''] float64 CPU) for the row map T."""
+    return tuple(  # type: ignore[return-value]
+        rows @ m.to("cpu", torch.float64) @ rows.T for m in (gram, cross_gram, wd_gram)
+    )
+
+
+def mapped_spans(rows: Tensor, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans of the rows T keeps (each row of T has one non-zero entry or none)."""
+    if len(spans) != rows.shape[1]:
+        return []
+    out = []
+    for row in rows:
+        nz = torch.nonzero(row).flatten()
+        if nz.numel():
+            out.append(spans[int(nz[0])])
+    return out
+
+
+class MappedDeltas:
+    """``coeffs @ (T X)`` from a source of X, without forming T X ([W'', p])."""
+
+    def __init__(self, source: DeltaSource, rows: Tensor) -> None:
+        self.source = source
+        self.rows = rows
+
+    def combine(self, coeffs: Tensor, out: Tensor | None = None) -> Tensor:
+        mixed = coeffs.to(torch.float64) @ self.rows
+        if out is None:
+            return self.source.combine(mixed)
+        return self.source.combine(mixed, out=out)  # type: ignore[call-arg]
+
+
+def definition_spectrum(
+    definition: str,
+    gram: Tensor,
+    cross_gram: Tensor,
+    wd_gram: Tensor,
+    spans: list[tuple[int, int]],
+    top_k: int,
+    step: int,
+    start_step: int = 0,
+) -> WindowSpectrum | None:
+    """The spectrum of the window under ``definition`` (W×W algebra only); ``None`` when
+    fewer than two deltas remain (e.g. all inside the burn-in)."""
+    rows = definition_rows(definition, gram, spans, start_step)
+    if rows.shape[0] < MIN_WINDOW:
+        return None
+    g, c, w = mapped_matrices(rows, gram, cross_gram, wd_gram)
+    return window_spectrum(g, c, w, top_k, step, mapped_spans(rows, spans), definition)
+
+
+def definition_edge(
+    definition: str,
+    gram: Tensor,
+    cross_gram: Tensor,
+    wd_gram: Tensor,
+    deltas: DeltaSource,
+    spans: list[tuple[int, int]],
+    top_k: int,
+    step: int,
+    start_step: int = 0,
+    out: Tensor | None = None,
+) -> EdgeState | None:
+    """The edge (with its top-k vectors, from ``deltas``) under ``definition``; ``None``
+    when fewer than two deltas remain. ``paper`` is :func:`compute_edge` exactly."""
+    rows = definition_rows(definition, gram, spans, start_step)
+    if rows.shape[0] < MIN_WINDOW:
+        return None
+    if definition == PAPER:
+        return compute_edge(gram, cross_gram, wd_gram, deltas, top_k, step, out, spans, PAPER)
+    g, c, w = mapped_matrices(rows, gram, cross_gram, wd_gram)
+    return compute_edge(
+        g,
+        c,
+        w,
+        MappedDeltas(deltas, rows),
+        top_k,
+        step,
+        out,
+        mapped_spans(rows, spans),
+        definition,
+    )
+
+
+def all_spectra(
+    gram: Tensor,
+    cross_gram: Tensor,
+    wd_gram: Tensor,
+    spans: list[tuple[int, int]],
+    top_k: int,
+    step: int,
+    start_step: int = 0,
+) -> dict[str, WindowSpectrum | None]:
+    """:func:`definition_spectrum` under every definition, keyed by name."""
+    return {
+        d: definition_spectrum(d, gram, cross_gram, wd_gram, spans, top_k, step, start_step)
+        for d in EDGE_DEFINITIONS
+    }
