@@ -17,7 +17,10 @@ its newest edge vectors:
   0 (clamped at 0 when d > ‖θ‖). Where the edge lies along θ its removal shortens θ,
   which a random displacement (nearly orthogonal to θ) does not; the shrink spends the
   whole distance on shortening θ, so it removes 1 − (1 − d/‖θ‖)² of ‖θ‖², never less
-  than the edge's d²/‖θ‖² (both shares are recorded).
+  than the edge's d²/‖θ‖² (both shares are recorded);
+- ``shrink_norm``: the norm-equal shrink θ·‖θ_edge‖/‖θ‖ = θ·sqrt(1 − d²/‖θ‖²), θ
+  shortened to exactly the norm the edge removal leaves: it deletes the edge's share
+  d²/‖θ‖² of ‖θ‖² (by a displacement ≈ d²/(2‖θ‖), shorter than d).
 
 Under DDP with a sharded GramCallback every rank runs the analysis on its slice of θ and
 of the edge vectors: projections and norms are partial dot products summed over ranks,
@@ -76,8 +79,18 @@ def _unseen_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> fl
     return float((correct * w).sum() / w.sum())
 
 
+SHRINK_FIELDS = ("dacc", "dloss", "displacement", "theta_sq_removed_frac", "factor", "clamped")
+
+
+def _shrink_fields(result: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A shrink control's entry of the ``ablation`` row, from the experiment's
+    ``<prefix>_*`` keys (``prefix``: ``shrink`` or ``shrink_norm``)."""
+    return {name: result[f"{prefix}_{name}"] for name in SHRINK_FIELDS}
+
+
 class AblationCallback(AnalysisCallback):
-    """Edge ablation with random, norm-matched and shrink controls, on a cadence and at grok.
+    """Edge ablation with random, norm-matched and two shrink controls, on a cadence and at
+    grok.
 
     Needs a :class:`~grokedge.callbacks.gram.GramCallback` (before it in the callback list)
     with ``top_k >= 2`` (``>= 4`` for the bulk removal).
@@ -113,16 +126,20 @@ class AblationCallback(AnalysisCallback):
         norm-matched control), ``ablation/matched_z``, ``ablation/shrink_dacc``,
         ``ablation/shrink_dloss``, ``ablation/shrink_ratio`` = |Δ_edge acc| /
         (|Δ_shrink acc| + 1e-8), ``ablation/shrink_factor`` (1 − d/‖θ‖, clamped at 0),
+        ``ablation/shrink_norm_dacc``, ``ablation/shrink_norm_dloss``,
+        ``ablation/shrink_norm_ratio`` = |Δ_edge acc| / (|Δ_shrink_norm acc| + 1e-8)
+        (the norm-equal shrink),
         ``ablation/base_acc``, ``ablation/displacement`` (‖θ − θ_edge‖, parameter units),
         ``ablation/theta_sq_removed_frac`` and ``ablation/shrink_theta_sq_removed_frac``
         (share of ‖θ_sel‖² the edge removal and the shrink delete, 1 − ‖θ'‖²/‖θ‖²),
         ``ablation/edge_dacc_unseen`` (on the subset's rows unseen in training).
 
     Writes one ``ablation`` row per call to ``analyses.jsonl`` (every Δ, both summaries,
-    ``edge`` and ``shrink`` each with ``dacc``, ``dloss``, ``displacement`` and
-    ``theta_sq_removed_frac`` — the shrink also ``factor`` and ``clamped`` —,
-    ``theta_norm``, the edge's σ and step, the trigger and the seconds it took) and the
-    W&B table ``ablation/table`` (one ``shrink`` row).
+    ``edge``, ``shrink`` and ``shrink_norm`` each with ``dacc``, ``dloss``,
+    ``displacement`` and ``theta_sq_removed_frac`` — the shrinks also ``factor`` and
+    ``clamped`` —, ``theta_norm``, the edge's σ and step, the trigger and the seconds it
+    took) and the W&B table ``ablation/table`` (one ``shrink`` and one ``shrink_norm``
+    row).
 
     Example:
         >>> callbacks = [GramCallback(interval=100), AblationCallback(every=500)]
@@ -236,6 +253,9 @@ class AblationCallback(AnalysisCallback):
             "ablation/shrink_dloss": result["shrink_dloss"],
             "ablation/shrink_ratio": result["shrink_ratio"],
             "ablation/shrink_factor": result["shrink_factor"],
+            "ablation/shrink_norm_dacc": result["shrink_norm_dacc"],
+            "ablation/shrink_norm_dloss": result["shrink_norm_dloss"],
+            "ablation/shrink_norm_ratio": result["shrink_norm_ratio"],
             "ablation/base_acc": base_acc,
             "ablation/displacement": result["displacement"],
             "ablation/theta_sq_removed_frac": result["theta_sq_removed_frac"],
@@ -256,14 +276,8 @@ class AblationCallback(AnalysisCallback):
                 "displacement": result["displacement"],
                 "theta_sq_removed_frac": result["theta_sq_removed_frac"],
             },
-            "shrink": {
-                "dacc": result["shrink_dacc"],
-                "dloss": result["shrink_dloss"],
-                "displacement": result["shrink_displacement"],
-                "theta_sq_removed_frac": result["shrink_theta_sq_removed_frac"],
-                "factor": result["shrink_factor"],
-                "clamped": result["shrink_clamped"],
-            },
+            "shrink": _shrink_fields(result, "shrink"),
+            "shrink_norm": _shrink_fields(result, "shrink_norm"),
             "theta_norm": result["theta_norm"],
             "v1": removals["v1"],
             "bulk": removals["bulk"],
@@ -283,6 +297,7 @@ class AblationCallback(AnalysisCallback):
             ["v1", 0, removals["v1"]["dacc"], removals["v1"]["dloss"]],
             ["bulk", 0, removals["bulk"]["dacc"], removals["bulk"]["dloss"]],
             ["shrink", 0, result["shrink_dacc"], result["shrink_dloss"]],
+            ["shrink_norm", 0, result["shrink_norm_dacc"], result["shrink_norm_dloss"]],
         ]
         for kind in ("random", "matched"):
             pairs = zip(result[f"{kind}_dacc"], result[f"{kind}_dloss"], strict=True)

@@ -233,6 +233,9 @@ def test_full_run_writes_every_analysis(runs: Runs) -> None:
         "ablation/shrink_factor",
         "ablation/theta_sq_removed_frac",
         "ablation/shrink_theta_sq_removed_frac",
+        "ablation/shrink_norm_dacc",
+        "ablation/shrink_norm_dloss",
+        "ablation/shrink_norm_ratio",
         *(f"perturb/max_kl_v{k}" for k in (1, 2, 3, 4)),
         *(f"perturb/max_dloss_v{k}" for k in (1, 2, 3, 4)),
         *(f"curvature/fd_v{k}" for k in (1, 2, 3, 4)),
@@ -261,6 +264,18 @@ def test_full_run_writes_every_analysis(runs: Runs) -> None:
     assert edge["theta_sq_removed_frac"] == pytest.approx(r_sq, rel=1e-3, abs=1e-5)
     assert shrink["theta_sq_removed_frac"] == pytest.approx(1 - shrink["factor"] ** 2, abs=1e-5)
     assert {"dacc", "dloss"} <= shrink.keys() and math.isfinite(shrink["dacc"])
+    # The norm-equal shrink leaves θ the edge removal's norm, c = sqrt(1 − r²): the same
+    # share r² of ‖θ‖², by a displacement (1 − c)‖θ‖.
+    norm_eq = abl["shrink_norm"]
+    assert norm_eq.keys() == shrink.keys() and norm_eq["clamped"] is False
+    assert norm_eq["factor"] == pytest.approx(math.sqrt(1 - r_sq), rel=1e-4)
+    assert norm_eq["theta_sq_removed_frac"] == pytest.approx(
+        edge["theta_sq_removed_frac"], rel=1e-3, abs=1e-5
+    )
+    assert norm_eq["displacement"] == pytest.approx(
+        (1 - norm_eq["factor"]) * abl["theta_norm"], rel=1e-3, abs=1e-6
+    )
+    assert math.isfinite(norm_eq["dacc"]) and math.isfinite(norm_eq["dloss"])
     (pert,) = [r for r in read_analyses(runs.root / "full", ["perturbation"]) if r["step"] == 60]
     assert len(pert["sweep"]) == 4 * 5 and len(pert["path_points"]) == 4
     zero = [r for r in pert["sweep"] if r["epsilon"] == 0.0]

@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 
 from grokedge.report import main as report_main
+from grokedge.reporting.discover import RunData
+from grokedge.reporting.figures import ablation_figure
+from grokedge.reporting.tables import ablation_phase_table, ablation_table
 from grokedge.reporting.wandb_records import history_of, read_offline_run
 
 OVERRIDES = [
@@ -114,6 +117,13 @@ def _table_rows(markdown: str, title_start: str) -> list[list[str]]:
     return rows
 
 
+def _table_columns(markdown: str, title_start: str) -> list[str]:
+    """The header of the first table whose title line starts with ``title_start``."""
+    lines = markdown.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.lstrip("# ").startswith(title_start))
+    return [c.strip() for c in lines[i + 2].strip("|").split(" | ")]
+
+
 def _num(cell: str) -> float:
     return float(cell.split("±")[0].strip())
 
@@ -168,10 +178,48 @@ def test_ablation_tables_hold_each_runs_numbers(sweep: Path, sweep_report: str) 
         ablations = [r for r in _jsonl(job / "analyses.jsonl") if r["analysis"] == "ablation"]
         assert ablations
         table = {(r[0], r[1]): r for r in _table_rows(section, "Ablation (edge")}
+        # The two shrink controls beside the norm-matched one: Δacc and the paper's ratio.
+        columns = _table_columns(section, "Ablation (edge")
+        shrink = {
+            key: (columns.index(f"{label} Δacc"), columns.index(f"{label} ratio"))
+            for key, label in (("shrink", "shrink"), ("shrink_norm", "norm-equal shrink"))
+        }
+        assert columns.index("matched ratio") < min(min(v) for v in shrink.values())
         for a in ablations:
             row = table[(str(a["step"]), a["phase"])]
             assert math.isclose(_num(row[3]), a["edge"]["dacc"], abs_tol=6e-4)
             assert math.isclose(_num(row[2]), a["base_acc"], abs_tol=6e-4)
+            for key, (dacc, ratio) in shrink.items():
+                assert math.isclose(_num(row[dacc]), a[key]["dacc"], abs_tol=6e-5), key
+                expected = abs(a["edge"]["dacc"]) / (abs(a[key]["dacc"]) + 1e-8)
+                assert _num(row[ratio]) == pytest.approx(expected, rel=0.01, abs=0.06), key
+        phase_columns = _table_columns(section, "Ablation by phase")
+        assert {"shrink Δacc (mean)", "norm-equal shrink Δacc (mean)"} <= set(phase_columns)
+        assert {"shrink ratio (median)", "norm-equal shrink ratio (median)"} <= set(phase_columns)
+
+
+def test_ablation_rows_from_before_the_shrink_controls_render(tmp_path: Path) -> None:
+    """Rows without ``shrink``/``shrink_norm`` (older runs) get "–" in those cells."""
+    summary = {"random_mean": 0.001, "random_sd": 0.002, "ratio": 5.0, "z": 1.0}
+    row = {
+        "analysis": "ablation",
+        "step": 100,
+        "phase": "post",
+        "edge_step": 100,
+        "base_acc": 0.9,
+        "edge": {"dacc": -0.2},
+        "v1": {"dacc": -0.1},
+        "bulk": {"dacc": -0.01},
+        "acc_random": summary,
+        "acc_matched": summary,
+        "displacement": 1.5,
+    }
+    run = RunData(path=tmp_path, name="old", analyses=[row])
+    for table in (ablation_table([row]), ablation_phase_table(run)):
+        cells = dict(zip(table.columns, table.rows[0], strict=True))
+        shrink = [c for c in cells if "shrink" in c]
+        assert len(shrink) == 4 and all(cells[c] == "–" for c in shrink), cells
+    assert ablation_figure(run, tmp_path / "ablation.png") is not None
 
 
 def test_seed_table_aggregates_seeds_per_omega(sweep: Path, sweep_report: str) -> None:
@@ -192,6 +240,8 @@ def test_seed_table_aggregates_seeds_per_omega(sweep: Path, sweep_report: str) -
         assert mean == pytest.approx(statistics.fmean(final_acc), abs=6e-4)
         assert sd == pytest.approx(statistics.stdev(final_acc), abs=6e-4)
     assert any(r[0].startswith("**paper") and "-0.58 ± 0.09" in r for r in rows)
+    columns = _table_columns(sweep_report, "Across seeds")
+    assert {"shrink Δacc, late", "norm-equal shrink Δacc, late"} <= set(columns)
 
 
 def test_wd_table_holds_the_last_read_outs(sweep: Path, sweep_report: str) -> None:

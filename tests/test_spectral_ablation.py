@@ -30,6 +30,8 @@ from grokedge.spectral import (
     sweep_extremes,
 )
 from grokedge.spectral.ablation import (
+    norm_equal_factor,
+    scale_theta,
     shrink_factor,
     shrink_toward_zero,
     theta_sq_removed_fraction,
@@ -38,6 +40,7 @@ from grokedge.spectral.perturbation import IGNORE_LABEL
 from grokedge.spectral.sharding import (
     Shard,
     sharded_ablation_experiment,
+    sharded_remove_subspace,
     sharded_shrink_toward_zero,
 )
 from tests.test_spectral_sharding import ThreadCollective, _toy_evaluate, run_ranks
@@ -171,17 +174,79 @@ def test_sharded_shrink_equals_the_whole_vector_one(world: int) -> None:
     assert torch.equal(one, shrink_toward_zero(theta, 0.3 * norm))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_equal_shrink_by_brute_force(dtype):
+    theta = gauss(P, seed=44).to(dtype)
+    values = [float(x) for x in theta]
+    norm = math.sqrt(sum(x * x for x in values))  # ‖θ‖ by hand, in Python floats
+    # An edge with a large share of θ (a random 2-D subspace would hold only ~2/p of it).
+    rows = torch.stack([theta.double() / norm + 0.05 * gauss(P, seed=45), gauss(P, seed=46)])
+    basis = orthonormalize(rows)
+    coefficients = [sum(v * x for v, x in zip(row, values, strict=True)) for row in basis.tolist()]
+    d = math.sqrt(sum(c * c for c in coefficients))  # ‖removed edge component‖ by hand
+    r = d / norm
+    assert 0.5 < r < 1.0
+    factor = math.sqrt(1.0 - r * r)  # by hand
+    kept = remove_subspace(theta, basis)  # θ − θ's edge component
+    kept_norm = float(kept.double().norm())
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert norm_equal_factor(kept_norm, norm) == pytest.approx(factor, rel=tol)
+    out = scale_theta(theta, norm_equal_factor(kept_norm, norm))
+    assert out.dtype == dtype
+    expected = torch.tensor([x * factor for x in values], dtype=torch.float64)
+    assert torch.allclose(out.double(), expected, rtol=tol, atol=0)
+    # It leaves θ the norm the edge removal leaves, so deletes the same share r² of ‖θ‖²
+    # (the shrink at distance d: 1 − (1 − r)²), by a displacement (1 − c)‖θ‖ < d.
+    assert float(out.double().norm()) == pytest.approx(kept_norm, rel=1e-6)
+    frac = theta_sq_removed_fraction(norm, float(out.double().norm()))
+    assert frac == pytest.approx(r * r, rel=1e-5)
+    assert frac < theta_sq_removed_fraction(norm, (1 - r) * norm)
+    moved = float((theta.double() - out.double()).norm())
+    assert moved == pytest.approx((1 - factor) * norm, rel=1e-5) and moved < d
+    # θ = 0 (nothing to scale) and the edge removing nothing both give c = 1.
+    assert norm_equal_factor(0.0, 0.0) == 1.0 and norm_equal_factor(norm, norm) == 1.0
+    assert norm_equal_factor(0.0, norm) == 0.0
+    with pytest.raises(ValueError):
+        norm_equal_factor(-1.0, norm)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_norm_equal_shrink_equals_the_whole_vector_one(world: int) -> None:
+    """Each rank scales its slice by the factor of the global norms (summed over ranks)."""
+    p = 3001
+    theta = gauss(p, seed=47)
+    basis = random_orthonormal_subspace(2, p, 97, 0, dtype=torch.float64)
+    dense = scale_theta(
+        theta, norm_equal_factor(float(remove_subspace(theta, basis).norm()), float(theta.norm()))
+    )
+
+    def rank(r: int, coll: ThreadCollective) -> torch.Tensor:
+        shard = Shard.of(p, coll)
+        part = shard.take(theta)
+        kept = shard.norm(sharded_remove_subspace(part, shard.take(basis), shard))
+        return shard.gather(scale_theta(part, norm_equal_factor(kept, shard.norm(part))))
+
+    for scaled in run_ranks(world, rank):
+        torch.testing.assert_close(scaled, dense, rtol=1e-13, atol=0)
+
+
 SHRINK_KEYS = (
     "theta_norm",
     "theta_sq_removed_frac",
-    "shrink_loss",
-    "shrink_acc",
-    "shrink_dloss",
-    "shrink_dacc",
-    "shrink_displacement",
-    "shrink_factor",
-    "shrink_theta_sq_removed_frac",
-    "shrink_ratio",
+    *(
+        f"{prefix}_{key}"
+        for prefix in ("shrink", "shrink_norm")
+        for key in (
+            "loss",
+            "acc",
+            "dloss",
+            "dacc",
+            "displacement",
+            "factor",
+            "theta_sq_removed_frac",
+            "ratio",
+        )
+    ),
 )
 
 
@@ -193,6 +258,7 @@ def test_sharded_ablation_shrink_equals_the_dense_one(world: int) -> None:
     basis = random_orthonormal_subspace(2, p, 98, 0, dtype=torch.float64)
     dense = ablation_experiment(evaluate, theta, basis, {}, n_random=2, seed=1)
     assert dense["shrink_clamped"] is False and dense["shrink_dacc"] != 0.0
+    assert dense["shrink_norm_clamped"] is False and dense["shrink_norm_dacc"] != 0.0
 
     def rank(r: int, coll: ThreadCollective) -> dict:
         shard = Shard.of(p, coll)
@@ -203,7 +269,7 @@ def test_sharded_ablation_shrink_equals_the_dense_one(world: int) -> None:
     for result in run_ranks(world, rank):
         for key in SHRINK_KEYS:
             assert math.isclose(result[key], dense[key], rel_tol=1e-10, abs_tol=1e-12), key
-        assert result["shrink_clamped"] is False
+        assert result["shrink_clamped"] is False and result["shrink_norm_clamped"] is False
 
 
 # ---------------------------------------------------------------------------- random draws
@@ -302,6 +368,17 @@ def test_ablation_experiment_displacements():
     assert out["theta_sq_removed_frac"] == pytest.approx(r**2, rel=1e-9)
     assert out["shrink_theta_sq_removed_frac"] == pytest.approx(1 - (1 - r) ** 2, rel=1e-9)
     assert out["shrink_ratio"] == pytest.approx(1.0, rel=1e-6)  # |Δ_edge| = |Δ_shrink| here
+    # The norm-equal shrink scales θ by sqrt(1 − r²): the edge's share r² of ‖θ‖², by a
+    # displacement (1 − sqrt(1 − r²))‖θ‖, which the loss reads back.
+    c = math.sqrt(1 - r**2)
+    moved = (1 - c) * norm
+    assert out["shrink_norm_factor"] == pytest.approx(c, rel=1e-12)
+    assert out["shrink_norm_clamped"] is False
+    assert out["shrink_norm_dloss"] == pytest.approx(moved, rel=1e-9)
+    assert out["shrink_norm_dacc"] == pytest.approx(-moved, rel=1e-9)
+    assert out["shrink_norm_displacement"] == pytest.approx(moved, rel=1e-9)
+    assert out["shrink_norm_theta_sq_removed_frac"] == pytest.approx(r**2, rel=1e-9)
+    assert out["shrink_norm_ratio"] == pytest.approx(removed / moved, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- KL and sweeps

@@ -23,6 +23,7 @@ from matplotlib.axes import Axes  # noqa: E402
 
 from grokedge.analysis_log import PHASES  # noqa: E402
 from grokedge.reporting.discover import RunData  # noqa: E402
+from grokedge.reporting.tables import shrink_dacc  # noqa: E402
 
 DPI = 110
 PHASE_COLOURS = {"pre": "#f2f2f2", "at": "#fde0c5", "post": "#e3eefa", "late": "#e6f4e2"}
@@ -131,8 +132,16 @@ def lifecycle_figure(run: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+SHRINK_STYLES = (
+    ("shrink", "D-.", "tab:purple", "shrink θ·(1 − d/‖θ‖) (same distance d)"),
+    ("shrink_norm", "v-.", "tab:brown", "norm-equal shrink θ·‖θ_edge‖/‖θ‖ (same ‖θ‖)"),
+)
+"""The ablation row's shrink controls: (row key, line style, colour, label)."""
+
+
 def ablation_figure(run: RunData, path: Path) -> Path | None:
-    """Δacc of removing the edge, v_1 and the bulk against random and norm-matched controls."""
+    """Δacc of removing the edge, v_1 and the bulk against random, norm-matched and shrink
+    controls (a shrink no row records, as in runs from before it, is left out)."""
     rows = run.rows("ablation")
     if not rows:
         return None
@@ -166,6 +175,14 @@ def ablation_figure(run: RunData, path: Path) -> Path | None:
             capsize=3,
             label=f"{label}, mean ± sd",
         )
+    shrinks = [
+        (key, style, colour, label)
+        for key, style, colour, label in SHRINK_STYLES
+        if any(_finite(shrink_dacc(r, key)) for r in rows)
+    ]
+    for key, style, colour, label in shrinks:
+        dacc = series(lambda r, key=key: shrink_dacc(r, key))
+        ax.plot(steps, dacc, style, color=colour, label=label)
     ax.axhline(0, color="0.4", lw=0.8)
     shade_phases(ax, run, "ablation")
     mark_grok(ax, run.grok_step)
@@ -180,6 +197,7 @@ def ablation_figure(run: RunData, path: Path) -> Path | None:
         ("edge", lambda r: r["edge"]["dacc"], "tab:red"),
         ("random", lambda r: r["acc_random"]["random_mean"], "tab:gray"),
         ("matched", lambda r: r["acc_matched"]["random_mean"], "tab:blue"),
+        *((key, lambda r, key=key: shrink_dacc(r, key), colour) for key, _, colour, _ in shrinks),
     )
     width = 0.8 / len(groups)
     for i, (label, get, colour) in enumerate(groups):
@@ -188,7 +206,7 @@ def ablation_figure(run: RunData, path: Path) -> Path | None:
             vals = [get(r) for r in rows if r["phase"] == p and _finite(get(r))]
             means.append(statistics.fmean(vals) if vals else math.nan)
             sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        xs = [j + (i - 1) * width for j in range(len(phases))]
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(phases))]
         bar.bar(xs, means, width, yerr=sds, capsize=3, color=colour, label=label)
     bar.set_xticks(range(len(phases)), phases)
     bar.set_xlabel("phase (relative to the grok step)")

@@ -20,6 +20,7 @@ from typing import Any
 from grokedge.analysis_log import PHASES
 from grokedge.reporting.discover import Collection, RunData
 from grokedge.reporting.paper import mean_sd, paper_values
+from grokedge.spectral.ablation import paper_ratio
 
 LATE = "late"
 AT = "at"
@@ -92,8 +93,35 @@ def grad_share_by_step(rows: Sequence[dict[str, Any]]) -> dict[int, float | None
     }
 
 
+SHRINK_CONTROLS = (("shrink", "shrink"), ("shrink_norm", "norm-equal shrink"))
+"""The ablation row's deterministic shrink controls: (row key, column label)."""
+
+SHRINK_NOTE = (
+    "shrink: θ·(1 − d/‖θ‖), θ moved the edge removal's distance d = ‖Δθ‖ toward 0; "
+    "norm-equal shrink: θ·‖θ_edge‖/‖θ‖, θ shortened to the norm the edge removal leaves "
+    "(the same share of ‖θ‖²). Ratios: |Δacc edge| / (|Δacc control| + 1e-8). "
+    "–: not recorded (runs from before these controls)."
+)
+
+
+def shrink_dacc(row: dict[str, Any], key: str) -> float | None:
+    """Δacc of the shrink control ``key`` in an ``ablation`` row (None where the row
+    predates it)."""
+    return (row.get(key) or {}).get("dacc")
+
+
+def shrink_ratio(row: dict[str, Any], key: str) -> float | None:
+    """The paper's ratio of the edge's Δacc against the shrink control ``key`` (None where
+    the row predates it), as ``ablation/shrink_ratio`` and ``ablation/shrink_norm_ratio``."""
+    edge, control = row["edge"].get("dacc"), shrink_dacc(row, key)
+    if edge is None or control is None:
+        return None
+    return paper_ratio(edge, control)
+
+
 def ablation_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """Ablation rows by step: the edge, v_1, the bulk, random and norm-matched controls."""
+    """Ablation rows by step: the edge, v_1, the bulk, random, norm-matched and shrink
+    controls."""
     grad_frac = grad_share_by_step(rows)
     columns = [
         "step",
@@ -107,6 +135,7 @@ def ablation_table(rows: Sequence[dict[str, Any]]) -> Table:
         "z",
         "matched Δacc mean ± sd",
         "matched ratio",
+        *(f"{label} {what}" for _, label in SHRINK_CONTROLS for what in ("Δacc", "ratio")),
         "‖Δθ‖",
         "Δacc edge, unseen",
         "v1 grad share",
@@ -127,13 +156,21 @@ def ablation_table(rows: Sequence[dict[str, Any]]) -> Table:
                 fmt(ar["z"], 1),
                 f"{fmt(am['random_mean'], 4)} ± {fmt(am['random_sd'], 4)}",
                 fmt(am["ratio"], 1),
+                *(
+                    cell
+                    for key, _ in SHRINK_CONTROLS
+                    for cell in (fmt(shrink_dacc(r, key), 4), fmt(shrink_ratio(r, key), 1))
+                ),
                 fmt(r["displacement"], 2),
                 fmt(r.get("edge_dacc_unseen")),
                 fmt(grad_frac.get(r["edge_step"]), 2),
             ]
         )
     return Table(
-        "Ablation (edge = span(v1, v2); 300 test sequences; Δ token accuracy)", columns, out
+        "Ablation (edge = span(v1, v2); 300 test sequences; Δ token accuracy)",
+        columns,
+        out,
+        note=SHRINK_NOTE,
     )
 
 
@@ -259,7 +296,8 @@ def lifecycle_phase_table(run: RunData) -> Table:
 
 
 def ablation_phase_table(run: RunData) -> Table:
-    """Ablation Δacc by phase: the edge against the paper's and the norm-matched controls."""
+    """Ablation Δacc by phase: the edge against the paper's, the norm-matched and the shrink
+    controls."""
     rows = run.rows("ablation")
     columns = [
         "phase",
@@ -269,8 +307,10 @@ def ablation_phase_table(run: RunData) -> Table:
         "Δacc bulk",
         "random Δacc (mean)",
         "matched Δacc (mean)",
+        *(f"{label} Δacc (mean)" for _, label in SHRINK_CONTROLS),
         "ratio (paper's, median)",
         "matched ratio (median)",
+        *(f"{label} ratio (median)" for _, label in SHRINK_CONTROLS),
     ]
     out = []
     for phase in PHASES:
@@ -291,11 +331,15 @@ def ablation_phase_table(run: RunData) -> Table:
                 fmt(_mean(r["bulk"]["dacc"] for r in sel)),
                 fmt(_mean(r["acc_random"]["random_mean"] for r in sel), 4),
                 fmt(_mean(r["acc_matched"]["random_mean"] for r in sel), 4),
+                *(fmt(_mean(shrink_dacc(r, key) for r in sel), 4) for key, _ in SHRINK_CONTROLS),
                 fmt(med([r["acc_random"]["ratio"] for r in sel]), 1),
                 fmt(med([r["acc_matched"]["ratio"] for r in sel]), 1),
+                *(fmt(med([shrink_ratio(r, key) for r in sel]), 1) for key, _ in SHRINK_CONTROLS),
             ]
         )
-    return Table("Ablation by phase (means over the phase's ablations)", columns, out)
+    return Table(
+        "Ablation by phase (means over the phase's ablations)", columns, out, note=SHRINK_NOTE
+    )
 
 
 WD_MEASURES = ("test_acc", "linear_r2", "attn_entropy", "theta_norm", "weight_decay")
@@ -426,6 +470,7 @@ def seeds_table(collection: Collection) -> Table:
         "Δacc edge, at",
         "Δacc edge, late",
         "matched Δacc, late",
+        *(f"{label} Δacc, late" for _, label in SHRINK_CONTROLS),
         "linear R², late",
         "MLP R², late",
     ]
@@ -474,6 +519,15 @@ def seeds_table(collection: Collection) -> Table:
                     ],
                     4,
                 ),
+                *(
+                    mean_sd_text(
+                        [
+                            _per_run(r, "ablation", LATE, lambda x, key=key: shrink_dacc(x, key))
+                            for r in runs
+                        ]
+                    )
+                    for key, _ in SHRINK_CONTROLS
+                ),
                 mean_sd_text([_last_probe(r, "linear") for r in runs]),
                 mean_sd_text([_last_probe(r, "mlp") for r in runs]),
             ]
@@ -492,6 +546,7 @@ def seeds_table(collection: Collection) -> Table:
             mean_sd(p["ablation_edge_dacc_at"]),
             mean_sd(p["ablation_edge_dacc_late"]),
             "not done",
+            *("not done" for _ in SHRINK_CONTROLS),
             mean_sd(p["probe_linear_r2_late"]),
             mean_sd(p["probe_mlp_r2_late"]),
         ]

@@ -15,7 +15,13 @@ same distance d straight toward 0, θ' = θ·(1 − d/‖θ‖): if the edge's e
 that of a smaller weight norm, the shrink would show it too. It is deterministic (no
 draws). Both removals record the share of ‖θ‖² they delete
 (:func:`theta_sq_removed_fraction`): at equal distance d = r‖θ‖ the edge removes r², the
-shrink 1 − (1 − r)² (more: it is the displacement of length d that shortens θ most).
+shrink 1 − (1 − r)² ≈ 2r (more: it is the displacement of length d that shortens θ most).
+The *norm-equal shrink* therefore scales θ to the norm the edge removal leaves,
+θ' = θ·‖θ_edge‖/‖θ‖ = θ·sqrt(1 − r²) (θ_edge = θ − Σ_k (θ·v_k) v_k, an orthogonal
+projection): it deletes the same share r² of ‖θ‖² as the edge, by a displacement
+(1 − sqrt(1 − r²))‖θ‖ ≈ r²‖θ‖/2, shorter than d. Both shrinks are one scaling
+(:func:`scale_theta`) with different factors (:func:`shrink_factor`,
+:func:`norm_equal_factor`).
 
 All vectors live in the flat layout of :class:`~grokedge.spectral.ParameterSelector`
 (θ_sel ∈ R^p, parameter units). Random draws are made on the CPU from a seed derived
@@ -26,7 +32,7 @@ and can be produced one at a time (n·k·p memory is never needed at once).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,8 +160,38 @@ def shrink_toward_zero(
         min(d, ‖θ‖) up to ``theta``'s rounding.
     """
     if theta_norm is None:
-        theta_norm = float(torch.linalg.vector_norm(theta.to(torch.float64)))
+        theta_norm = _norm(theta)
     factor, _ = shrink_factor(distance, theta_norm)
+    return scale_theta(theta, factor)
+
+
+def norm_equal_factor(kept_norm: float, theta_norm: float) -> float:
+    """The factor c = ‖θ_edge‖/‖θ‖ with ‖c·θ‖ = ‖θ_edge‖: θ shortened to the edge removal's norm.
+
+    θ_edge = θ − Σ_k (θ·v_k) v_k is an orthogonal projection, so ‖θ_edge‖² = ‖θ‖² − d²
+    and c = sqrt(1 − r²) with r = d/‖θ‖: θ·c deletes the share r² of ‖θ‖² the edge
+    removal deletes, where the shrink (:func:`shrink_factor`, c = 1 − r) deletes
+    1 − (1 − r)².
+
+    Args:
+        kept_norm: ‖θ_edge‖ >= 0 of the whole vector, parameter units.
+        theta_norm: ‖θ‖ >= 0 of the whole vector, parameter units.
+    Returns:
+        c >= 0, the ratio of the two measured norms (so ‖θ·c‖ = ‖θ_edge‖ up to rounding,
+        and no cancellation in sqrt(1 − r²) as r → 1); at most 1 but for rounding.
+        θ = 0 gives c = 1 (nothing to scale).
+    """
+    if kept_norm < 0 or theta_norm < 0:
+        raise ValueError(f"need kept_norm, theta_norm >= 0, got {kept_norm}, {theta_norm}")
+    if theta_norm == 0:
+        return 1.0
+    return kept_norm / theta_norm
+
+
+def scale_theta(theta: Tensor, factor: float) -> Tensor:
+    """θ·c, scaled in float64 and returned in ``theta``'s dtype and device: the one scaling
+    both shrink controls apply. ``theta`` [p] or one rank's slice of it: c is a single
+    number, so the scaled slices together are the scaled whole vector."""
     return (theta.to(torch.float64) * factor).to(theta.dtype)
 
 
@@ -314,10 +350,15 @@ def ablation_summary(delta_edge: float, deltas_random: Sequence[float] | Tensor)
         "random_mean": mean,
         "random_sd": sd,
         "random_max_abs": max(abs(x) for x in randoms),
-        "ratio": abs(delta_edge) / (abs(mean) + RATIO_FLOOR),
+        "ratio": paper_ratio(delta_edge, mean),
         "z": z,
         "frac_random_ge": sum(abs(x) >= abs(delta_edge) for x in randoms) / n,
     }
+
+
+def paper_ratio(delta_edge: float, delta_control: float) -> float:
+    """The paper's ratio |Δ_edge| / (|Δ_control| + 1e-8) against a control's (mean) effect."""
+    return abs(delta_edge) / (abs(delta_control) + RATIO_FLOOR)
 
 
 # ---------------------------------------------------------------------------- experiment
@@ -325,14 +366,15 @@ def ablation_summary(delta_edge: float, deltas_random: Sequence[float] | Tensor)
 
 @dataclass(frozen=True)
 class ShrinkMeasure:
-    """What the shrink control measured (whole-vector quantities).
+    """What a shrink control θ → θ·c measured (whole-vector quantities).
 
     Attributes:
         loss, acc: metrics at θ·c (loss in nats, accuracy in [0, 1]).
-        displacement: ‖θ − θ·c‖, parameter units (= d unless clamped).
+        displacement: ‖θ − θ·c‖, parameter units (the shrink: d unless clamped; the
+            norm-equal shrink: (1 − c)‖θ‖).
         norm: ‖θ·c‖, parameter units.
-        factor: c (:func:`shrink_factor`).
-        clamped: d > ‖θ‖, so c = 0.
+        factor: c (:func:`shrink_factor` or :func:`norm_equal_factor`).
+        clamped: the shrink's d > ‖θ‖, so c = 0 (never for the norm-equal shrink).
     """
 
     loss: float
@@ -343,6 +385,40 @@ class ShrinkMeasure:
     clamped: bool
 
 
+def measure_scaled(
+    theta: Tensor,
+    factor: float,
+    evaluate: Callable[[Tensor], tuple[float, float]],
+    norm: Callable[[Tensor], float],
+    *,
+    clamped: bool = False,
+) -> ShrinkMeasure:
+    """Evaluates and measures θ·c (:func:`scale_theta`): the step both shrink controls
+    share, in the single-process and the sharded experiment.
+
+    Args:
+        theta: [p] θ_sel, or [n_local] this rank's slice of it.
+        factor: c, from the whole vector's norms.
+        evaluate: θ·c in ``theta``'s layout -> (loss, acc) (gathers the slices when
+            sharded).
+        norm: ‖·‖ of the whole vector a float64 tensor in ``theta``'s layout is (a slice
+            of) (collective when sharded).
+        clamped: recorded as given (:func:`shrink_factor`).
+    """
+    scaled = scale_theta(theta, factor)
+    loss, acc = evaluate(scaled)
+    # Measured on the vectors (not (1 − c)‖θ‖): θ·c carries θ's dtype rounding, as the
+    # edge removal's displacement does.
+    return ShrinkMeasure(
+        loss=loss,
+        acc=acc,
+        displacement=norm((theta - scaled).to(torch.float64)),
+        norm=norm(scaled.to(torch.float64)),
+        factor=factor,
+        clamped=clamped,
+    )
+
+
 def ablation_experiment(
     evaluate: FlatEvaluate,
     theta: Tensor,
@@ -351,13 +427,14 @@ def ablation_experiment(
     n_random: int = DEFAULT_N_RANDOM,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Edge removal with its three controls, on one evaluation batch.
+    """Edge removal with its four controls, on one evaluation batch.
 
     1. edge: θ' = :func:`remove_subspace` (θ, ``basis``);
     2. random: the same removal along ``n_random`` random orthonormal subspaces of the
        same dimension (the paper's control);
     3. norm-matched: θ + Δθ for ``n_random`` random Δθ with ‖Δθ‖ = d = ‖θ − θ'‖;
-    4. shrink: θ·(1 − d/‖θ‖) (:func:`shrink_toward_zero`), the same distance d along −θ.
+    4. shrink: θ·(1 − d/‖θ‖) (:func:`shrink_toward_zero`), the same distance d along −θ;
+       norm-equal shrink: θ·‖θ'‖/‖θ‖ (:func:`norm_equal_factor`), the same ‖θ'‖.
 
     Args:
         evaluate: ``(flat θ [p], batch) -> (loss, acc, logits)`` (see
@@ -371,7 +448,7 @@ def ablation_experiment(
         (‖θ − θ'‖, parameter units), ``random_dacc``/``random_dloss`` and
         ``matched_dacc``/``matched_dloss`` (lists), and ``acc_random``, ``loss_random``,
         ``acc_matched``, ``loss_matched``: :func:`ablation_summary` of each; see
-        :func:`ablation_result` for the norms and the shrink control's keys.
+        :func:`ablation_result` for the norms and the shrink controls' keys.
     """
     with torch.no_grad():
         base_loss, base_acc, _ = _scalars(evaluate(theta, batch))
@@ -380,18 +457,14 @@ def ablation_experiment(
         displacement = float(torch.linalg.vector_norm((theta - edge_theta).to(torch.float64)))
         theta_norm = float(torch.linalg.vector_norm(theta.to(torch.float64)))
         edge_norm = float(torch.linalg.vector_norm(edge_theta.to(torch.float64)))
+
+        def evaluate_at(moved: Tensor) -> tuple[float, float]:
+            return _scalars(evaluate(moved, batch))[:2]
+
         factor, clamped = shrink_factor(displacement, theta_norm)
-        shrunk = shrink_toward_zero(theta, displacement, theta_norm=theta_norm)
-        shrink_loss, shrink_acc, _ = _scalars(evaluate(shrunk, batch))
-        # Measured on the vectors (not min(d, ‖θ‖)): θ' carries θ's dtype rounding, as
-        # the edge removal's displacement does.
-        shrink = ShrinkMeasure(
-            loss=shrink_loss,
-            acc=shrink_acc,
-            displacement=float(torch.linalg.vector_norm((theta - shrunk).to(torch.float64))),
-            norm=float(torch.linalg.vector_norm(shrunk.to(torch.float64))),
-            factor=factor,
-            clamped=clamped,
+        shrink = measure_scaled(theta, factor, evaluate_at, _norm, clamped=clamped)
+        shrink_norm = measure_scaled(
+            theta, norm_equal_factor(edge_norm, theta_norm), evaluate_at, _norm
         )
         k, p = basis.shape
         random_d: list[tuple[float, float]] = []
@@ -417,6 +490,7 @@ def ablation_experiment(
         theta_norm=theta_norm,
         edge_norm=edge_norm,
         shrink=shrink,
+        shrink_norm=shrink_norm,
     )
 
 
@@ -432,20 +506,37 @@ def ablation_result(
     theta_norm: float,
     edge_norm: float,
     shrink: ShrinkMeasure,
+    shrink_norm: ShrinkMeasure,
 ) -> dict[str, Any]:
     """The dict of :func:`ablation_experiment` from its measurements ((Δloss, Δacc) per
     random subspace and per norm-matched displacement, the norms ‖θ‖ and ‖θ_edge‖, the
-    shrink control's); shared with the sharded form (``sharding.sharded_ablation_experiment``).
+    shrink controls'); shared with the sharded form (``sharding.sharded_ablation_experiment``).
 
     Besides the keys listed in :func:`ablation_experiment`: ``theta_norm`` (‖θ‖),
     ``theta_sq_removed_frac`` (share of ‖θ‖² the edge removal deletes,
-    :func:`theta_sq_removed_fraction`); ``shrink_loss``, ``shrink_acc``, ``shrink_dloss``,
-    ``shrink_dacc``, ``shrink_displacement`` (‖θ − θ_shrink‖), ``shrink_factor``,
-    ``shrink_clamped``, ``shrink_theta_sq_removed_frac``; ``shrink_ratio`` =
-    |Δ_edge acc| / (|Δ_shrink acc| + 1e-8), the paper's ratio against the shrink.
+    :func:`theta_sq_removed_fraction`); for the shrink (prefix ``shrink``) and the
+    norm-equal shrink (prefix ``shrink_norm``) each: ``<prefix>_loss``, ``_acc``,
+    ``_dloss``, ``_dacc``, ``_displacement`` (‖θ − θ·c‖), ``_factor`` (c), ``_clamped``,
+    ``_theta_sq_removed_frac`` and ``_ratio`` = |Δ_edge acc| / (|Δ_control acc| + 1e-8),
+    the paper's ratio against that control (one deterministic control each: no spread
+    for a z or an :func:`ablation_summary`).
     """
     d_loss, d_acc = edge_loss - base_loss, edge_acc - base_acc
-    shrink_dacc = shrink.acc - base_acc
+
+    def control(prefix: str, measure: ShrinkMeasure) -> dict[str, Any]:
+        dacc = measure.acc - base_acc
+        return {
+            f"{prefix}_loss": measure.loss,
+            f"{prefix}_acc": measure.acc,
+            f"{prefix}_dloss": measure.loss - base_loss,
+            f"{prefix}_dacc": dacc,
+            f"{prefix}_displacement": measure.displacement,
+            f"{prefix}_factor": measure.factor,
+            f"{prefix}_clamped": measure.clamped,
+            f"{prefix}_theta_sq_removed_frac": theta_sq_removed_fraction(theta_norm, measure.norm),
+            f"{prefix}_ratio": paper_ratio(d_acc, dacc),
+        }
+
     return {
         "base_loss": base_loss,
         "base_acc": base_acc,
@@ -454,16 +545,8 @@ def ablation_result(
         "displacement": displacement,
         "theta_norm": theta_norm,
         "theta_sq_removed_frac": theta_sq_removed_fraction(theta_norm, edge_norm),
-        "shrink_loss": shrink.loss,
-        "shrink_acc": shrink.acc,
-        "shrink_dloss": shrink.loss - base_loss,
-        "shrink_dacc": shrink_dacc,
-        "shrink_displacement": shrink.displacement,
-        "shrink_factor": shrink.factor,
-        "shrink_clamped": shrink.clamped,
-        "shrink_theta_sq_removed_frac": theta_sq_removed_fraction(theta_norm, shrink.norm),
-        # One deterministic control: a ratio, but no spread for a z or an ablation_summary.
-        "shrink_ratio": abs(d_acc) / (abs(shrink_dacc) + RATIO_FLOOR),
+        **control("shrink", shrink),
+        **control("shrink_norm", shrink_norm),
         "random_dloss": [x[0] for x in random_d],
         "random_dacc": [x[1] for x in random_d],
         "matched_dloss": [x[0] for x in matched_d],
@@ -473,6 +556,11 @@ def ablation_result(
         "acc_matched": ablation_summary(d_acc, [x[1] for x in matched_d]),
         "loss_matched": ablation_summary(d_loss, [x[0] for x in matched_d]),
     }
+
+
+def _norm(v: Tensor) -> float:
+    """‖v‖ of a whole vector, in float64."""
+    return float(torch.linalg.vector_norm(v.to(torch.float64)))
 
 
 def _scalars(result: tuple[Any, Any, Tensor]) -> tuple[float, float, Tensor]:

@@ -31,10 +31,11 @@ from torch import Tensor
 
 from grokedge.spectral.ablation import (
     DEFAULT_N_RANDOM,
-    ShrinkMeasure,
     ablation_experiment,
     ablation_result,
     draw_generator,
+    measure_scaled,
+    norm_equal_factor,
     random_displacement,
     random_orthonormal_subspace,
     remove_subspace,
@@ -385,10 +386,10 @@ def sharded_ablation_experiment(
 
     Projections and norms are partial dot products summed over ranks: the edge
     coefficients θ·v_k, the random subspaces' Gram (Cholesky-QR), the norm-matched
-    displacements' norms, ‖θ − θ'‖, ‖θ‖ (the shrink factor), ‖θ_edge‖, ‖θ_shrink‖ and
-    ‖θ − θ_shrink‖. The model, however, is evaluated on whole parameter vectors, so each
-    ablated, shrunk or displaced θ is all-gathered from its slices (one p-vector per
-    evaluation: 3 + 2·``n_random`` gathers). The random draws are those of the
+    displacements' norms, ‖θ − θ'‖, ‖θ‖ and ‖θ_edge‖ (the two shrink factors), and each
+    shrink's ‖θ·c‖ and ‖θ − θ·c‖. The model, however, is evaluated on whole parameter
+    vectors, so each ablated, shrunk or displaced θ is all-gathered from its slices (one
+    p-vector per evaluation: 4 + 2·``n_random`` gathers). The random draws are those of the
     single-process experiment (:func:`gaussian_rows`), so results agree with a 1-process
     run to float round-off. On one rank it is ``ablation_experiment`` itself.
 
@@ -410,18 +411,16 @@ def sharded_ablation_experiment(
         displacement = shard.norm((theta - edge_slice).to(torch.float64))
         theta_norm = shard.norm(theta.to(torch.float64))
         edge_norm = shard.norm(edge_slice.to(torch.float64))
-        # The factor comes from the whole vector's norm, so every rank scales its slice by
-        # the same c and the slices make up the single-process shrink.
+
+        def evaluate_at(part: Tensor) -> tuple[float, float]:
+            return _scalars2(evaluate(shard.gather(part), batch))
+
+        # The factors come from the whole vector's norms, so every rank scales its slice
+        # by the same c and the slices make up the single-process shrinks.
         factor, clamped = shrink_factor(displacement, theta_norm)
-        shrunk = shrink_toward_zero(theta, displacement, theta_norm=theta_norm)
-        shrink_loss, shrink_acc = _scalars2(evaluate(shard.gather(shrunk), batch))
-        shrink = ShrinkMeasure(
-            loss=shrink_loss,
-            acc=shrink_acc,
-            displacement=shard.norm((theta - shrunk).to(torch.float64)),
-            norm=shard.norm(shrunk.to(torch.float64)),
-            factor=factor,
-            clamped=clamped,
+        shrink = measure_scaled(theta, factor, evaluate_at, shard.norm, clamped=clamped)
+        shrink_norm = measure_scaled(
+            theta, norm_equal_factor(edge_norm, theta_norm), evaluate_at, shard.norm
         )
         k = basis.shape[0]
         random_d: list[tuple[float, float]] = []
@@ -448,6 +447,7 @@ def sharded_ablation_experiment(
         theta_norm=theta_norm,
         edge_norm=edge_norm,
         shrink=shrink,
+        shrink_norm=shrink_norm,
     )
 
 
