@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grokedge.reporting import event_figures as EF
+from grokedge.reporting import events as E
 from grokedge.reporting import figures as F
 from grokedge.reporting import tables as T
 from grokedge.reporting.discover import Collection, RunData, discover
@@ -78,6 +80,10 @@ def run_section(run: RunData, out: Path, base: Path, heading: str = "##") -> Sec
         "no gram_spectrum / edge_directions rows (callbacks without the edge)",
     )
     s.table(T.lifecycle_phase_table(run))
+    events = E.run_events(run)
+    if events is not None:
+        s.markdown.append(f"{sub} Events of the edge and the window\n")
+        s.table(E.event_timing_table([events]))
     s.markdown.append(f"{sub} Ablation against random controls\n")
     s.figure(
         "ablation",
@@ -156,6 +162,7 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
     groups = collection.groups()
     s.markdown.append("## Across runs\n")
     s.table(T.seeds_table(collection))
+    events_section(collection, out, base, s)
     s.figure(
         "sweep_lifecycle",
         F.sweep_lifecycle_figure(groups, out / "sweep_lifecycle.png"),
@@ -231,6 +238,37 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
         "no gap_flow rows with a balance in any run",
     )
     return s
+
+
+def events_section(collection: Collection, out: Path, base: Path, s: Section) -> None:
+    """The event timing of a sweep: per-run table, fits with verdicts, the two figures."""
+    events = E.collection_events(collection)
+    if not events:
+        return
+    fits = E.timing_fits(events)
+    s.markdown.append(
+        "### Events of the edge: grokking or the window?\n\n"
+        "Each event's step across the grokked runs, fitted on the grok step and on the "
+        "step (W + 1)·N at which the first delta leaves the window "
+        "(docs/edge_definitions.md).\n"
+    )
+    s.table(E.timing_fit_table(fits))
+    s.figure(
+        "flip_vs_grok",
+        EF.flip_scatter_figure(events, fits, out / "flip_vs_grok.png"),
+        "flip step against grok step, per edge definition",
+        base,
+        "no grokked run with a flip",
+    )
+    s.figure(
+        "grok_aligned",
+        EF.grok_aligned_figure(events, out / "grok_aligned.png"),
+        "v1 gradient share on the step and the grok-aligned axes",
+        base,
+        "no per-definition edge rows",
+    )
+    s.table(E.event_timing_table(events))
+    s.table(E.control_table(events))
 
 
 def _wandb_summary(run: RunData) -> dict[str, Any]:
