@@ -4,16 +4,23 @@ sections of a report on real run files."""
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from grokedge.reporting.discover import load_run
 from grokedge.reporting.events import (
     INCONCLUSIVE,
     NEITHER,
     TRACKS_GROKKING,
     TRACKS_WINDOW,
+    event_timing_table,
     fit_line,
+    run_events,
     timing_fit,
 )
 
@@ -81,3 +88,50 @@ def test_fit_line_matches_the_closed_form() -> None:
     resid = [b - fit.intercept - fit.slope * a for a, b in zip(x, y, strict=True)]
     ss_tot = sum((b - my) ** 2 for b in y)
     assert fit.r2 == pytest.approx(1 - sum(r * r for r in resid) / ss_tot)
+
+
+@pytest.mark.slow  # one real Dyck run of 1,000 steps (~30 s on one thread)
+def test_seed_42_flip_at_n_150_is_flagged_as_the_first_delta_leaving(tmp_path: Path) -> None:
+    """The issue's own case: Dyck seed 42 groks at 600, but with N = 150 the paper's edge
+    flips at (W + 1)·N = 900, when θ(150) − θ(0) leaves the window; the run must say so."""
+    run_dir = tmp_path / "n150"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grokedge.train",
+            "task=dyck",
+            "seed=42",
+            "callbacks=gram",
+            "logger=none",
+            "trainer.max_steps=1050",
+            "task.gram_interval=150",
+            "task.eval_cadence.ood=100000",
+            "torch_threads=1",
+            "progress_bar.refresh_rate=0",
+            f"hydra.run.dir={run_dir}",
+        ],
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = load_run(run_dir)
+    events = run_events(run)
+    assert events is not None and events.grok_step == 600
+    assert events.window_step == 900
+    assert events.steps[("flip", "paper")] == 900
+    assert events.artifacts[("flip", "paper")]
+    (summary,) = run.rows("edge_summary")
+    (flip,) = [e for e in summary["events"] if (e["event"], e["definition"]) == ("flip", "paper")]
+    assert {(c["kind"], c["begin"], c["end"]) for c in flip["coinciding"]} >= {("left", 0, 150)}
+    # The report's event table says the same (the * marks a window artifact).
+    table = event_timing_table([events])
+    row = dict(zip(table.columns, table.rows[0], strict=True))
+    assert row["flip paper"] == "900*" and row["grok"] == "600" and row["(W+1)·N"] == "900"
+    assert "900" in row["dominant left"].split(", ")
+    # Metrics: the provenance of every window, the flag at the end.
+    rows = [r for r in run.metrics if "gram/window_first_step" in r]
+    assert [r["gram/window_first_step"] for r in rows if r["step"] == 900] == [150.0]
+    assert run.last("edge/flip_window_artifact") == 1.0
