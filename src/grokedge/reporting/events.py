@@ -132,6 +132,7 @@ class TimingFit:
     Attributes:
         event, definition: what was fitted.
         n: runs with the event (grokked runs only); missing: grokked runs without it.
+        flagged: runs whose event coincides with a dominant delta entering or leaving.
         on_grok, on_window: the one-regressor fits.
         b_grok, c_window: the joint fit's slopes (NaN when the regressors do not separate).
         r2_joint: the joint fit's R².
@@ -143,6 +144,7 @@ class TimingFit:
     definition: str
     n: int
     missing: int
+    flagged: int
     on_grok: LineFit
     on_window: LineFit
     b_grok: float
@@ -157,12 +159,14 @@ def timing_fit(
     event: str = "flip",
     definition: str = "paper",
     thresholds: dict[str, Any] | None = None,
+    flagged: int = 0,
 ) -> TimingFit:
     """Fit ``event_step`` on grok step and window step over ``points``.
 
     Args:
         points: one (grok_step, window_step, event_step or None) per grokked run.
         thresholds: ``event_timing`` of ``conf/report/verdicts.yaml`` (default: that file).
+        flagged: how many of the events are window artifacts (reported, not fitted).
     """
     t = thresholds or verdict_thresholds()["event_timing"]
     have = [(g, w, e) for g, w, e in points if e is not None]
@@ -197,7 +201,7 @@ def timing_fit(
         verdict = NEITHER
         reason = f"b = {b:.2f}, c = {c:.2f} (tolerance {tol}, R² ≥ {min_r2} needed)"
     return TimingFit(
-        event, definition, n, missing, on_grok, on_window, b, c, r2, verdict, reason
+        event, definition, n, missing, flagged, on_grok, on_window, b, c, r2, verdict, reason
     )
 
 
@@ -217,11 +221,16 @@ def timing_fits(events: list[RunEvents]) -> list[TimingFit]:
     for event in TIMED_EVENTS:
         for definition in DEFINITIONS:
             points = [
-                (float(ev.grok_step), float(ev.window_step), _opt(ev.steps.get((event, definition))))
+                (
+                    float(ev.grok_step),
+                    float(ev.window_step),
+                    _opt(ev.steps.get((event, definition))),
+                )
                 for ev in grokked
                 if ev.grok_step is not None
             ]
-            fits.append(timing_fit(points, event, definition))
+            flagged = sum(bool(ev.artifacts.get((event, definition))) for ev in grokked)
+            fits.append(timing_fit(points, event, definition, flagged=flagged))
     return fits
 
 
@@ -283,6 +292,7 @@ def timing_fit_table(fits: list[TimingFit]) -> Table:
             f.definition,
             str(f.n),
             str(f.missing),
+            f"{f.flagged}/{f.n}",
             f"{fmt(f.on_grok.slope, 2)} (R² {fmt(f.on_grok.r2, 2)})",
             f"{fmt(f.on_window.slope, 2)} (R² {fmt(f.on_window.r2, 2)})",
             fmt(f.b_grok, 2),
@@ -301,6 +311,7 @@ def timing_fit_table(fits: list[TimingFit]) -> Table:
             "definition",
             "runs",
             "grokked runs without it",
+            "window artifacts",
             "slope on grok",
             "slope on (W+1)·N",
             "joint b (grok)",
