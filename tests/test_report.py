@@ -258,6 +258,19 @@ def test_wd_table_holds_the_last_read_outs(sweep: Path, sweep_report: str) -> No
         assert _num(row[10]) == {0.0: 40.4, 1.0: 15.3}[omega]  # the paper's ‖θ‖ beside it
 
 
+def test_claims_md_fills_the_ablation_rows(sweep: Path, sweep_report: str) -> None:
+    """report/claims.md: one row per claim; the sweep has ablation rows, so claims 4-6
+    (beyond random, norm-matched and shrink controls) get a verdict, not "not tested"."""
+    assert "[claims.md](claims.md)" in sweep_report
+    md = (sweep / "report" / "claims.md").read_text()
+    rows = {int(r[0].split(".")[0]): r for r in _table_rows(md, "Claims of the paper")}
+    assert sorted(rows) == list(range(1, 12))
+    for n in (4, 5, 6):
+        verdict = rows[n][4].split("**")[1]
+        assert verdict in {"holds", "not reproduced"}, rows[n]
+        assert "edge Δacc" in rows[n][2] and rows[n][3] != "–", rows[n]
+
+
 def test_report_runs_are_logged_to_wandb_beside_the_training_runs(
     sweep: Path, sweep_report: str
 ) -> None:

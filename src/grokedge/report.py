@@ -10,9 +10,12 @@ per direction, the probes, the weight-decay read-outs and the gap-flow terms, wi
 tables. For a sweep: the same per job (``report/runs/<job>/``), and across jobs mean ± sd
 over seeds per configuration, the weight-decay-intervention table (the paper's Table 1)
 and the universality-class table beside the paper's values (``conf/report/paper.yaml``).
-Failed jobs (``summary.json`` with ``"status": "failed"``, or none at all) are listed and
-left out. Reads only the directories' files (``report.py`` never imports the training
-code); W&B: see :mod:`grokedge.reporting.wandb_log`.
+Beside it, ``DIR/report/claims.md``: one row per claim of the paper that grokedge can
+test, with the paper's, grokedge's and the control's numbers, a verdict and the figure
+that supports it (:mod:`grokedge.reporting.claims`). Failed jobs (``summary.json`` with
+``"status": "failed"``, or none at all) are listed and left out. Reads only the
+directories' files (``report.py`` never imports the training code); W&B: see
+:mod:`grokedge.reporting.wandb_log`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grokedge.reporting import claims as C
 from grokedge.reporting import event_figures as EF
 from grokedge.reporting import events as E
 from grokedge.reporting import figures as F
@@ -314,6 +318,7 @@ def build_report(root: str | Path, use_wandb: bool = True) -> Path:
         f"{len(collection.failed)} failed. Phases (pre/at/post/late) are relative to each "
         "run's own grok step; figures mark it with a dashed line.\n"
     )
+    md.append(f"The paper's claims, each with a verdict: [{C.CLAIMS_MD}]({C.CLAIMS_MD}).\n")
     failed = T.failed_table(collection)
     if failed is not None:
         md.append(failed.markdown() + "\n")
@@ -352,6 +357,7 @@ def build_report(root: str | Path, use_wandb: bool = True) -> Path:
             "(job type `report`) in each training run's group; `wandb sync` them:\n"
         )
         md.append("\n".join(wandb_lines) + "\n")
+    C.write_claims(collection, out)
     path = out / REPORT_MD
     path.write_text("\n".join(md), encoding="utf-8")
     return path
