@@ -414,3 +414,11 @@ def test_state_dicts_survive_weights_only_load(runs: Runs) -> None:
     edge = EdgeAlignmentCallback()
     edge.load_state_dict(json.loads(json.dumps(runs.edge.state_dict())))
     assert edge.state_dict() == runs.edge.state_dict()
+
+
+@pytest.mark.parametrize("interval", ["0", "-50"])
+def test_edge_controls_preset_rejects_a_non_positive_interval(
+    tmp_path: Path, interval: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"task\.gram_interval={interval} is not allowed"):
+        built(tmp_path / "run", ["experiment=edge_controls", f"task.gram_interval={interval}"])
