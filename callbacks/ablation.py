@@ -1,6 +1,6 @@
 """AblationCallback: remove the spectral edge from θ and measure what the model loses.
 
-PAPER.md §3, experiment 2, with the control §5 asks for. On a fixed evaluation subset
+docs/theory.md §3, experiment 2, with the control §5 asks for. On a fixed evaluation subset
 of the test set, through ``GrokModule.evaluate`` (functional: the live model and the
 optimizer are never touched), with θ = the GramCallback's selected parameters and v_k
 its newest edge vectors:

@@ -1,4 +1,4 @@
-"""ClassCallback: the run's universality class, observed and predicted (PAPER.md §3).
+"""ClassCallback: the run's universality class, observed and predicted (docs/theory.md §3).
 
 At every Gram window (a listener, W×W and two p-sized dot products) it records v_1's
 gradient energy share and its rotation from the previous window. When it runs (by

@@ -1,6 +1,6 @@
 """EdgeDecouplingCallback: keep ω fixed and cut the gradient out of the edge direction.
 
-The experiment the paper lacks (PAPER.md §5): its causal claim rests on changing ω,
+The experiment the paper lacks (docs/theory.md §5): its causal claim rests on changing ω,
 which changes the weight-decay part of *every* direction at once. This callback leaves ω
 alone and intervenes on the gradient part of the update along the current edge v_1
 only, at every optimizer step after a trigger.

@@ -1,7 +1,7 @@
 """EdgeAlignmentCallback: who moves the edge (gradient or weight decay), how it turns.
 
 Reads each new ``EdgeState`` published by the :class:`GramCallback` (never recomputes
-it) and turns it into the paper's read-outs (PAPER.md §1, experiment 1) through
+it) and turns it into the paper's read-outs (docs/theory.md §1, experiment 1) through
 ``grokedge.spectral``:
 
 - per edge direction v_k: gradient and weight-decay energy shares and the alignment

@@ -1,6 +1,6 @@
 """GapFlowCallback: the terms of the gap flow equation, measured at the Gram windows.
 
-PAPER.md §1 (the equation), docs/gap_flow.md (how every symbol is estimated). At each
+docs/theory.md §1 (the equation), docs/gap_flow.md (how every symbol is estimated). At each
 analysed window (every ``every`` optimizer steps, on the GramCallback's newest edge) it
 evaluates, through ``GrokModule.evaluate`` on the whole training set (functional: the
 live model and the optimizer are never touched): the curvatures h_k, h_{k+1} of the

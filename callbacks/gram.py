@@ -1,7 +1,7 @@
 """GramCallback: the sliding window of update deltas and its spectral edge, online.
 
-A thin adapter from Lightning hooks to ``grokedge.spectral`` (PAPER.md §1, DESIGN.md
-"data flow" steps 2-3):
+A thin adapter from Lightning hooks to ``grokedge.spectral`` (docs/theory.md §1;
+docs/design.md, "data flow" steps 2-3):
 
 - every optimizer step, a ``DecoupledWeightDecayTracker`` registered as an optimizer
   step pre-hook adds that step's exact weight-decay displacement −η_t ω_g θ_t (η, ω read

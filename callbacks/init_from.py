@@ -1,6 +1,6 @@
 """InitFromCheckpoint: start a run from another run's weights, with everything else fresh.
 
-The paper's weight-decay intervention (PAPER.md §3, experiment 6) forks a grokked
+The paper's weight-decay intervention (docs/theory.md §3, experiment 6) forks a grokked
 checkpoint with a *fresh* optimizer. ``resume=<ckpt>`` would restore the optimizer, the
 step counter and every callback's state; this callback loads the model weights only:
 the run starts at step 0 with a fresh optimizer (built from the current config, e.g. a

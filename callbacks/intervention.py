@@ -2,7 +2,7 @@
 
 An intervention fires once at a trigger (a step, or a delay after the detected grok
 step), changes how training proceeds, and then measures the compression read-outs of
-the paper's weight-decay experiment (PAPER.md §3, experiment 6) on a cadence.
+the paper's weight-decay experiment (docs/theory.md §3, experiment 6) on a cadence.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def compression_measures(
     key: str,
     prefix: str,
 ) -> dict[str, float]:
-    """The weight-decay experiment's read-outs (PAPER.md §3, experiment 6).
+    """The weight-decay experiment's read-outs (docs/theory.md §3, experiment 6).
 
     ``{prefix}/theta_norm`` (‖θ‖ over every parameter of the network),
     ``{prefix}/theta_norm_selected`` (over the selected ones), ``{prefix}/attn_entropy``

@@ -1,6 +1,6 @@
 """PerturbationCallback: ε-sweeps and curvature along the edge directions.
 
-PAPER.md §3, experiments 3 and 4. On a fixed evaluation subset of the test set, through
+docs/theory.md §3, experiments 3 and 4. On a fixed evaluation subset of the test set, through
 ``GrokModule.evaluate`` (functional: the live model and the optimizer are never touched),
 with θ = the GramCallback's selected parameters and v_k its newest edge vectors:
 

@@ -1,6 +1,6 @@
 """ProbeCallback: how well the hidden states encode the task's variables.
 
-PAPER.md §3, experiment 5, with the grouped cross-validation §5 asks for. On a fixed
+docs/theory.md §3, experiment 5, with the grouped cross-validation §5 asks for. On a fixed
 evaluation subset of the test set, the hidden states of one block (default: the last
 block's output before the final LayerNorm, what the paper probes) at every position where
 the task declares a target (``datamodule.probe_targets(batch)``: Dyck the depth; modular
@@ -63,7 +63,8 @@ class ProbeCallback(AnalysisCallback):
     Args:
         every: optimizer steps between probe fits (None, the default: no cadence, only
             at the grok step and at the end). The quadratic and MLP probes cost tens of
-            seconds a call on a small CPU (docs/benchmarks_callbacks.md): keep this sparse.
+            seconds a call on a small CPU (docs/benchmarks.md, "Cost of callbacks=full"):
+            keep this sparse.
         at_grok: also probe once when the grok step is detected.
         at_end: also probe once on the final weights (the paper's "late" probes).
         n_sequences: test sequences in the fixed subset (the paper: 300); None: all.

@@ -1,6 +1,6 @@
 """WDRemovalCallback: switch weight decay off (or to another ω) mid-run, then watch.
 
-PAPER.md §3, experiment 6: the paper forks a grokked checkpoint with a fresh optimizer
+docs/theory.md §3, experiment 6: the paper forks a grokked checkpoint with a fresh optimizer
 and trains on with ω ∈ {0, 0.5, 1, 2} (``experiment=wd_intervention`` does that); this
 callback does the intervention *inside* one run: at a step (or a delay after the detected
 grok step) it sets every parameter group's weight decay to ``weight_decay_after`` and,

@@ -95,7 +95,7 @@ def accuracy_of(net: nn.Module, batches: list[dict]) -> float:
 
 # -- B. the paper's protocol ------------------------------------------------------------
 class PaperDyckModel(nn.Module):
-    """The paper code's model: torch's fused TransformerEncoder (PAPER.md §2)."""
+    """The paper code's model: torch's fused TransformerEncoder (docs/theory.md §2)."""
 
     def __init__(self, n_classes: int = 13, max_len: int = 48) -> None:
         super().__init__()

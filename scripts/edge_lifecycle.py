@@ -3,7 +3,7 @@
 Runs ``python -m grokedge.train task=dyck seed=42 callbacks=gram`` for ω = 1 and ω = 0
 (in-process, the same code path), then tabulates per phase the window means of the
 gradient share and alignment of v_1..v_4, k*, v_1's rotation per window, and g_23's
-compression (PAPER.md §1: max pre-grok g_23 over g_23 at the last window at or before
+compression (docs/theory.md §1: max pre-grok g_23 over g_23 at the last window at or before
 the grok step). The ω = 0 run never groks, so its windows are grouped by the step
 ranges of the ω = 1 run's phases.
 

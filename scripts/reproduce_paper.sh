@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's protocol (PAPER.md §2-3) as parallel sweep jobs, then the report:
+# The paper's protocol (docs/theory.md §2-3) as parallel sweep jobs, then the report:
 #
 #   1. Dyck, seeds 42, 137, 2024 × ω ∈ {0, 1}, callbacks=full (6 jobs);
 #   2. the weight-decay intervention (Table 1): Dyck seed 42, ω = 1, forked at step 1,000

@@ -13,7 +13,7 @@ from grokedge.tasks.dyck import CLOSE, OPEN, DyckDataModule
 
 
 def literal_paper_generator(n: int, seed: int) -> list[str]:
-    """PAPER.md §2 written out independently: pairs ~ U{1..12}, open w.p. 0.55 if free."""
+    """docs/theory.md §2 written out independently: pairs ~ U{1..12}, open w.p. 0.55 if free."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):

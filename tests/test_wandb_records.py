@@ -18,8 +18,8 @@ from grokedge.reporting.wandb_records import history_of, iter_records, summary_o
 from grokedge.train import build, compose, fit
 from grokedge.wandb_setup import non_seed_overrides, wandb_init_kwargs
 
-# DESIGN.md "Metric names": the prefixes W&B must lay out as panel sections. Written out
-# here (not imported) so that dropping one from the module fails this test.
+# docs/design.md, "Metric names": the prefixes W&B must lay out as panel sections. Written
+# out here (not imported) so that dropping one from the module fails this test.
 DESIGN_PREFIXES = (
     "train",
     "test",

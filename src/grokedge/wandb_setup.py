@@ -8,8 +8,9 @@ Two pieces, both called from ``train.py``:
   grouped charts average over seeds, not over ω) and ``job_type`` = the non-seed
   overrides (a second "group by" key in the UI).
 - :class:`WandbDashboardCallback`: at fit start, ``define_metric`` for every metric prefix
-  of DESIGN.md with ``trainer/global_step`` as its x-axis (W&B makes one panel section per
-  prefix); at train end, the run's summary values ``grok/step`` and any ``class/*``.
+  of docs/design.md, "Metric names", with ``trainer/global_step`` as its x-axis (W&B makes
+  one panel section per prefix); at train end, the run's summary values ``grok/step`` and
+  any ``class/*``.
 
 W&B knows nothing of grokedge beyond this module; the rest of the package logs through
 Lightning's loggers. Under ``WANDB_MODE=disabled`` or without a ``WandbLogger`` both are
@@ -49,8 +50,7 @@ METRIC_PREFIXES: tuple[str, ...] = (
     "decouple",
     "report",
 )
-"""Metric prefixes (DESIGN.md "Metric names", plus ``ood`` and ``report``): one panel
-section each in W&B."""
+"""Metric prefixes (docs/design.md, "Metric names"): one panel section each in W&B."""
 
 SEED_KEYS = frozenset({"seed"})
 """Override keys that distinguish repetitions of one configuration (aggregated over)."""

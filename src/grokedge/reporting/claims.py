@@ -379,7 +379,7 @@ def _ratio(edge: float, control: float) -> str:
 
 def _ablation_paper(kind: str) -> str:
     if kind != "random":
-        return "not done (PAPER.md §5)"
+        return "not done (docs/theory.md §5)"
     p = paper_values()["dyck_seeds"]
     return (
         f"Δacc {mean_sd(p['ablation_edge_dacc_at'])} at grok, "

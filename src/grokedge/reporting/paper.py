@@ -1,7 +1,7 @@
 """The paper's numbers, from ``conf/report/paper.yaml`` (one declarative table).
 
 Every table of the report that compares with the paper reads its values from here, with
-the PAPER.md section each block cites (``source``).
+the docs/theory.md section each block cites (``source``).
 """
 
 from __future__ import annotations

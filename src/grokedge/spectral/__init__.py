@@ -1,7 +1,7 @@
 """Pure torch math of the spectral edge: no Lightning, Hydra or W&B.
 
 Every p-sized computation works on a slice of the selected parameter vector and yields
-W×W (or smaller) partial matrices that sum over slices (DESIGN.md, Scale); the finishing
+W×W (or smaller) partial matrices that sum over slices (docs/design.md, Scale); the finishing
 step runs on those summed matrices in float64 on the CPU.
 """
 

@@ -1,4 +1,4 @@
-"""Edge ablation and its random controls (PAPER.md §3, experiment 2, and §5).
+"""Edge ablation and its random controls (docs/theory.md §3, experiment 2, and §5).
 
 The paper removes the edge subspace from the selected parameters,
 θ' = θ − Σ_k (θ·v_k) v_k, and compares the change of a metric (token accuracy, loss)
@@ -80,7 +80,7 @@ def orthonormalize(basis: Tensor) -> Tensor:
 def subspace_coefficients(theta: Tensor, basis: Tensor) -> Tensor:
     """Coefficients θ·v_k [k], float64, on ``theta``'s device.
 
-    Linear in the parameters, so under slicing (DESIGN.md, Scale) each rank computes them
+    Linear in the parameters, so under slicing (docs/design.md, Scale) each rank computes them
     on its slice and the sum over ranks is the whole vector's coefficients.
     """
     return basis.to(torch.float64) @ theta.to(torch.float64)
@@ -309,7 +309,7 @@ def norm_matched_displacements(
 ) -> Tensor:
     """[n, p]: random displacements Δθ with ‖Δθ‖ = ``displacement_norm`` (parameter units).
 
-    The control the paper lacks (PAPER.md §5): pass the edge removal's displacement
+    The control the paper lacks (docs/theory.md §5): pass the edge removal's displacement
     ‖θ − θ'‖ and evaluate θ + Δθ. Norms are exact in float64 (relative error ~1e-16; a
     float32 result carries its own rounding, ~1e-7).
     """

@@ -1,4 +1,4 @@
-"""Attention entropy (PAPER.md §3, experiment 6).
+"""Attention entropy (docs/theory.md §3, experiment 6).
 
 The entropy of a query's attention row, −Σ_j a_ij ln a_ij (nats), is ln t for uniform
 attention over t keys and 0 for attention on one key. Under a causal mask query i

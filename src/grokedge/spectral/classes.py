@@ -1,4 +1,4 @@
-"""Universality classes of the spectral edge (PAPER.md §3; docs/classes.md).
+"""Universality classes of the spectral edge (docs/theory.md §3; docs/classes.md).
 
 The paper names three classes by their late-training edge and gives no numeric criterion:
 

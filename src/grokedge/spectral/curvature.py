@@ -1,4 +1,4 @@
-"""Loss curvature along parameter directions (PAPER.md §3, experiment 4; gap flow h_j).
+"""Loss curvature along parameter directions (docs/theory.md §3, experiment 4; gap flow h_j).
 
 Exact Hessian-vector products come from ``torch.func`` forward-over-reverse
 (``jvp(grad(f))``): one forward-mode pass through the backward graph, about the cost of

@@ -1,4 +1,4 @@
-"""Gradient / weight-decay split of the edge's energy (PAPER.md §1).
+"""Gradient / weight-decay split of the edge's energy (docs/theory.md §1).
 
 Inputs are the per-delta projections of ``EdgeState``: ``grad_proj``, ``wd_proj`` [W', k]
 (δ_grad,i · v_k and δ_wd,i · v_k, parameter units). All read-outs are invariant to the

@@ -8,7 +8,7 @@ eigenpairs (σ_k², u_k) of G = X Xᵀ the right singular vectors are v_k = Xᵀ
     δ_grad,i · v_k = δ_i · v_k − δ_wd,i · v_k
 
 so the projections need no p-sized work. Only the top-k vectors are materialised,
-O(k·W·p), on the deltas' device. Under slicing (DESIGN.md, Scale) every rank passes the
+O(k·W·p), on the deltas' device. Under slicing (docs/design.md, Scale) every rank passes the
 *summed* W×W matrices and its own slice of the deltas: the eigendecomposition is the same
 on every rank, and each gets its slice of v_k.
 

@@ -1,4 +1,6 @@
-"""The gap flow equation of the spectral edge thesis, measured (PAPER.md §1; docs/gap_flow.md).
+"""The gap flow equation of the spectral edge thesis, measured.
+
+docs/theory.md §1 states the equation; docs/gap_flow.md says how each symbol is estimated.
 
 The equation for the gap g = d_k − d_{k+1} between the signal strengths of modes k and
 k+1 (k = k*, the edge):

@@ -1,11 +1,11 @@
-"""Shape of the spectrum and motion of the edge (PAPER.md §1).
+"""Shape of the spectrum and motion of the edge (docs/theory.md §1).
 
 Spectral read-outs (gaps, k*, ratios) take σ [W'] (descending, float64, CPU, as in
 ``EdgeState.sigma``) and return Python numbers or small CPU tensors; indices k, j are
 1-based like the paper's.
 
 Geometric read-outs between p-sized vectors (rotation, principal angles, stability)
-come in two stages so that they work on slices of θ_sel (DESIGN.md, Scale):
+come in two stages so that they work on slices of θ_sel (docs/design.md, Scale):
 
 1. ``partial_inner`` / ``stacked_gram``: float64 dot products of the rows of this
    rank's slices, on the device (no host sync) — sum them over the ranks;

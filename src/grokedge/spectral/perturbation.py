@@ -1,4 +1,4 @@
-"""ε-sweeps along edge directions (PAPER.md §3, experiment 3).
+"""ε-sweeps along edge directions (docs/theory.md §3, experiment 3).
 
 θ_sel + ε v_k for ε on a symmetric grid and each direction v_k: loss, accuracy and
 KL(base ‖ perturbed) of the output distributions. ε is *absolute* (parameter units along

@@ -1,4 +1,4 @@
-"""Probes of a task variable in the hidden states (PAPER.md §3, experiments 5–6, and §5).
+"""Probes of a task variable in the hidden states (docs/theory.md §3, experiments 5–6, and §5).
 
 Three regressors predict the target (Dyck: the depth after each token) from the hidden
 state at every labelled position:
@@ -62,7 +62,7 @@ ArrayLike = np.ndarray | Tensor
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Hyper-parameters of the probes (defaults: the paper's, PAPER.md §3.5)."""
+    """Hyper-parameters of the probes (defaults: the paper's, docs/theory.md §3.5)."""
 
     linear_alpha: float = 1.0
     quadratic_alpha: float = 10.0
@@ -368,7 +368,7 @@ def functional_r2(
     sample_weight: ArrayLike | None = None,
     config: ProbeConfig = ProbeConfig(),
 ) -> ProbeScore:
-    """The "functional R²" (PAPER.md, universality classes): the linear probe's R² on the
+    """The "functional R²" (docs/theory.md §3, universality classes): the linear probe's R² on the
     *change* of the hidden state, ``features_perturbed − features_base`` [n, d].
 
     High: moving θ along the direction (the paper: ε = 0.005‖θ_sel‖ along v_1) changes

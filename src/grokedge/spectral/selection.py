@@ -1,10 +1,10 @@
 """Which parameters the spectral analysis watches, and how they map to one flat vector.
 
 The flat vector θ_sel ∈ R^p concatenates the selected parameters, each flattened in
-row-major order, in *sorted-name* order (PAPER.md §1). Every other module of
+row-major order, in *sorted-name* order (docs/theory.md §1). Every other module of
 ``grokedge.spectral`` indexes p-sized vectors with this layout.
 
-For the distributed Gram (DESIGN.md, Scale) the flat vector is split into contiguous
+For the distributed Gram (docs/design.md, Scale) the flat vector is split into contiguous
 slices ``[start, stop)``; :func:`slice_bounds` makes near-equal slices and
 :func:`slice_segments` says which part of which parameter a slice covers, so a rank can
 build its slice without materialising the whole p-vector.

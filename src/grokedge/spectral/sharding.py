@@ -1,4 +1,4 @@
-"""The selected parameter vector split between processes (DESIGN.md, Scale).
+"""The selected parameter vector split between processes (docs/design.md, Scale).
 
 Under data parallelism every rank holds the whole (replicated) θ_sel ∈ R^p but keeps
 only a contiguous slice ``[start, stop)`` of it in its update window (see

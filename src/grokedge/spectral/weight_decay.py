@@ -5,7 +5,7 @@ a step is θ ← θ(1 − η_t ω_g) followed by the optimizer's own update, so 
 weight-decay displacement is exactly −η_t ω_g θ_t, with η_t and ω_g read from the
 parameter's group *at that step* (schedulers, groups with different or zero ω). Summed
 over an interval it is δ_wd, and δ_grad = δ − δ_wd is everything else (preconditioning,
-momentum, clipping), with no approximation (PAPER.md §1; compare ``trapezoid_wd``).
+momentum, clipping), with no approximation (docs/theory.md §1; compare ``trapezoid_wd``).
 
 With L2-style decay (``Adam``/``SGD`` with ``weight_decay > 0``) ωθ is added to the
 gradient and then mixed into the optimizer's state: no exact split exists.
@@ -54,7 +54,7 @@ class DecoupledWeightDecayTracker:
             ``ParameterSelector.named(model)``); laid out by sorted name, like the selector.
         allow_inexact: for a group whose decay is not decoupled but ω > 0, record zeros and
             warn once instead of raising.
-        start, stop: slice ``[start, stop)`` of the flat vector to accumulate (DESIGN.md,
+        start, stop: slice ``[start, stop)`` of the flat vector to accumulate (docs/design.md,
             Scale); default the whole p.
         dtype: accumulator dtype (default: the parameters' dtype promoted to >= float32).
 

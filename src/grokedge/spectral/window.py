@@ -11,7 +11,7 @@ X = [δ_1; …; δ_W] and X_wd = [δ_wd,1; …; δ_wd,W] the window keeps
 A push overwrites one ring slot and recomputes only that slot's rows and columns: four
 matrix–vector products, O(W·p), instead of O(W²·p) for a full recompute. The matrices are
 *partial* when the window holds a slice of θ_sel: summing them over the slices gives the
-whole's (DESIGN.md, Scale).
+whole's (docs/design.md, Scale).
 
 The buffers may be stored in a low precision; the dot products are always accumulated
 in ``accum_dtype`` (float64 by default) from the *stored* values, so that G is the exact
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 MIN_WINDOW = 2
-"""A spectrum needs at least two deltas (PAPER.md §1)."""
+"""A spectrum needs at least two deltas (docs/theory.md §1)."""
 
 ACCUM_CHUNK = 1 << 16
 """Elements per chunk when up-casting low-precision buffers for the float64 dot products.

@@ -1,4 +1,4 @@
-"""Dyck-1 depth prediction, the paper's first task (PAPER.md §2).
+"""Dyck-1 depth prediction, the paper's first task (docs/theory.md §2).
 
 Each sequence is a balanced string of ``(`` and ``)``; the label at every position is the
 nesting depth *after* that token. The default configuration reproduces the paper's data
