@@ -41,9 +41,7 @@ def flip_scatter_figure(
     colours = dict(zip(intervals, ["tab:blue", "tab:orange", "tab:green", "tab:red"], strict=False))
     verdicts = {(f.event, f.definition): f.verdict for f in fits}
     fig, axes = plt.subplots(1, len(DEFINITIONS), figsize=(13, 4.3), sharey=True)
-    top = max(
-        [ev.grok_step or 0 for ev in grokked] + [ev.window_step for ev in grokked] + [1]
-    )
+    top = max([ev.grok_step or 0 for ev in grokked] + [ev.window_step for ev in grokked] + [1])
     for ax, definition in zip(axes, DEFINITIONS, strict=True):
         for n in intervals:
             runs = [ev for ev in grokked if ev.interval == n]
@@ -76,7 +74,11 @@ def grok_aligned_figure(
     if not events:
         return None
     counts = Counter(ev.interval for ev in events)
-    n = interval if interval is not None else (100 if 100 in counts else counts.most_common(1)[0][0])
+    n = (
+        interval
+        if interval is not None
+        else (100 if 100 in counts else counts.most_common(1)[0][0])
+    )
     runs = [ev for ev in events if ev.interval == n]
     if not any(share_series(ev, d)[0] for ev in runs for d in DEFINITIONS):
         return None
