@@ -240,6 +240,42 @@ def test_g23_claim_against_the_omega_zero_run_at_the_paired_grok_step(
     assert "3.0×" in claim.control  # 9.0 / 3.0
 
 
+@pytest.mark.parametrize(("flagged", "expected"), [(2, C.WINDOW_ARTIFACT), (1, C.HOLDS)])
+def test_g23_claim_is_a_window_artifact_when_most_peaks_sit_on_a_dominant_delta(
+    tmp_path: Path, flagged: int, expected: str
+) -> None:
+    """Three grokked runs that compress 30x (10x their controls): 'holds', unless the
+    g_23 peak of more than half of them coincides with a dominant delta's entry/exit."""
+    runs = []
+    for seed in range(3):
+        summary = _edge_summary(100, None)
+        summary["events"] = [
+            {
+                "event": "g23_peak",
+                "definition": "paper",
+                "step": 500,
+                "coinciding": [],
+                "window_artifact": seed < flagged,
+            }
+        ]
+        treated = [*_spectrum(G23), summary]
+        runs.append(
+            _run(
+                tmp_path,
+                f"t{seed}",
+                seed=seed,
+                grok=300,
+                analyses=treated,
+                **{"gram/g23_compression": 30.0},
+            )
+        )
+        runs.append(_run(tmp_path, f"c{seed}", omega=0.0, seed=seed, analyses=_spectrum(G23)))
+    claim = C.g23_claim(Collection(tmp_path, runs, is_sweep=True))
+    assert claim.verdict == expected, claim
+    if expected == C.WINDOW_ARTIFACT:
+        assert f"{flagged}/3 grokked runs" in claim.why
+
+
 def test_g23_claim_without_a_control_is_inconclusive(tmp_path: Path) -> None:
     treated = _run(tmp_path, "t", **{"gram/g23_compression": 30.0})
     other_n = _run(tmp_path, "c", omega=0.0, interval=50, analyses=_spectrum(G23))

@@ -138,6 +138,20 @@ def _v1(field: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda row: _direction(row, 1, field)
 
 
+def _paper_v1(field: str) -> Callable[[dict[str, Any]], float | None]:
+    """v_1's ``field`` under the paper's edge definition (the claims are the paper's),
+    whatever edge the run analysed; rows written before the definitions: the edge's."""
+
+    def get(row: dict[str, Any]) -> float | None:
+        paper = (row.get("definitions") or {}).get("paper")
+        if paper is None:
+            return _direction(row, 1, field)
+        values = paper.get(field) or []
+        return values[0] if values else None
+
+    return get
+
+
 def _phase_mean(runs: list[RunData], analysis: str, phase: str, get: Callable) -> float | None:
     """Mean over runs of each run's mean of ``get`` over its rows in ``phase``."""
     return _mean_over(runs, lambda r: _per_run(r, analysis, phase, get))
@@ -183,10 +197,10 @@ def _event_control(collection: Collection, event: str) -> str:
 
 
 def _event_numbers(runs: list[RunData], field: str) -> str:
-    pre = _phase_mean(runs, "edge_directions", "pre", _v1(field))
-    at = _phase_mean(runs, "edge_directions", AT, _v1(field))
+    pre = _phase_mean(runs, "edge_directions", "pre", _paper_v1(field))
+    at = _phase_mean(runs, "edge_directions", AT, _paper_v1(field))
     name = "grad share" if field == "grad_frac" else "alignment"
-    return f"v_1 {name} pre {fmt(pre)} → at {fmt(at)}"
+    return f"v_1 {name} (paper definition) pre {fmt(pre)} → at {fmt(at)}"
 
 
 def _offsets(evs: list[E.RunEvents], event: str) -> list[int]:
@@ -302,6 +316,18 @@ def compression_verdict(grokked: float, control: float) -> tuple[str, str]:
     return HOLDS, text
 
 
+def peak_artifacts(runs: list[RunData]) -> tuple[int, int]:
+    """(runs whose g_23 peak is flagged a window artifact, runs with a g_23 peak event)."""
+    flagged = counted = 0
+    for run in runs:
+        ev = E.run_events(run)
+        if ev is None or ("g23_peak", ev.edge_definition) not in ev.artifacts:
+            continue
+        counted += 1
+        flagged += ev.artifacts[("g23_peak", ev.edge_definition)]
+    return flagged, counted
+
+
 def g23_claim(collection: Collection) -> Claim:
     """Claim 3: ``gram/g23_compression`` of the treated runs against the ω = 0 run of the
     same seed and N, computed at the treated run's grok step."""
@@ -334,6 +360,15 @@ def g23_claim(collection: Collection) -> Claim:
     control = _mean(v for _, v in pairs)
     assert grok_mean is not None and control is not None
     verdict, why = compression_verdict(grok_mean, control)
+    flagged, counted = peak_artifacts(runs)
+    majority = float(thresholds()["artifact_majority"])
+    compressed = grok_mean > 1 + float(thresholds()["compression_same_within"])
+    if counted and flagged / counted > majority and compressed:
+        verdict = WINDOW_ARTIFACT
+        why = (
+            f"the pre-grok g_23 peak coincides with a dominant delta entering or leaving "
+            f"the window in {flagged}/{counted} grokked runs; {why}"
+        )
     control_text = (
         f"ω = 0, same seed and N, at the paired grok step: {fmt(control, 1)}× "
         f"({len(pairs)} pairs; grokked {fmt(grok_mean, 1)}×)"

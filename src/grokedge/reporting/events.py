@@ -56,6 +56,8 @@ class RunEvents:
     Attributes:
         run: the run.
         interval: N (optimizer steps per delta); window: W.
+        edge_definition: the definition the run analysed (its g23_peak and
+            rotation_spike events are that edge's).
         grok_step: the detected grok step (None: never grokked).
         steps: {(event, definition): first step or None}.
         artifacts: {(event, definition): True when it coincides with a dominant delta
@@ -67,6 +69,7 @@ class RunEvents:
     interval: int
     window: int
     grok_step: int | None
+    edge_definition: str = "paper"
     steps: dict[tuple[str, str], int | None] = field(default_factory=dict)
     artifacts: dict[tuple[str, str], bool] = field(default_factory=dict)
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -88,6 +91,7 @@ def run_events(run: RunData) -> RunEvents | None:
         interval=int(row["interval"]),
         window=int(row["window"]),
         grok_step=run.grok_step,
+        edge_definition=str(row.get("edge_definition", "paper")),
         changes=list(row.get("dominant_changes") or []),
     )
     for definition, steps in row["definitions"].items():
