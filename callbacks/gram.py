@@ -56,6 +56,7 @@ from grokedge.spectral import (
 )
 from grokedge.spectral.edge import WindowSpectrum
 from grokedge.spectral.edge_definitions import (
+    NORMALIZED,
     PAPER,
     all_spectra,
     check_definition,
@@ -248,7 +249,7 @@ class GramCallback(Callback):
         interval: int = 100,
         window: int = 5,
         top_k: int = 4,
-        edge_definition: str = PAPER,
+        edge_definition: str = NORMALIZED,
         start_step: int | None = None,
         allow_inexact_split: bool = False,
         buffer_dtype: str = "float32",
@@ -305,6 +306,9 @@ class GramCallback(Callback):
         self.spectra: dict[str, WindowSpectrum | None] = {}
         self.provenance: WindowProvenance | None = None
         self.evicted_dot: float | None = None
+        # ‖δ‖² of the raw window's oldest delta at the last publish: the evicted one's
+        # norm at the next (the normalized edge's evicted dot).
+        self._raw_oldest_sq = 0.0
         self.skipped_deltas = 0
         self.last_capture_step: int | None = None
 
@@ -613,7 +617,21 @@ class GramCallback(Callback):
             self.start_step,
             out=self._free_buffer(),
         )
-        self.evicted_dot = evicted if self.edge_definition == PAPER else None
+        self.evicted_dot = self._edge_evicted_dot(g, evicted)
+        self._raw_oldest_sq = float(g[0, 0])
+
+    def _edge_evicted_dot(self, gram: Tensor, evicted: float | None) -> float | None:
+        """δ'_evicted · δ'_newest in the rows of ``edge_definition`` (what relates
+        ``previous`` and ``edge`` for Davis–Kahan), or ``None`` when ``edge``'s window
+        grew instead of sliding. ``gram``: the raw window's G after the push."""
+        if evicted is None or self.edge is None or self.previous is None:
+            return None
+        if self.edge_definition == NORMALIZED:
+            norms = math.sqrt(self._raw_oldest_sq * float(gram[-1, -1]))
+            return evicted / norms if norms > 0 else 0.0
+        # burn_in: the raw evicted delta was in the previous edge's window only if that
+        # window kept its size (otherwise the burn-in had excluded it: the window grew).
+        return evicted if self.edge.count == self.previous.count else None
 
     def _edge_step(self) -> int | None:
         """Step of the newest published window (its spectra exist even while a burn-in

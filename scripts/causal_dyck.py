@@ -31,6 +31,7 @@ def overrides(steps: int, threads: int | None, weight_decay: float = 1.0) -> lis
         "seed=42",
         f"optimizer.weight_decay={weight_decay}",
         "callbacks=full",
+        "callbacks.gram.edge_definition=paper",  # the paper's edge: docs/edge_definitions.md
         "logger=none",
         f"trainer.max_steps={steps}",
         "progress_bar.refresh_rate=0",

@@ -38,6 +38,7 @@ BASE = [
     "seed=42",
     "optimizer.weight_decay=1.0",
     "callbacks=gram",
+    "callbacks.gram.edge_definition=paper",  # the paper's edge: docs/edge_definitions.md
     "logger=none",
     "task.datamodule.ood_sequences=0",
     "task.stop_after_grok=1000",

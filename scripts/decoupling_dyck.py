@@ -56,6 +56,7 @@ def overrides(arm: str, steps: int, start: int, threads: int | None) -> list[str
     if arm == "plain":
         return common + [
             "callbacks=gram",
+            "callbacks.gram.edge_definition=paper",  # the paper's edge: docs/edge_definitions.md
             "+callbacks@callbacks.wd_removal=wd_removal",
             f"callbacks.wd_removal.at_step={start}",
             "callbacks.wd_removal.weight_decay_after=1.0",  # no change: read-outs only

@@ -35,6 +35,7 @@ def run(weight_decay: float, steps: int, workdir: Path, reuse: bool) -> tuple[Pa
             "task=dyck",
             "seed=42",
             "callbacks=gram",
+            "callbacks.gram.edge_definition=paper",  # the paper's edge: docs/edge_definitions.md
             f"optimizer.weight_decay={weight_decay}",
             f"trainer.max_steps={steps}",
             "logger=none",

@@ -20,6 +20,7 @@ from torch import nn
 
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
+from grokedge.callbacks.edge_alignment import measure
 from grokedge.callbacks.gram import analysed_module
 from grokedge.config_checks import ConfigError
 from grokedge.run_files import read_metrics
@@ -422,3 +423,26 @@ def test_edge_controls_preset_rejects_a_non_positive_interval(
 ) -> None:
     with pytest.raises(ConfigError, match=rf"task\.gram_interval={interval} is not allowed"):
         built(tmp_path / "run", ["experiment=edge_controls", f"task.gram_interval={interval}"])
+
+
+@pytest.mark.parametrize("definition", ["paper", "burn_in", "normalized"])
+def test_davis_kahan_bound_holds_for_every_edge_definition(definition: str) -> None:
+    """The bound on v_1's rotation between consecutive windows is a theorem: it must
+    hold for the analysed edge whatever its rows (the evicted dot is rescaled to them)."""
+    cb, _, _ = attached(window=4, edge_definition=definition, start_step=3)
+    p = cb.selector.p
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randn(p, generator=gen)
+    checked = 0
+    for step in range(1, 13):
+        scale = 20.0 if step in (1, 7) else 1.0  # large deltas entering and leaving
+        total = scale * (shared + 0.7 * torch.randn(p, generator=gen))
+        cb.push_delta(total, -0.2 * total + 0.1 * torch.randn(p, generator=gen), step, step - 1)
+        if cb.edge is None or cb.previous is None:
+            continue
+        m = measure(cb.edge, cb.previous, cb.evicted_dot)
+        if math.isnan(m["dk_bound"]):
+            continue
+        assert math.sin(math.radians(m["rotation_deg"][0])) <= m["dk_bound"] + 1e-9, step
+        checked += 1
+    assert checked >= 6
