@@ -165,14 +165,23 @@ def test_run_logs_spectrum_matching_an_independent_svd(runs: Runs) -> None:
     steps = sorted(thetas)
     assert steps == list(range(0, STEPS + 1, INTERVAL))
     deltas = {b: thetas[b] - thetas[a] for a, b in zip(steps, steps[1:], strict=False)}
+    # The analysed edge is the default, normalized one: σ of the unit-norm deltas; the
+    # paper's σ (raw deltas) is in every window's analyses row.
+    paper_sigma = {
+        r["step"]: r["definitions"]["paper"]["sigma"]
+        for r in read_analyses(runs.full)
+        if r["analysis"] == "edge_directions"
+    }
     checked = 0
     for step in steps[2:]:  # a window needs two deltas
-        window = [deltas[s] for s in steps[1:] if s <= step][-5:]
-        want = torch.linalg.svdvals(torch.stack(window).double())
-        for j, s in enumerate(want.tolist()):
+        window = torch.stack([deltas[s] for s in steps[1:] if s <= step][-5:]).double()
+        unit = window / window.norm(dim=1, keepdim=True)
+        for j, s in enumerate(torch.linalg.svdvals(unit).tolist()):
             got = logged[step][f"gram/sigma_{j + 1}"]
             assert got == pytest.approx(s, rel=1e-5), (step, j)
             checked += 1
+        for j, s in enumerate(torch.linalg.svdvals(window).tolist()):
+            assert paper_sigma[step][j] == pytest.approx(s, rel=1e-5), (step, j)
     assert checked == 2 + 3 + 4 + 5 + 5
 
     analyses = read_analyses(runs.full)
@@ -209,12 +218,23 @@ def test_exact_split_matches_an_independent_per_step_record(runs: Runs) -> None:
     snap = torch.stack([thetas[b] - thetas[a] for a, b in zip(steps, steps[1:], strict=False)])
     assert float(((wd_indep + grad_indep - snap).norm(dim=1) / snap.norm(dim=1)).max()) < 1e-5
     torch.testing.assert_close(total, snap, rtol=0, atol=0)
-    # The published projections are those of the independent parts on the edge vectors.
+    # The published projections are those of the independent parts on the edge vectors;
+    # the default (normalized) edge scales both parts of delta i by 1/‖δ_i‖.
     edge = runs.gram.edge
+    assert edge.definition == "normalized"
     v = edge.vectors.double()
+    norms = snap.double().norm(dim=1, keepdim=True)
     for got, part in ((edge.wd_proj, wd_indep), (edge.grad_proj, grad_indep)):
-        scale = float(part.norm(dim=1).max())
-        torch.testing.assert_close(got, part.double() @ v.T, rtol=1e-4, atol=1e-5 * scale)
+        unit = part.double() / norms
+        scale = float(unit.norm(dim=1).max())
+        torch.testing.assert_close(got, unit @ v.T, rtol=1e-4, atol=1e-5 * scale)
+    # Its vectors are unit-norm combinations of the unit deltas: v_k = Xᵀu_k / σ_k.
+    unit_x = snap.double() / norms
+    for k in range(2):
+        u_k = torch.linalg.svd(unit_x, full_matrices=False)[0][:, k]
+        want = unit_x.T @ u_k / torch.linalg.svdvals(unit_x)[k]
+        cos = float((want @ v[k]).abs())
+        assert cos == pytest.approx(1.0, abs=1e-5), k
 
 
 def _edge_metrics(run_dir: Path, after: int) -> dict[int, dict[str, float]]:

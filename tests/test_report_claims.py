@@ -6,9 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import pytest
 from grokedge.report import main as report_main
 from grokedge.reporting import claims as C
 from grokedge.reporting.discover import Collection, RunData
+from tests.real_runs import train
 
 N_CLAIMS = 11
 
@@ -45,29 +43,17 @@ def _verdict(cell: str) -> str:
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("claims") / "run"
-    done = subprocess.run(
+    run_dir = train(
+        tmp_path_factory.mktemp("claims") / "run",
         [
-            sys.executable,
-            "-m",
-            "grokedge.train",
             "task=dyck",
             "callbacks=gram",
             "trainer.max_steps=400",
             "task.gram_interval=50",
             "task.eval_every=50",
             "task.grok.threshold=0.5",
-            "torch_threads=1",
-            "progress_bar.refresh_rate=0",
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
         ],
-        env={**os.environ, "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     assert report_main([str(run_dir), "--no-wandb"]) == 0
     return run_dir
 

@@ -4,10 +4,7 @@ sections of a report on real run files."""
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from grokedge.reporting.events import (
     run_events,
     timing_fit,
 )
+from tests.real_runs import train
 
 GROKS = [200, 400, 600, 700, 800, 1100, 1300, 1500]
 WINDOWS = [300, 600, 900]  # (W + 1)·N for N = 50, 100, 150
@@ -94,29 +92,17 @@ def test_fit_line_matches_the_closed_form() -> None:
 def test_seed_42_flip_at_n_150_is_flagged_as_the_first_delta_leaving(tmp_path: Path) -> None:
     """The issue's own case: Dyck seed 42 groks at 600, but with N = 150 the paper's edge
     flips at (W + 1)·N = 900, when θ(150) − θ(0) leaves the window; the run must say so."""
-    run_dir = tmp_path / "n150"
-    done = subprocess.run(
+    run_dir = train(
+        tmp_path / "n150",
         [
-            sys.executable,
-            "-m",
-            "grokedge.train",
             "task=dyck",
             "seed=42",
             "callbacks=gram",
-            "logger=none",
             "trainer.max_steps=1050",
             "task.gram_interval=150",
             "task.eval_cadence.ood=100000",
-            "torch_threads=1",
-            "progress_bar.refresh_rate=0",
-            f"hydra.run.dir={run_dir}",
         ],
-        env={**os.environ, "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     run = load_run(run_dir)
     events = run_events(run)
     assert events is not None and events.grok_step == 600
@@ -131,7 +117,11 @@ def test_seed_42_flip_at_n_150_is_flagged_as_the_first_delta_leaving(tmp_path: P
     row = dict(zip(table.columns, table.rows[0], strict=True))
     assert row["flip paper"] == "900*" and row["grok"] == "600" and row["(W+1)·N"] == "900"
     assert "900" in row["dominant left"].split(", ")
-    # Metrics: the provenance of every window, the flag at the end.
+    # Metrics: the provenance of every window, the paper flip's step.
     rows = [r for r in run.metrics if "gram/window_first_step" in r]
     assert [r["gram/window_first_step"] for r in rows if r["step"] == 900] == [150.0]
-    assert run.last("edge/flip_window_artifact") == 1.0
+    assert run.last("edge/flip_step_paper") == 900.0
+    # The analysed (default, normalized) edge flips at 300, far from the grok step too,
+    # but not at a dominant delta's entry or exit: its artifact flag is 0.
+    assert run.last("edge/flip_step") == events.steps[("flip", "normalized")] == 300
+    assert run.last("edge/flip_window_artifact") == 0.0

@@ -120,6 +120,21 @@ class MappedDeltas:
         return self.source.combine(mixed, out=out)  # type: ignore[call-arg]
 
 
+def _mapped_window(
+    definition: str,
+    gram: Tensor,
+    cross_gram: Tensor,
+    wd_gram: Tensor,
+    spans: list[tuple[int, int]],
+    start_step: int,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], list[tuple[int, int]]] | None:
+    """(T, its three W''×W'' matrices, its spans), or ``None`` below two deltas."""
+    rows = definition_rows(definition, gram, spans, start_step)
+    if rows.shape[0] < MIN_WINDOW:
+        return None
+    return rows, mapped_matrices(rows, gram, cross_gram, wd_gram), mapped_spans(rows, spans)
+
+
 def definition_spectrum(
     definition: str,
     gram: Tensor,
@@ -132,11 +147,11 @@ def definition_spectrum(
 ) -> WindowSpectrum | None:
     """The spectrum of the window under ``definition`` (W×W algebra only); ``None`` when
     fewer than two deltas remain (e.g. all inside the burn-in)."""
-    rows = definition_rows(definition, gram, spans, start_step)
-    if rows.shape[0] < MIN_WINDOW:
+    mapped = _mapped_window(definition, gram, cross_gram, wd_gram, spans, start_step)
+    if mapped is None:
         return None
-    g, c, w = mapped_matrices(rows, gram, cross_gram, wd_gram)
-    return window_spectrum(g, c, w, top_k, step, mapped_spans(rows, spans), definition)
+    _, (g, c, w), kept = mapped
+    return window_spectrum(g, c, w, top_k, step, kept, definition)
 
 
 def definition_edge(
@@ -153,23 +168,13 @@ def definition_edge(
 ) -> EdgeState | None:
     """The edge (with its top-k vectors, from ``deltas``) under ``definition``; ``None``
     when fewer than two deltas remain. ``paper`` is :func:`compute_edge` exactly."""
-    rows = definition_rows(definition, gram, spans, start_step)
-    if rows.shape[0] < MIN_WINDOW:
+    mapped = _mapped_window(definition, gram, cross_gram, wd_gram, spans, start_step)
+    if mapped is None:
         return None
     if definition == PAPER:
         return compute_edge(gram, cross_gram, wd_gram, deltas, top_k, step, out, spans, PAPER)
-    g, c, w = mapped_matrices(rows, gram, cross_gram, wd_gram)
-    return compute_edge(
-        g,
-        c,
-        w,
-        MappedDeltas(deltas, rows),
-        top_k,
-        step,
-        out,
-        mapped_spans(rows, spans),
-        definition,
-    )
+    rows, (g, c, w), kept = mapped
+    return compute_edge(g, c, w, MappedDeltas(deltas, rows), top_k, step, out, kept, definition)
 
 
 def all_spectra(
