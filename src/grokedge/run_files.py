@@ -9,7 +9,8 @@ Also the guards around a run's files and its health: :class:`OutputDirCheck` and
 :class:`SweepStatus` (Hydra callbacks: an unwritable output directory fails before Hydra
 writes anything; a sweep with a failed job exits non-zero after the last job) and
 :class:`NonFiniteLossGuard` (a Lightning callback: a NaN/inf training loss stops the run
-with a message naming the step, or is warned about).
+with a message naming the step, or is warned about), and :class:`RunIdentity` (the run's
+task and model in every checkpoint, so that ``resume=`` refuses another task's).
 """
 
 from __future__ import annotations
@@ -311,3 +312,19 @@ class NonFiniteLossGuard(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.first_bad_step = state_dict.get("first_bad_step")
+
+
+# ------------------------------------------------------------------ checkpoint identity
+
+
+class RunIdentity(Callback):
+    """Stamps each checkpoint with the run's task and model (``checkpoint["grokedge"]``),
+    so that ``resume=`` with another task's checkpoint is refused by name."""
+
+    def __init__(self, task: str, model: str) -> None:
+        self.identity = {"task": task, "model": model}
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["grokedge"] = dict(self.identity)

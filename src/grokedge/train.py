@@ -9,6 +9,7 @@ The run directory (Hydra's output dir; ``hydra.run.dir=DIR`` to choose it) recei
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -16,30 +17,27 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from grokedge.callbacks.init_from import InitFromCheckpoint
 from grokedge.config_checks import ConfigError, check_config
-from grokedge.module import GrokModule
-from grokedge.run_files import (
-    CONFIG_ERROR_EXIT,
-    STATUS_FAILED,
-    STATUS_OK,
-    MetricHistoryLogger,
-    error_text,
-    write_summary,
-)
-from grokedge.tasks.base import GrokDataModule
-from grokedge.wandb_setup import WandbDashboardCallback, wandb_init_kwargs
+
+# Lightning (with torch, torchmetrics, scipy.signal and matplotlib behind it: ~3 s on 2
+# cores), W&B, the model and the callbacks are imported where a run needs them, so that
+# `--help` and `--cfg job` print in under a second (issue 11, item 4; docs/benchmarks.md,
+# "Start-up"; tests/test_startup.py checks what `import grokedge.train` loads).
+if TYPE_CHECKING:
+    import lightning as L
+
+    from grokedge.module import GrokModule
+    from grokedge.run_files import MetricHistoryLogger
+    from grokedge.tasks.base import GrokDataModule
 
 # Lightning 2.6 calls a torch API that torch 2.13 deprecates, once per fit: noise to users.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -57,19 +55,6 @@ class Run:
     history: MetricHistoryLogger
 
 
-class RunIdentity(L.Callback):
-    """Stamps each checkpoint with the run's task and model (``checkpoint["grokedge"]``),
-    so that ``resume=`` with another task's checkpoint is refused by name."""
-
-    def __init__(self, task: str, model: str) -> None:
-        self.identity = {"task": task, "model": model}
-
-    def on_save_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        checkpoint["grokedge"] = dict(self.identity)
-
-
 def check_resume(cfg: DictConfig, module: GrokModule) -> None:
     """Refuse a ``resume=`` checkpoint that cannot continue this run, before training.
 
@@ -79,6 +64,10 @@ def check_resume(cfg: DictConfig, module: GrokModule) -> None:
     path = cfg.get("resume")
     if path is None:
         return
+    import torch
+
+    from grokedge.run_files import error_text
+
     allowed = "allowed: a checkpoint of a run of the same task and model"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -116,6 +105,9 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from grokedge.run_files import MetricHistoryLogger
+    from grokedge.wandb_setup import wandb_init_kwargs
+
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     loggers: list[Any] = [MetricHistoryLogger(run_dir)]
@@ -132,12 +124,37 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return loggers
 
 
+def _lightning_logs_on_stderr() -> None:
+    """Lightning's own messages ("GPU available: ...", "`Trainer.fit` stopped: ...") once,
+    on stderr, whenever Lightning was imported.
+
+    Lightning's packages give themselves a stderr handler and stop propagating only if they
+    are imported before the root logger has handlers. Imported lazily, after Hydra has
+    configured logging, each message would be printed twice: by the ``lightning`` logger's
+    own handler and by Hydra's root handlers.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if logger.propagate:
+            logger.addHandler(logging.StreamHandler())
+            logger.propagate = False
+
+
 def build(cfg: DictConfig, run_dir: Path) -> Run:
     """Check the config and instantiate data, model, callbacks, loggers and trainer.
 
     Raises :class:`ConfigError` before any training for a value grokedge cannot run with.
     """
     check_config(cfg)
+    import lightning as L
+    import torch
+
+    from grokedge.callbacks.init_from import InitFromCheckpoint
+    from grokedge.module import GrokModule
+    from grokedge.run_files import RunIdentity
+    from grokedge.wandb_setup import WandbDashboardCallback
+
+    _lightning_logs_on_stderr()
     if cfg.torch_threads is not None:
         torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -194,6 +211,10 @@ def fit(run: Run) -> dict[str, Any]:
     ``"error": "<ExceptionType>: <message>"`` (and what was logged until then), the W&B run
     is finished as failed, and the exception propagates.
     """
+    import torch
+
+    from grokedge.run_files import STATUS_FAILED, STATUS_OK, error_text, write_summary
+
     n_params = run.module.n_params
     print(f"grokedge: {run.cfg.task.name} model with {n_params:,} parameters -> {run.run_dir}")
     start = time.perf_counter()
@@ -278,6 +299,8 @@ def compose(overrides: list[str], run_dir: str | Path) -> DictConfig:
 
 def _failed_job_summary(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
     """``summary.json`` of a sweep job refused before training (nothing else is written)."""
+    from grokedge.run_files import STATUS_FAILED, error_text, write_summary
+
     write_summary(
         run_dir,
         {
@@ -300,6 +323,8 @@ def main(cfg: DictConfig) -> float | None:
     ``summary.json`` (``"status": "failed"``, ``"error"``) and the sweep goes on; the
     sweep exits with status 1 after its last job (``run_files.SweepStatus``).
     """
+    from grokedge.run_files import CONFIG_ERROR_EXIT, error_text
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
