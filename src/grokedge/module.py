@@ -18,6 +18,8 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
+from grokedge.functional import EvalResult
+from grokedge.models.trace import ModelTrace
 from grokedge.tasks.base import IGNORE_INDEX, Batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -74,15 +76,6 @@ def token_stats(logits: Tensor, labels: Tensor, weight: Tensor) -> TokenStats:
     ).view_as(labels)
     correct = (logits.argmax(-1) == labels) & valid
     return TokenStats(loss, correct, valid, reachable, weight.to(logits.dtype), logits)
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """``evaluate``'s answer: scalar ``loss`` and ``acc`` (token-level), ``logits``."""
-
-    loss: Tensor
-    acc: Tensor
-    logits: Tensor
 
 
 class GrokModule(L.LightningModule):
@@ -167,6 +160,21 @@ class GrokModule(L.LightningModule):
         )
         stats = token_stats(logits, batch["labels"], batch["weight"])
         return EvalResult(stats.mean_loss(), stats.accuracy(), logits)
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """The batch keys ``net`` takes (the ``grokedge.functional`` protocol)."""
+        return tuple(self.net.input_keys)
+
+    def trace(self, params: Mapping[str, Tensor], batch: Batch) -> ModelTrace:
+        """``net``'s ``ModelTrace`` (hidden states and attention per block) with ``params``
+        in place of its own (``{}``: the live weights); the ``grokedge.functional``
+        protocol's hidden-state hook. Nothing of the live model changes."""
+        inputs = tuple(batch[k] for k in self.net.input_keys)
+        _, trace = functional_call(
+            self.net, dict(params), inputs, {"return_trace": True}, strict=False
+        )
+        return trace
 
     # -- training ---------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

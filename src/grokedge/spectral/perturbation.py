@@ -55,7 +55,8 @@ def flat_evaluator(
 
     Args:
         evaluate_params: ``(params dict, batch) -> result`` with ``.loss``, ``.acc`` and
-            ``.logits`` (``EvalResult``), e.g. ``module.evaluate``.
+            ``.logits`` (``EvalResult``) or the 3-tuple ``(loss, acc, logits)``, e.g.
+            ``module.evaluate`` (``grokedge.functional``).
         selector: layout of the flat vector.
         params: every parameter of the model (a module or ``dict(named_parameters())``);
             the unselected ones are held fixed at these values (detached).
@@ -69,7 +70,10 @@ def flat_evaluator(
     def evaluate(flat: Tensor, batch: Batch) -> tuple[Any, Any, Tensor]:
         vec = flat if dtype is None else flat.to(dtype)
         result = evaluate_params(selector.functional_params(vec, fixed), batch)
-        return result.loss, result.acc, result.logits
+        if hasattr(result, "logits"):
+            return result.loss, result.acc, result.logits
+        loss, acc, logits = result
+        return loss, acc, logits
 
     return evaluate
 
