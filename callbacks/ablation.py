@@ -1,7 +1,8 @@
 """AblationCallback: remove the spectral edge from θ and measure what the model loses.
 
 docs/theory.md §3, experiment 2, with the control §5 asks for. On a fixed evaluation subset
-of the test set, through ``GrokModule.evaluate`` (functional: the live model and the
+of the test set, through the module's ``evaluate`` (``GrokModule``'s, or any module's
+under the ``grokedge.functional`` protocol; functional: the live model and the
 optimizer are never touched), with θ = the GramCallback's selected parameters and v_k
 its newest edge vectors:
 

@@ -6,7 +6,8 @@ default once, on the final weights) it measures the **functional R²** — the l
 probe's R² of the task variable (the task's primary probe target: Dyck depth, SCAN the
 actions still to emit, modular the answer) on the change of the last block's hidden state
 when θ_sel moves by ε = 0.005‖θ_sel‖ along v_1 — on a fixed test subset, through
-``torch.func.functional_call`` (the live model is never touched), and decides:
+the module's functional ``trace(params, batch)`` (``grokedge.functional``; the live model
+is never touched), and decides:
 
 - the **observed** class from the late windows' mean gradient share and rotation and the
   functional R²;
@@ -33,7 +34,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from grokedge.callbacks.common import (
     SEQUENCES,
@@ -43,13 +43,13 @@ from grokedge.callbacks.common import (
     check_float,
     check_int,
     hidden_for_probe,
-    model_inputs,
     probe_data,
     probe_target_tensors,
     trace_of,
 )
 from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.callbacks.gram import analysed_module
+from grokedge.functional import TRACE
 from grokedge.spectral import EdgeState, energy_fractions, rotation_finish, rotation_partial
 from grokedge.spectral.classes import (
     PAPER_EPS_FRACTION,
@@ -119,6 +119,7 @@ class ClassCallback(AnalysisCallback):
 
     analysis = CLASSES
     needs_edge = True
+    requires = (TRACE,)
 
     def __init__(
         self,
@@ -205,7 +206,7 @@ class ClassCallback(AnalysisCallback):
 
     def check_module(self, pl_module: Any) -> None:
         super().check_module(pl_module)
-        check_block(f"{self.config_key}.block", self.block, analysed_module(pl_module))
+        check_block(f"{self.config_key}.block", self.block, pl_module)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -279,15 +280,12 @@ class ClassCallback(AnalysisCallback):
             v1 = self.gram.gather_vectors(edge.vectors[:1])[0]
         moved = theta + eps * v1.to(theta.dtype)
         params = selector.functional_params(moved, dict(net.named_parameters()))
-        base = hidden_for_probe(trace_of(net, batch), self.block)
-        _, trace = functional_call(
-            net, params, model_inputs(net, batch), {"return_trace": True}, strict=False
-        )
-        perturbed = hidden_for_probe(trace, self.block)
+        base = hidden_for_probe(trace_of(pl_module, batch), self.block)
+        perturbed = hidden_for_probe(trace_of(pl_module, batch, params), self.block)
         declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
         target = declared[next(iter(declared))]
-        a = probe_data(trainer.datamodule, net, batch, base, target)
-        b = probe_data(trainer.datamodule, net, batch, perturbed, target)
+        a = probe_data(trainer.datamodule, pl_module, batch, base, target)
+        b = probe_data(trainer.datamodule, pl_module, batch, perturbed, target)
         n_groups = len(set(a.groups.tolist()))
         if n_groups < 2:
             return math.nan, math.nan, eps, len(a.targets)

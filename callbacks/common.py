@@ -10,7 +10,9 @@
   random state and checkpoint state. (Interventions: ``grokedge.callbacks.intervention``.)
 
 Nothing here mutates the live parameters, their gradients, the optimizer or any global
-random state: analyses evaluate through ``GrokModule.evaluate`` / plain forwards under
+random state: analyses evaluate through the module's ``evaluate(params, batch)`` /
+``trace(params, batch)`` (the ``grokedge.functional`` protocol: ``GrokModule``, or any
+LightningModule given them by ``grokedge.adapters.FunctionalAdapter``) under
 ``torch.no_grad``, draw their random numbers from their own generators and restore the
 network's train/eval mode.
 """
@@ -37,6 +39,14 @@ from torch import Tensor, nn
 
 from grokedge.analysis_log import AnalysisLog, Phases, log_table
 from grokedge.callbacks.gram import GramCallback, analysed_module, find_gram_callback
+from grokedge.functional import (
+    EVALUATE,
+    TRACE,
+    check_evaluate,
+    check_module_has,
+    check_trace,
+    input_keys_of,
+)
 from grokedge.spectral import (
     ParameterSelector,
     flat_evaluator,
@@ -281,8 +291,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def model_inputs(net: nn.Module, batch: Batch) -> tuple[Tensor, ...]:
-    return tuple(batch[k] for k in net.input_keys)
+def model_inputs(model: Any, batch: Batch) -> tuple[Tensor, ...]:
+    """The batch entries ``model`` takes (its ``input_keys``), in order."""
+    return tuple(batch[k] for k in input_keys_of(model))
 
 
 UNALIGNED_KEYS = ("src",)
@@ -387,10 +398,11 @@ def theta_norm(params: Iterable[Tensor]) -> float:
 
 
 @torch.no_grad()
-def trace_of(net: nn.Module, batch: Batch) -> Any:
-    """The model's ``ModelTrace`` on ``batch`` (plain forward: nothing is mutated)."""
-    _, trace = net(*model_inputs(net, batch), return_trace=True)
-    return trace
+def trace_of(model: Any, batch: Batch, params: Mapping[str, Tensor] | None = None) -> Any:
+    """``model.trace(params, batch)``: the ``ModelTrace`` (hidden states per block) of the
+    module (``grokedge.functional.TracedModel``) with ``params`` in place (None: the live
+    weights); nothing is mutated."""
+    return model.trace({} if params is None else params, batch)
 
 
 def probe_target_tensors(datamodule: Any, batch: Batch, key: str) -> dict[str, Tensor]:
@@ -419,16 +431,18 @@ def hidden_for_probe(trace: Any, block: int) -> Tensor:
 
 def pad_id_of(datamodule: Any) -> int:
     """The task's padding id (``model_dims()["pad_id"]``; 0 where it declares none)."""
-    return int(datamodule.model_dims().get("pad_id", 0))
+    dims = getattr(datamodule, "model_dims", None)
+    return int(dims().get("pad_id", 0)) if callable(dims) else 0
 
 
 def probe_data(
-    datamodule: Any, net: nn.Module, batch: Batch, hidden: Tensor, target: Tensor
+    datamodule: Any, net: Any, batch: Batch, hidden: Tensor, target: Tensor
 ) -> ProbeData:
     """The probe samples of ``target`` [B, T] in ``hidden`` [B, T, d], grouped by string.
 
     The one place the analyses (probes, functional R², intervention read-outs) build
-    their fold groups: a row's string is its model inputs (``net.input_keys``) read by
+    their fold groups: a row's string is its model inputs (``net.input_keys``: the
+    module's or its network's) read by
     :func:`~grokedge.spectral.probes.row_strings`, the inputs aligned with ``labels`` up
     to the row's last labelled position, a seq2seq source (``UNALIGNED_KEYS``) without
     its trailing padding. Identical strings in several rows (an evaluation set that is not
@@ -437,7 +451,7 @@ def probe_data(
     """
     labels = batch["labels"]
     aligned, unaligned = [], []
-    for key in net.input_keys:
+    for key in input_keys_of(net):
         value = batch[key]
         is_aligned = value.ndim >= 2 and value.shape[1] == labels.shape[1]
         (aligned if is_aligned and key not in UNALIGNED_KEYS else unaligned).append(value)
@@ -461,7 +475,12 @@ def log_now(
 
 
 def count_blocks(net: nn.Module) -> int | None:
-    """Blocks whose outputs ``ModelTrace.hidden`` holds (decoder blocks for seq2seq)."""
+    """Blocks whose outputs ``ModelTrace.hidden`` holds (decoder blocks for seq2seq): the
+    module's ``n_blocks`` if it declares one, else its network's block list's length."""
+    declared = getattr(net, "n_blocks", None)
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    net = analysed_module(net)
     for name in ("decoder_blocks", "blocks"):
         blocks = getattr(net, name, None)
         if isinstance(blocks, nn.ModuleList):
@@ -511,6 +530,9 @@ class AnalysisCallback(Callback, ABC):
 
     analysis = "analysis"
     needs_edge = True
+    requires: tuple[str, ...] = (EVALUATE,)
+    """What the analysis calls on the module (``grokedge.functional``: ``evaluate``,
+    ``trace``); checked before training and on the first evaluation batch."""
 
     def __init__(
         self,
@@ -568,16 +590,38 @@ class AnalysisCallback(Callback, ABC):
     def state_key(self) -> str:
         return self._generate_state_key(config_key=self.config_key)
 
+    def required(self) -> tuple[str, ...]:
+        """The protocol methods this callback will call (``requires``; none when off)."""
+        return self.requires
+
     def check_module(self, pl_module: nn.Module) -> None:
-        """Checks against the built model (``train.build`` calls this before training)."""
-        if not callable(getattr(pl_module, "evaluate", None)):
-            raise ValueError(
-                f"{self.config_key}: the module ({type(pl_module).__name__}) has no "
-                "evaluate(params, batch); allowed: a GrokModule"
-            )
+        """Checks against the built model (``train.build`` calls this before training):
+        it has what :meth:`required` names and ``input_keys`` (``grokedge.functional``)."""
+        needs = self.required()
+        if needs:
+            check_module_has(pl_module, needs, self.config_key)
+
+    def check_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """On the fixed evaluation subset, before the first step: ``evaluate`` and
+        ``trace`` (what :meth:`required` names) return what the protocol says
+        (``grokedge.functional.check_evaluate`` / ``check_trace``); else one ValueError
+        naming the config key, what was expected and what came back."""
+        needs = self.required()
+        if not needs:
+            return
         net = analysed_module(pl_module)
-        if not hasattr(net, "input_keys"):
-            raise ValueError(f"{self.config_key}: the network declares no input_keys")
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad(), preserved_random_state(pl_module.device):
+                batch = self.subset(trainer, pl_module)
+                if EVALUATE in needs:
+                    check_evaluate(pl_module, batch, self.config_key)
+                if TRACE in needs:
+                    block = getattr(self, "block", None)
+                    check_trace(pl_module, batch, self.config_key, block)
+        finally:
+            net.train(was_training)
 
     # ----------------------------------------------------------------- Lightning hooks
 
@@ -596,6 +640,11 @@ class AnalysisCallback(Callback, ABC):
         post = DEFAULT_POST_INTERVALS * interval if self.phase_post is None else self.phase_post
         self.phases = Phases(at=at, post=max(post, at))
         self.analysis_log = AnalysisLog(trainer.default_root_dir, enabled=trainer.is_global_zero)
+        if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
+            raise ValueError(
+                f"{self.config_key}: needs evaluation data: a LightningDataModule with "
+                "val_dataloader() (trainer.fit(module, datamodule=...)); see grokedge.functional"
+            )
         names = getattr(trainer.datamodule, "eval_names", ("test",))
         if self.eval_set not in names:
             raise ValueError(
@@ -611,6 +660,10 @@ class AnalysisCallback(Callback, ABC):
                     "gram_spectrum first",
                     stacklevel=2,
                 )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The model is on its device now; fail before the first optimizer step.
+        self.check_batch(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
@@ -650,7 +703,7 @@ class AnalysisCallback(Callback, ABC):
         """The fixed evaluation subset on the module's device (built once)."""
         if self._subset is None:
             dm = trainer.datamodule
-            index = list(dm.eval_names).index(self.eval_set)
+            index = list(getattr(dm, "eval_names", ("test",))).index(self.eval_set)
             loaders = dm.val_dataloader()
             loader = loaders[index] if isinstance(loaders, list | tuple) else loaders
             pad_id = pad_id_of(dm)

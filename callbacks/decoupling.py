@@ -157,6 +157,7 @@ class EdgeDecouplingCallback(InterventionCallback):
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # the protocol check on one batch
         if not self.enabled:
             return
         assert self.selector is not None

@@ -2,11 +2,11 @@
 
 docs/theory.md §1 (the equation), docs/gap_flow.md (how every symbol is estimated). At each
 analysed window (every ``every`` optimizer steps, on the GramCallback's newest edge) it
-evaluates, through ``GrokModule.evaluate`` on the whole training set (functional: the
-live model and the optimizer are never touched): the curvatures h_k, h_{k+1} of the
-training loss along v_k, v_{k+1} (exact HVP), the gradient projections G_k, G_{k+1}, and
-with the window's signal strengths d_j = σ_j², η, ω and W the three terms, their sum
-(the predicted dg/dt) and the balance Term 3 / |Term 2|.
+evaluates, through the module's ``evaluate`` (``grokedge.functional``) on the whole
+training set (functional: the live model and the optimizer are never touched): the
+curvatures h_k, h_{k+1} of the training loss along v_k, v_{k+1} (exact HVP), the gradient
+projections G_k, G_{k+1}, and with the window's signal strengths d_j = σ_j², η, ω and W
+the three terms, their sum (the predicted dg/dt) and the balance Term 3 / |Term 2|.
 
 The observed dg/dt comes from the spectra alone (a listener on every Gram window, no
 p-sized work): the change of g = d_k − d_{k+1} (the analysed window's k) over the interval

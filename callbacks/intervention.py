@@ -30,6 +30,7 @@ from grokedge.callbacks.common import (
     trace_of,
 )
 from grokedge.callbacks.gram import analysed_module
+from grokedge.functional import TRACE
 from grokedge.spectral import ParameterSelector, attention_entropy, score_probes
 from grokedge.spectral.probes import LINEAR, ProbeConfig
 
@@ -49,7 +50,8 @@ def compression_measures(
 
     ``{prefix}/theta_norm`` (‖θ‖ over every parameter of the network),
     ``{prefix}/theta_norm_selected`` (over the selected ones), ``{prefix}/attn_entropy``
-    (mean attention entropy in nats over layers, heads and labelled queries of ``batch``),
+    (mean attention entropy in nats over layers, heads and labelled queries of ``batch``;
+    absent when the module's trace holds no attention weights, e.g. an adapted module),
     ``{prefix}/linear_r2`` and ``_sd`` (linear probe of the task's primary probe target
     on block ``block``, grouped K-fold), ``{prefix}/test_acc`` (the module's latest
     ``test/acc``; absent before the first evaluation), ``{prefix}/weight_decay`` (ω of the
@@ -60,12 +62,15 @@ def compression_measures(
         f"{prefix}/theta_norm": theta_norm(net.parameters()),
         f"{prefix}/theta_norm_selected": theta_norm(t for _, t in selector.named(net)),
     }
-    trace = trace_of(net, batch)
+    trace = trace_of(pl_module, batch)
     valid = batch["labels"] != IGNORE_INDEX
-    values[f"{prefix}/attn_entropy"] = attention_entropy(trace.attn, valid, batch.get("weight"))
+    if trace.attn:
+        weight = batch.get("weight")
+        values[f"{prefix}/attn_entropy"] = attention_entropy(trace.attn, valid, weight)
     targets = probe_target_tensors(trainer.datamodule, batch, key)
     name, target = next(iter(targets.items()))
-    data = probe_data(trainer.datamodule, net, batch, hidden_for_probe(trace, block), target)
+    hidden = hidden_for_probe(trace, block)
+    data = probe_data(trainer.datamodule, pl_module, batch, hidden, target)
     score = score_probes(
         data.features,
         data.targets,
@@ -105,6 +110,7 @@ class InterventionCallback(AnalysisCallback):
 
     needs_edge = False
     prefix = "intervention"
+    requires = (TRACE,)
 
     def __init__(
         self,
@@ -165,9 +171,13 @@ class InterventionCallback(AnalysisCallback):
             return int(grok) + self.after_grok
         return None
 
+    def required(self) -> tuple[str, ...]:
+        """Nothing while off (no trigger): the callback then does nothing at all."""
+        return self.requires if self.enabled else ()
+
     def check_module(self, pl_module: nn.Module) -> None:
         super().check_module(pl_module)
-        check_block(f"{self.config_key}.block", self.block, analysed_module(pl_module))
+        check_block(f"{self.config_key}.block", self.block, pl_module)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -1,8 +1,9 @@
 """PerturbationCallback: ε-sweeps and curvature along the edge directions.
 
 docs/theory.md §3, experiments 3 and 4. On a fixed evaluation subset of the test set, through
-``GrokModule.evaluate`` (functional: the live model and the optimizer are never touched),
-with θ = the GramCallback's selected parameters and v_k its newest edge vectors:
+the module's ``evaluate`` (``GrokModule``'s, or any module's under the
+``grokedge.functional`` protocol; functional: the live model and the optimizer are never
+touched), with θ = the GramCallback's selected parameters and v_k its newest edge vectors:
 
 - ε-sweep: θ + ε v_k for k = 1..``n_directions`` and ε on ``grid_points`` evenly spaced
   values in [−``max_eps``, ``max_eps``] (absolute, parameter units; the paper: 25 points in

@@ -38,7 +38,7 @@ from grokedge.callbacks.common import (
     probe_target_tensors,
     trace_of,
 )
-from grokedge.callbacks.gram import analysed_module
+from grokedge.functional import TRACE
 from grokedge.spectral import score_probes
 from grokedge.spectral.probes import GROUPED_KFOLD, PROBE_KINDS, PROTOCOLS, ProbeConfig
 
@@ -100,6 +100,7 @@ class ProbeCallback(AnalysisCallback):
 
     analysis = PROBE
     needs_edge = False
+    requires = (TRACE,)
 
     def __init__(
         self,
@@ -165,7 +166,7 @@ class ProbeCallback(AnalysisCallback):
 
     def check_module(self, pl_module) -> None:
         super().check_module(pl_module)
-        check_block(f"{self.config_key}.block", self.block, analysed_module(pl_module))
+        check_block(f"{self.config_key}.block", self.block, pl_module)
 
     def _chosen_targets(self, declared: dict) -> list[str]:
         if self.targets is None:
@@ -182,9 +183,8 @@ class ProbeCallback(AnalysisCallback):
         # Imported here: importing scikit-learn costs ~1 s (see grokedge.spectral.probes).
         from sklearn.exceptions import ConvergenceWarning
 
-        net = analysed_module(pl_module)
         batch = self.subset(trainer, pl_module)
-        trace = trace_of(net, batch)
+        trace = trace_of(pl_module, batch)
         hidden = hidden_for_probe(trace, self.block)
         declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
         primary = next(iter(declared))
@@ -194,7 +194,7 @@ class ProbeCallback(AnalysisCallback):
         n_samples = 0
         not_converged = 0  # MLP fits stopped by mlp_max_iter (sklearn ConvergenceWarning)
         for name in self._chosen_targets(declared):
-            data = probe_data(trainer.datamodule, net, batch, hidden, declared[name])
+            data = probe_data(trainer.datamodule, pl_module, batch, hidden, declared[name])
             n_samples = max(n_samples, len(data.targets))
             n_groups = len(np.unique(data.groups))
             folds = min(self.folds, n_groups)
