@@ -9,6 +9,7 @@ The run directory (Hydra's output dir; ``hydra.run.dir=DIR`` to choose it) recei
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import sys
@@ -350,4 +351,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # At exit the collector would traverse every object of torch, Lightning and the run
+        # (~1 s on 2 cores); frozen, they are still freed, without that traversal. Only
+        # here, at the very end of the process: in a sweep, a freeze after each job would
+        # keep the job's cyclic garbage alive.
+        gc.freeze()
