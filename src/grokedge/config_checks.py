@@ -56,8 +56,34 @@ def check_config(cfg: DictConfig) -> None:
     _check_burn_in(cfg)
     _require(cfg, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     _require(cfg, "seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    _check_module(cfg)
     for key in ("resume", "init_from"):
         _require_file(cfg, key)
+
+
+# GrokModule's knobs (conf/module/) that a run cannot go on with, as (key, ok, allowed).
+MODULE_CHECKS: tuple[tuple[str, Any, str], ...] = (
+    ("grok_threshold", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("grok_patience", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    (
+        "stop_after_grok",
+        lambda v: v is None or (isinstance(v, int) and v >= 0),
+        "null or an integer >= 0",
+    ),
+    ("warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+)
+
+
+def _check_module(cfg: DictConfig) -> None:
+    """The ``module`` node interpolates ``task.grok.*``, ``warmup_steps``, ...: those are
+    checked above under their own names. A value set on the node itself
+    (``module.grok_threshold=2``) is checked here, under the module's key."""
+    node = cfg.get("module")
+    if not isinstance(node, DictConfig):
+        return
+    for key, ok, allowed in MODULE_CHECKS:
+        if not OmegaConf.is_interpolation(node, key):
+            _require(cfg, f"module.{key}", ok, allowed)
 
 
 def _check_burn_in(cfg: DictConfig) -> None:

@@ -142,7 +142,7 @@ def _lightning_logs_on_stderr() -> None:
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Run:
-    """Check the config and instantiate data, model, callbacks, loggers and trainer.
+    """Check the config and instantiate data, model, module, callbacks, loggers, trainer.
 
     Raises :class:`ConfigError` before any training for a value grokedge cannot run with.
     """
@@ -151,7 +151,6 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     import torch
 
     from grokedge.callbacks.init_from import InitFromCheckpoint
-    from grokedge.module import GrokModule
     from grokedge.run_files import RunIdentity
     from grokedge.wandb_setup import WandbDashboardCallback
 
@@ -162,18 +161,13 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     datamodule: GrokDataModule = _instantiate(cfg.task.datamodule)
     net = _instantiate(cfg.model, **datamodule.model_dims())
     datamodule.init_model_(net, cfg.seed)
-    module = GrokModule(
+    # conf/module/: every knob of GrokModule (interpolating the task's grok criterion, ...);
+    # only the run-time objects come from here.
+    module: GrokModule = _instantiate(
+        cfg.module,
         net=net,
         optimizer=_instantiate(cfg.optimizer),
         eval_names=datamodule.eval_names,
-        grok_metric=cfg.task.grok.metric,
-        grok_threshold=cfg.task.grok.threshold,
-        grok_patience=cfg.task.grok.patience,
-        warmup_steps=cfg.warmup_steps,
-        stop_after_grok=cfg.task.stop_after_grok,
-        exact_match_sets=tuple(cfg.task.exact_match_sets),
-        eval_cadence=OmegaConf.to_container(cfg.task.eval_cadence),
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
     )
     check_resume(cfg, module)
     callbacks = [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
