@@ -39,6 +39,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -396,24 +397,23 @@ class GramCallback(Callback):
         self._report_memory(trainer)
 
     def _report_memory(self, trainer: L.Trainer) -> None:
-        """Log ``gram/predicted_bytes`` (this rank's buffers) once and print it (rank 0)."""
+        """Log ``gram/predicted_bytes`` (this rank's buffers) once; say it on rank 0."""
         assert self.shard is not None and self.predicted_bytes is not None
         shard = self.shard
         values = {"gram/predicted_bytes": float(self.predicted_bytes)}
         # self.log is not allowed in on_fit_start: straight to the (rank-zero) loggers.
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
-        if trainer.is_global_zero:
-            where = (
-                f"per rank, slice of {shard.n:,} of p = {shard.p:,} on {shard.world_size} ranks"
-                if shard.sharded
-                else f"p = {shard.p:,}"
-            )
-            print(
-                f"grokedge: {self.config_key} predicts {self.predicted_bytes / 2**20:,.1f} MiB "
-                f"of buffers ({where}; W = {self.window_size}, top_k = {self.top_k}, "
-                f"{self.buffer_dtype})"
-            )
+        where = (
+            f"per rank, slice of {shard.n:,} of p = {shard.p:,} on {shard.world_size} ranks"
+            if shard.sharded
+            else f"p = {shard.p:,}"
+        )
+        rank_zero_info(
+            f"grokedge: {self.config_key} predicts {self.predicted_bytes / 2**20:,.1f} MiB "
+            f"of buffers ({where}; W = {self.window_size}, top_k = {self.top_k}, "
+            f"{self.buffer_dtype})"
+        )
 
     def on_train_batch_end(
         self,
