@@ -72,3 +72,14 @@ def test_callbacks_package_imports_each_callback_on_first_use() -> None:
         "assert ProbeCallback.__module__ == 'grokedge.callbacks.probe'\n"
     )
     assert "lightning" in _loaded(code)  # the probe ran
+
+
+def test_a_run_prints_lightnings_messages_once(cli, tmp_path) -> None:
+    """Lightning imported lazily or early, its messages reach the user once (on stderr),
+    not a second time through Hydra's logging."""
+    run_dir = tmp_path / "run"
+    overrides = ["callbacks=none", "logger=none", "trainer.max_steps=2"]
+    proc = cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "summary.json").is_file()
+    assert (proc.stdout + proc.stderr).count("`Trainer.fit` stopped") == 1

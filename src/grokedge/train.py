@@ -344,7 +344,39 @@ def main(cfg: DictConfig) -> float | None:
     return None if value is None else float(value)
 
 
+# Hydra's options that print and exit without running the task function.
+PRINT_ONLY_OPTIONS = frozenset(
+    {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info"}
+    | {"-sc", "--shell-completion"}
+)
+
+
+def _import_for_a_run() -> None:
+    """Import what every run needs, with the garbage collector paused, then freeze it.
+
+    Importing torch and Lightning creates some 400,000 objects that nearly all live until the
+    process ends: the collections they trigger free nothing and cost ~20 % of the import
+    time (0.8 s of 4 s on 2 cores, measured). Frozen, they are also left out of every
+    later collection. Only module-level objects exist at this point, so nothing of a run
+    or a sweep job is frozen. Importing Lightning before Hydra configures logging also
+    keeps Lightning's own stderr handlers (see ``_lightning_logs_on_stderr``).
+    """
+    gc.disable()
+    try:
+        import lightning  # noqa: F401
+        import torchmetrics  # noqa: F401
+
+        import grokedge.module  # noqa: F401
+        import grokedge.run_files  # noqa: F401
+        import grokedge.wandb_setup  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 if __name__ == "__main__":
+    if not any(arg.split("=", 1)[0] in PRINT_ONLY_OPTIONS for arg in sys.argv[1:]):
+        _import_for_a_run()  # --help and --cfg job import none of it
     try:
         main()
     finally:
