@@ -456,9 +456,10 @@ def drive(steps: int, keep: Path | None, experiment: str = "full") -> int:
             cmd += ["--steps", str(steps), "--out", str(out), "--experiment", experiment]
             print(f"ddp_equivalence: {' '.join(cmd)}", flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            sys.stdout.write(
-                "".join(f"  [{world}] {line}\n" for line in proc.stdout.splitlines()[-8:])
-            )
+            # grokedge's own messages reach stderr through Lightning's rank_zero_info.
+            said = [x for x in proc.stderr.splitlines() if x.startswith("grokedge:")]
+            tail = [*said, *proc.stdout.splitlines()[-8:]]
+            sys.stdout.write("".join(f"  [{world}] {line}\n" for line in tail))
             if proc.returncode != 0:
                 sys.stdout.write(proc.stderr[-4000:])
                 print(f"RESULT {json.dumps({'ok': False, 'error': f'world {world} failed'})}")
