@@ -160,7 +160,7 @@ def shrink_toward_zero(
         min(d, ‖θ‖) up to ``theta``'s rounding.
     """
     if theta_norm is None:
-        theta_norm = _norm(theta)
+        theta_norm = float64_norm(theta)
     factor, _ = shrink_factor(distance, theta_norm)
     return scale_theta(theta, factor)
 
@@ -450,48 +450,12 @@ def ablation_experiment(
         ``acc_matched``, ``loss_matched``: :func:`ablation_summary` of each; see
         :func:`ablation_result` for the norms and the shrink controls' keys.
     """
-    with torch.no_grad():
-        base_loss, base_acc, _ = _scalars(evaluate(theta, batch))
-        edge_theta = remove_subspace(theta, basis)
-        edge_loss, edge_acc, _ = _scalars(evaluate(edge_theta, batch))
-        displacement = float(torch.linalg.vector_norm((theta - edge_theta).to(torch.float64)))
-        theta_norm = float(torch.linalg.vector_norm(theta.to(torch.float64)))
-        edge_norm = float(torch.linalg.vector_norm(edge_theta.to(torch.float64)))
+    # One implementation serves both: on one process the shard is the whole vector and
+    # every collective the identity (sharding imports this module, hence the late import).
+    from grokedge.spectral.sharding import Shard, sharded_ablation_experiment
 
-        def evaluate_at(moved: Tensor) -> tuple[float, float]:
-            return _scalars(evaluate(moved, batch))[:2]
-
-        factor, clamped = shrink_factor(displacement, theta_norm)
-        shrink = measure_scaled(theta, factor, evaluate_at, _norm, clamped=clamped)
-        shrink_norm = measure_scaled(
-            theta, norm_equal_factor(edge_norm, theta_norm), evaluate_at, _norm
-        )
-        k, p = basis.shape
-        random_d: list[tuple[float, float]] = []
-        for sub in iter_random_orthonormal_subspaces(
-            n_random, k, p, seed, theta.device, theta.dtype
-        ):
-            loss, acc, _ = _scalars(evaluate(remove_subspace(theta, sub), batch))
-            random_d.append((loss - base_loss, acc - base_acc))
-        matched_d: list[tuple[float, float]] = []
-        for delta in iter_norm_matched_displacements(
-            n_random, displacement, p, seed + 1, theta.device, theta.dtype
-        ):
-            loss, acc, _ = _scalars(evaluate(theta + delta, batch))
-            matched_d.append((loss - base_loss, acc - base_acc))
-    return ablation_result(
-        base_loss,
-        base_acc,
-        edge_loss,
-        edge_acc,
-        displacement,
-        random_d,
-        matched_d,
-        theta_norm=theta_norm,
-        edge_norm=edge_norm,
-        shrink=shrink,
-        shrink_norm=shrink_norm,
-    )
+    shard = Shard.of(theta.shape[0])
+    return sharded_ablation_experiment(evaluate, theta, basis, batch, shard, n_random, seed)
 
 
 def ablation_result(
@@ -558,11 +522,6 @@ def ablation_result(
     }
 
 
-def _norm(v: Tensor) -> float:
+def float64_norm(v: Tensor) -> float:
     """‖v‖ of a whole vector, in float64."""
     return float(torch.linalg.vector_norm(v.to(torch.float64)))
-
-
-def _scalars(result: tuple[Any, Any, Tensor]) -> tuple[float, float, Tensor]:
-    loss, acc, logits = result
-    return float(loss), float(acc), logits

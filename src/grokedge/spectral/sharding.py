@@ -31,9 +31,9 @@ from torch import Tensor
 
 from grokedge.spectral.ablation import (
     DEFAULT_N_RANDOM,
-    ablation_experiment,
     ablation_result,
     draw_generator,
+    float64_norm,
     measure_scaled,
     norm_equal_factor,
     random_displacement,
@@ -391,7 +391,11 @@ def sharded_ablation_experiment(
     vectors, so each ablated, shrunk or displaced θ is all-gathered from its slices (one
     p-vector per evaluation: 4 + 2·``n_random`` gathers). The random draws are those of the
     single-process experiment (:func:`gaussian_rows`), so results agree with a 1-process
-    run to float round-off. On one rank it is ``ablation_experiment`` itself.
+    run to float round-off. It is also the single-process experiment: with a
+    :class:`LocalCollective` shard every gather and sum is the identity, the norms are
+    ``ablation.float64_norm`` and the draws the unsharded ones, so
+    ``ablation.ablation_experiment`` (which calls this with ``Shard.of(p)``) keeps its
+    numbers bit for bit.
 
     Args:
         evaluate: ``(whole θ_sel [p], batch) -> (loss, acc, logits)``.
@@ -400,17 +404,18 @@ def sharded_ablation_experiment(
     Returns:
         the dict of ``ablation_experiment`` (identical keys and units).
     """
-    if not shard.sharded:
-        return ablation_experiment(evaluate, theta, basis, batch, n_random, seed)
     if basis.ndim != 2 or basis.shape[1] != theta.shape[0]:
         raise ValueError(f"basis must be [k, {theta.shape[0]}], got {list(basis.shape)}")
     with torch.no_grad():
+        # One process keeps the plain float64 norm (a partial inner product's square root
+        # can differ from it in the last bit).
+        norm = shard.norm if shard.sharded else float64_norm
         base_loss, base_acc = _scalars2(evaluate(shard.gather(theta), batch))
         edge_slice = sharded_remove_subspace(theta, basis, shard)
         edge_loss, edge_acc = _scalars2(evaluate(shard.gather(edge_slice), batch))
-        displacement = shard.norm((theta - edge_slice).to(torch.float64))
-        theta_norm = shard.norm(theta.to(torch.float64))
-        edge_norm = shard.norm(edge_slice.to(torch.float64))
+        displacement = norm((theta - edge_slice).to(torch.float64))
+        theta_norm = norm(theta.to(torch.float64))
+        edge_norm = norm(edge_slice.to(torch.float64))
 
         def evaluate_at(part: Tensor) -> tuple[float, float]:
             return _scalars2(evaluate(shard.gather(part), batch))
@@ -418,9 +423,9 @@ def sharded_ablation_experiment(
         # The factors come from the whole vector's norms, so every rank scales its slice
         # by the same c and the slices make up the single-process shrinks.
         factor, clamped = shrink_factor(displacement, theta_norm)
-        shrink = measure_scaled(theta, factor, evaluate_at, shard.norm, clamped=clamped)
+        shrink = measure_scaled(theta, factor, evaluate_at, norm, clamped=clamped)
         shrink_norm = measure_scaled(
-            theta, norm_equal_factor(edge_norm, theta_norm), evaluate_at, shard.norm
+            theta, norm_equal_factor(edge_norm, theta_norm), evaluate_at, norm
         )
         k = basis.shape[0]
         random_d: list[tuple[float, float]] = []
