@@ -24,13 +24,10 @@ it) and turns it into the paper's read-outs (docs/theory.md §1, experiment 1) t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
 from grokedge.analysis_log import AnalysisLog, Phases, log_table, read_analyses
 from grokedge.callbacks.gram import (
@@ -39,27 +36,16 @@ from grokedge.callbacks.gram import (
     log_scalars,
     spectrum_row,
 )
-from grokedge.spectral import (
-    EdgeState,
-    WindowSpectrum,
-    energy_fractions,
-    latest_energy_fractions,
-    principal_angles_finish,
-    rotation_finish,
-    stability_from_gram,
-    stacked_gram,
-    window_shift_dk_bound,
-)
+from grokedge.spectral import EdgeState
 from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
 from grokedge.spectral.provenance import DominanceTracker, coinciding
+from grokedge.spectral.readouts import (  # measure, edge_scalars: re-exported
+    definition_readouts,
+    edge_scalars,
+    measure,
+)
 
 EDGE_KEY = "callbacks.edge_alignment"
-
-ROTATED = 3
-"""Rotation is reported for v_1..v_3 (the edge and the first bulk direction)."""
-
-PLANE = 2
-"""Principal angles between the edge planes span(v_1, v_2) of consecutive windows."""
 
 DEFAULT_AT_INTERVALS = 1
 DEFAULT_POST_INTERVALS = 10
@@ -88,109 +74,6 @@ DIRECTION_COLUMNS = (
     "align_latest",
     "rotation_deg",
 )
-
-
-def measure(
-    state: EdgeState,
-    previous: EdgeState | None,
-    evicted_dot: float | None,
-    reduce: Callable[[Tensor], Tensor] | None = None,
-) -> dict[str, Any]:
-    """Every read-out of one window (glue over ``grokedge.spectral``; CPU lists out).
-
-    Args:
-        state: the newest window's edge, k = ``state.top_k`` directions.
-        previous: the window before (``None``: no motion read-outs).
-        evicted_dot: ``GramCallback.evicted_dot``, relating ``previous`` and ``state``.
-        reduce: when the vectors are this rank's slices, the sum over ranks of a partial
-            Gram (``GramCallback.reduce``; collective: every rank calls ``measure``).
-            Everything else here is W×W algebra on matrices already summed.
-
-    Returns:
-        ``grad_frac``, ``wd_frac``, ``align`` and their ``*_latest`` forms ([k] lists;
-        fractions dimensionless, alignment in squared parameter units), ``stability``
-        ([⌊W'/2⌋]), ``rotation_deg`` ([min(3, k)] degrees, NaN without ``previous``),
-        ``principal_angles_deg`` ([2] degrees), ``dk_bound`` (bound on sin of v_1's
-        rotation) and ``dk_bound_deg`` (its arcsin, 90 when the bound is >= 1).
-    """
-    k = state.top_k
-    grad_frac, wd_frac, align = energy_fractions(state.grad_proj, state.wd_proj)
-    grad_latest, wd_latest, align_latest = latest_energy_fractions(state.grad_proj, state.wd_proj)
-    n_rot = min(ROTATED, k)
-    rotation = [math.nan] * n_rot
-    angles = [math.nan] * PLANE
-    dk = math.nan
-    if previous is not None:
-        n = n_rot  # >= PLANE whenever k >= PLANE
-        # One [2n, 2n] Gram of (v_prev; v_curr) on the device: rotation and plane angles
-        # (sharded: of the slices, summed over ranks in one all-reduce).
-        gram = stacked_gram(previous.vectors[:n], state.vectors[:n])
-        gram = (gram if reduce is None else reduce(gram)).to("cpu")
-        rotation = rotation_finish(gram).tolist()
-        if k >= PLANE:
-            plane = torch.tensor([0, 1, n, n + 1])
-            angles = principal_angles_finish(gram[plane][:, plane], PLANE).tolist()
-        dk = window_shift_dk_bound(previous.gram, state.gram, evicted_dot)
-    if math.isnan(dk):
-        dk_deg = math.nan
-    else:  # a bound >= 1 (or +inf: no positive gap) bounds nothing: 90 degrees
-        dk_deg = math.degrees(math.asin(min(1.0, dk)))
-    return {
-        "grad_frac": grad_frac.tolist(),
-        "wd_frac": wd_frac.tolist(),
-        "align": align.tolist(),
-        "grad_frac_latest": grad_latest.tolist(),
-        "wd_frac_latest": wd_latest.tolist(),
-        "align_latest": align_latest.tolist(),
-        "stability": stability_from_gram(state.gram).tolist(),
-        "rotation_deg": rotation,
-        "principal_angles_deg": angles,
-        "dk_bound": dk,
-        "dk_bound_deg": dk_deg,
-    }
-
-
-def edge_scalars(m: dict[str, Any]) -> dict[str, float]:
-    """The ``edge/*`` scalars of one window from :func:`measure`'s output."""
-    values: dict[str, float] = {}
-    for i in range(len(m["grad_frac"])):
-        k = i + 1
-        values[f"edge/grad_frac_v{k}"] = m["grad_frac"][i]
-        values[f"edge/wd_frac_v{k}"] = m["wd_frac"][i]
-        values[f"edge/align_v{k}"] = m["align"][i]
-        values[f"edge/grad_frac_latest_v{k}"] = m["grad_frac_latest"][i]
-        values[f"edge/align_latest_v{k}"] = m["align_latest"][i]
-    for i, a in enumerate(m["stability"]):
-        values[f"edge/stability_v{i + 1}"] = a
-    for i, r in enumerate(m["rotation_deg"]):
-        values[f"edge/rotation_v{i + 1}_deg"] = r
-    if m["rotation_deg"]:
-        values["edge/rotation_deg"] = m["rotation_deg"][0]
-    for i, a in enumerate(m["principal_angles_deg"]):
-        values[f"edge/principal_angle_{i + 1}_deg"] = a
-    values["edge/dk_bound"] = m["dk_bound"]
-    values["edge/dk_bound_deg"] = m["dk_bound_deg"]
-    return values
-
-
-def definition_readouts(spectrum: WindowSpectrum) -> dict[str, Any]:
-    """The energy read-outs of one definition's window ([k] lists): ``count``, ``sigma``,
-    ``grad_frac``, ``wd_frac``, ``align`` and ``grad_frac_latest``, ``align_latest``
-    (newest delta alone), ``delta_share`` ([W'] each delta's share of σ_1², u_1[i]²)."""
-    grad, wd, align = energy_fractions(spectrum.grad_proj, spectrum.wd_proj)
-    grad_latest, _, align_latest = latest_energy_fractions(spectrum.grad_proj, spectrum.wd_proj)
-    share = (spectrum.eigvecs[:, 0] ** 2).tolist() if float(spectrum.sigma[0]) > 0 else []
-    return {
-        "count": spectrum.count,
-        "first_step": spectrum.spans[0][0] if spectrum.spans else None,
-        "sigma": spectrum.sigma.tolist(),
-        "grad_frac": grad.tolist(),
-        "wd_frac": wd.tolist(),
-        "align": align.tolist(),
-        "grad_frac_latest": grad_latest.tolist(),
-        "align_latest": align_latest.tolist(),
-        "delta_share": share,
-    }
 
 
 def _first_below(values: list[float], threshold: float) -> bool:
