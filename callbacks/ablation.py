@@ -40,6 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from grokedge.batch import IGNORE_INDEX
 from grokedge.callbacks.common import (
     DEFAULT_BUCKETS,
     SEQUENCES,
@@ -72,7 +73,7 @@ def _unseen_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> fl
     if unseen is None:
         return math.nan
     labels = batch["labels"]
-    mask = (labels != -100) & unseen[:, None]
+    mask = (labels != IGNORE_INDEX) & unseen[:, None]
     w = batch["weight"].to(torch.float64)[:, None].expand_as(labels)[mask]
     if w.numel() == 0 or float(w.sum()) == 0:
         return math.nan

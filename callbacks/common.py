@@ -38,6 +38,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from grokedge.analysis_log import AnalysisLog, Phases, log_table
+from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.callbacks.gram import GramCallback, analysed_module, find_gram_callback
 from grokedge.functional import (
     EVALUATE,
@@ -52,11 +53,6 @@ from grokedge.spectral import (
     flat_evaluator,
 )
 from grokedge.spectral.probes import ProbeData, hidden_states_and_targets, row_strings
-
-IGNORE_INDEX = -100
-"""The batch contract's unlabelled marker (``grokedge.tasks.base.IGNORE_INDEX``)."""
-
-Batch = dict[str, Tensor]
 
 SEQUENCES, ROWS = "sequences", "rows"
 SAMPLE_UNITS = (SEQUENCES, ROWS)

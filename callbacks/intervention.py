@@ -13,11 +13,10 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.callbacks.common import (
     CADENCE,
-    IGNORE_INDEX,
     AnalysisCallback,
-    Batch,
     Result,
     check_block,
     check_int,

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grokedge.batch import IGNORE_INDEX
 from grokedge.models import CausalTransformer
 from grokedge.module import token_stats
-from grokedge.tasks.base import IGNORE_INDEX
 from grokedge.tasks.dyck import PAD, VOCAB_SIZE, DyckDataModule, depths
 from grokedge.train import build, compose, fit
 

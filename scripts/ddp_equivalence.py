@@ -51,9 +51,8 @@ from typing import Any
 import torch
 
 from grokedge.analysis_log import read_analyses
+from grokedge.batch import IGNORE_INDEX
 from grokedge.run_files import metrics_by_step
-
-IGNORE_INDEX = -100
 
 TOLERANCES = {
     # σ_j relative: the two runs differ by the float rounding of a gradient averaged over

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from grokedge.tasks.base import IGNORE_INDEX
+from grokedge.batch import IGNORE_INDEX
 from grokedge.tasks.dyck import CLOSE, OPEN, DyckDataModule
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grokedge.tasks.base import IGNORE_INDEX
+from grokedge.batch import IGNORE_INDEX
 from grokedge.tasks.modular import ModularDataModule
 
 EXPECTED = {

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from grokedge.batch import IGNORE_INDEX
 from grokedge.tasks import scan_grammar as G
-from grokedge.tasks.base import IGNORE_INDEX
 from grokedge.tasks.scan import ScanDataModule, decode_actions, main
 
 LT, RT = "I_TURN_LEFT", "I_TURN_RIGHT"

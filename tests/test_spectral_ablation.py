@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from grokedge.batch import IGNORE_INDEX
 from grokedge.models import CausalTransformer
 from grokedge.spectral import (
     ParameterSelector,
@@ -36,7 +37,6 @@ from grokedge.spectral.ablation import (
     shrink_toward_zero,
     theta_sq_removed_fraction,
 )
-from grokedge.spectral.perturbation import IGNORE_LABEL
 from grokedge.spectral.sharding import (
     Shard,
     sharded_ablation_experiment,
@@ -428,7 +428,7 @@ def test_epsilon_sweep_on_a_tiny_model():
     )
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 4, (3, 6), generator=g)
-    labels[2, 3:] = IGNORE_LABEL
+    labels[2, 3:] = IGNORE_INDEX
     batch = {
         "tokens": torch.randint(0, 3, (3, 6), generator=g),
         "labels": labels,
@@ -438,9 +438,9 @@ def test_epsilon_sweep_on_a_tiny_model():
     def evaluate_params(params, b):
         logits = functional_call(net, params, (b["tokens"],), strict=False)
         loss = F.cross_entropy(
-            logits.flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_LABEL
+            logits.flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX
         )
-        valid = b["labels"] != IGNORE_LABEL
+        valid = b["labels"] != IGNORE_INDEX
         acc = ((logits.argmax(-1) == b["labels"]) & valid).sum() / valid.sum()
         return SimpleNamespace(loss=loss, acc=acc, logits=logits)
 
@@ -459,7 +459,7 @@ def test_epsilon_sweep_on_a_tiny_model():
         loss, acc, logits = evaluate(theta + r["epsilon"] * v, batch)
         assert r["loss"] == pytest.approx(float(loss), rel=1e-6)
         assert r["delta_loss"] == pytest.approx(float(loss) - base_loss, abs=1e-6)
-        kl = kl_divergence(base_logits, logits, labels != IGNORE_LABEL, batch["weight"])
+        kl = kl_divergence(base_logits, logits, labels != IGNORE_INDEX, batch["weight"])
         assert r["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
         if r["epsilon"] == 0.0:
             assert r["kl"] == 0.0 and r["delta_loss"] == 0.0 and r["delta_acc"] == 0.0

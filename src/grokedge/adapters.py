@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from grokedge.functional import IGNORE_INDEX, Batch, EvalResult, analysed_module
+from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.functional import EvalResult, analysed_module
 from grokedge.models.trace import ModelTrace
 
 LossFn = Callable[[Tensor, Tensor], Tensor]

@@ -74,12 +74,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from grokedge.batch import Batch
 from grokedge.models.trace import ModelTrace
-
-IGNORE_INDEX = -100
-"""Label value no loss or metric counts (``grokedge.tasks.base.IGNORE_INDEX``)."""
-
-Batch = Mapping[str, Tensor]
 
 EVALUATE = "evaluate"
 TRACE = "trace"

@@ -18,9 +18,9 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
+from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.functional import EvalResult
 from grokedge.models.trace import ModelTrace
-from grokedge.tasks.base import IGNORE_INDEX, Batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 

@@ -40,9 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from grokedge.batch import Batch
 from grokedge.spectral.perturbation import FlatEvaluate
-
-Batch = dict[str, Tensor]
 
 RATIO_FLOOR = 1e-8
 """Added to |mean Δ_random| in the paper's ratio so that it stays finite."""

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp
 
-from grokedge.spectral.perturbation import Batch, flat_evaluator
+from grokedge.batch import Batch
+from grokedge.spectral.perturbation import flat_evaluator
 from grokedge.spectral.selection import ParameterSelector
 
 LossFn = Callable[[Any], Tensor]

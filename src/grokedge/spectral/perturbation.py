@@ -18,17 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.spectral.selection import ParameterSelector
-
-Batch = dict[str, Tensor]
 
 FlatEvaluate = Callable[[Tensor, Batch], tuple[Any, Any, Tensor]]
 """``(flat θ_sel [p], batch) -> (loss (scalar), acc (scalar), logits [B, T, C])``."""
-
-IGNORE_LABEL = -100
-"""The batch contract's unlabelled-position marker (``grokedge.tasks.base.IGNORE_INDEX``,
-torch's default ``ignore_index``); repeated here because importing ``grokedge.tasks``
-would pull Lightning into ``grokedge.spectral``."""
 
 DEFAULT_GRID_POINTS = 25
 DEFAULT_MAX_ABS_EPS = 0.03
@@ -79,8 +73,8 @@ def flat_evaluator(
 
 
 def valid_positions(batch: Batch) -> Tensor:
-    """[B, T] bool: positions with a label (``labels != IGNORE_LABEL``)."""
-    return batch["labels"] != IGNORE_LABEL
+    """[B, T] bool: positions with a label (``labels != IGNORE_INDEX``)."""
+    return batch["labels"] != IGNORE_INDEX
 
 
 def kl_divergence(

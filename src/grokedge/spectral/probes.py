@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from grokedge.spectral.perturbation import IGNORE_LABEL
+from grokedge.batch import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -139,7 +139,7 @@ def row_strings(
     for t in unaligned:
         if t.ndim < 2:
             raise ValueError(f"unaligned input {list(t.shape)}: needs [B, S, ...]")
-    valid = (labels != IGNORE_LABEL).cpu()
+    valid = (labels != IGNORE_INDEX).cpu()
     position = torch.arange(1, width + 1).expand(rows, width)
     lengths = torch.where(valid, position, 0).amax(dim=1).tolist() if width else [0] * rows
     aligned_np = [t.detach().cpu().numpy() for t in aligned]
@@ -220,7 +220,7 @@ def hidden_states_and_targets(
     numbering = StringGroups() if string_ids is None else string_ids
     n_rows = labels.shape[0]
     row_ids = numbering.fresh(n_rows) if strings is None else numbering.ids(strings)
-    mask = labels != IGNORE_LABEL
+    mask = labels != IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
     w = torch.ones(labels.shape[0]) if weight is None else weight.detach()
     return ProbeData(

@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from grokedge.batch import Batch
 from grokedge.spectral.ablation import (
     DEFAULT_N_RANDOM,
     ablation_result,
@@ -45,7 +46,7 @@ from grokedge.spectral.ablation import (
 )
 from grokedge.spectral.edge import EdgeState, compute_edge
 from grokedge.spectral.geometry import partial_inner
-from grokedge.spectral.perturbation import Batch, FlatEvaluate
+from grokedge.spectral.perturbation import FlatEvaluate
 from grokedge.spectral.selection import slice_bounds
 from grokedge.spectral.window import UpdateWindow
 

@@ -1,6 +1,7 @@
 """The contract between a task's data and the rest of grokedge.
 
-A *batch* is a ``dict[str, Tensor]`` built once, in memory, by the task's DataModule:
+A *batch* is a ``dict[str, Tensor]`` (``grokedge.batch.Batch``) built once, in memory, by
+the task's DataModule (``IGNORE_INDEX`` is ``grokedge.batch.IGNORE_INDEX``):
 
 Encoder tasks (``dyck``, ``modular``)
     ``tokens``  LongTensor [B, T]  input token ids (right-padded with the task's pad id)
@@ -28,13 +29,9 @@ from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-Batch = dict[str, Tensor]
-
-IGNORE_INDEX = -100
-"""Label value that the loss and every metric skip (padding, unlabelled positions)."""
+from grokedge.batch import Batch
 
 
 class _FixedBatches(torch.utils.data.Dataset):

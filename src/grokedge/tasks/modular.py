@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.tasks.base import (
-    IGNORE_INDEX,
-    Batch,
     GrokDataModule,
     batch_generator,
     endless_loader,

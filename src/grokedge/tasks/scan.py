@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.tasks import scan_grammar as G
 from grokedge.tasks.base import (
-    IGNORE_INDEX,
-    Batch,
     GrokDataModule,
     batch_generator,
     endless_loader,
