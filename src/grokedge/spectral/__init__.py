@@ -99,6 +99,7 @@ from grokedge.spectral.provenance import (
     coinciding,
     window_provenance,
 )
+from grokedge.spectral.recorder import DeltaRecorder
 from grokedge.spectral.selection import (
     ParameterSelector,
     Segment,
@@ -110,6 +111,7 @@ from grokedge.spectral.window import UpdateWindow
 
 __all__ = [
     "DecoupledWeightDecayTracker",
+    "DeltaRecorder",
     "DeltaSource",
     "EdgeState",
     "FlatEvaluate",

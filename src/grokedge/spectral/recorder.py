@@ -1,0 +1,614 @@
+"""DeltaRecorder: the online sliding window of update deltas and its edge, Trainer-free.
+
+The mechanics behind ``grokedge.callbacks.gram.GramCallback`` (docs/theory.md §1;
+docs/design.md, "data flow" steps 2-3), usable from any training loop:
+
+- :meth:`DeltaRecorder.attach` registers a ``DecoupledWeightDecayTracker`` as an optimizer
+  step pre-hook: every ``optimizer.step()`` adds that step's exact weight-decay
+  displacement −η_t ω_g θ_t (η, ω read from the parameter's own group at that step) to a
+  flat accumulator;
+- :meth:`DeltaRecorder.capture` closes a delta: total = θ_now − θ_at_last_capture,
+  wd = the accumulator, grad = total − wd (implicit), pushes it into an ``UpdateWindow``
+  (incremental W×W Grams) and publishes an ``EdgeState`` (σ, top-k edge vectors, the
+  per-delta projections of the grad and wd parts on each v_k), the spectra under every
+  edge definition and the raw window's provenance.
+
+All p-sized work stays on the parameters' device (or ``buffer_device``); only W×W
+matrices and scalars reach the host.
+
+Sharded (a ``Collective`` with more than one process), each rank keeps only its
+contiguous slice ``[start, stop)`` of θ_sel (``shard``): its window, WD accumulator, θ at
+the last capture and edge vectors are slices. One all-reduce of the packed W×W matrices
+per delta gives every rank the exact global Grams, hence the same σ, u_k and projections;
+``edge.vectors`` is the rank's slice of v_k (:meth:`DeltaRecorder.gather_vectors`
+assembles whole ones). Every rank must make the same calls in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from grokedge.spectral.edge import EdgeState, WindowSpectrum
+from grokedge.spectral.edge_definitions import (
+    NORMALIZED,
+    PAPER,
+    all_spectra,
+    definition_edge,
+)
+from grokedge.spectral.geometry import g23, gaps, kstar_ratio, kstar_weighted, spectral_ratio
+from grokedge.spectral.memory import window_memory_bytes
+from grokedge.spectral.provenance import WindowProvenance, window_provenance
+from grokedge.spectral.selection import slice_segments
+from grokedge.spectral.sharding import (
+    Collective,
+    LocalCollective,
+    Shard,
+    default_collective,
+    reduced_window_matrices,
+    to_comm_device,
+)
+from grokedge.spectral.weight_decay import DecoupledWeightDecayTracker
+from grokedge.spectral.window import MIN_WINDOW, UpdateWindow
+
+BUFFER_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""The storage dtypes of the window and edge-vector buffers, by name."""
+
+STATE_VERSION = 1
+
+SHARDED_STATE_VERSION = 2
+"""A state written by a sharded recorder: whole vectors gathered from every rank (so it
+can be resumed on any number of ranks) plus each rank's partial W×W matrices."""
+
+
+class DeltaRecorder:
+    """Sliding window of the update deltas of some parameters, with exact grad/WD split.
+
+    Args:
+        interval: N, optimizer steps per delta (recorded in the state; a resume with
+            another interval is refused). The caller decides when to :meth:`capture`.
+        window: W, deltas in the window (>= 2).
+        top_k: edge vectors v_1..v_k to materialise (>= 1).
+        edge_definition: which window's spectrum is ``edge``: ``paper`` (raw deltas),
+            ``burn_in`` (only deltas that begin at or after ``start_step``) or
+            ``normalized`` (every delta scaled to unit norm); see
+            :mod:`grokedge.spectral.edge_definitions`. ``spectra`` holds all three.
+        start_step: the burn-in in optimizer steps; ``None``: one interval.
+        allow_inexact_split: with an optimizer whose weight decay is not decoupled,
+            record a zero WD part (warned once) instead of raising.
+        buffer_dtype: storage of the [2, W, p] window and [top_k, p] vector buffers, a
+            key of :data:`BUFFER_DTYPES`; dot products and W×W algebra are float64.
+        buffer_device: where those buffers live (``None``: the parameters' device).
+        shard_across_ranks: keep only this rank's slice when ``collective`` (or the
+            default ``torch.distributed`` group) has several processes; ``False``: the
+            whole vector, no collectives.
+        collective: the communication of the shard (``None``: ``default_collective()``).
+        select: the selection the parameters came from, stored in the state and named in
+            errors (informational).
+        key: prefix of error and warning messages (a config key, e.g. ``callbacks.gram``).
+
+    Shapes and units: p = number of recorded elements (n on this rank's slice); each
+    delta is [p] in parameter units; σ_j in parameter units; Gram entries in squared
+    parameter units.
+
+    Published after each push (read-only):
+        edge: ``EdgeState`` of the newest window under ``edge_definition`` (``None`` until
+            that window holds 2 deltas); ``edge.vectors`` [top_k, n].
+        previous: the ``EdgeState`` before it (``None`` at the start and after a load).
+        spectra: ``{definition: WindowSpectrum | None}`` of the newest window.
+        provenance: ``WindowProvenance`` of the newest raw (``paper``) window.
+        evicted_dot: δ'_evicted · δ'_newest of the latest push in ``edge``'s rows
+            (``None`` when its window grew), relating ``previous`` and ``edge``.
+        skipped_deltas: non-finite deltas skipped so far.
+
+    ``edge.vectors`` and ``previous.vectors`` live in two preallocated [top_k, n] buffers
+    that alternate: a state's vectors are overwritten two windows later (copy to keep).
+
+    Example:
+        >>> net = torch.nn.Linear(4, 3)
+        >>> opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5)
+        >>> rec = DeltaRecorder(interval=1, window=3, top_k=2, edge_definition="paper")
+        >>> rec.attach(net.named_parameters(), opt, step=0)
+        >>> for step in range(1, 4):
+        ...     net(torch.randn(8, 4)).square().mean().backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        ...     _ = rec.capture(step)
+        >>> rec.edge.sigma.shape, rec.edge.vectors.shape
+        (torch.Size([3]), torch.Size([2, 15]))
+    """
+
+    def __init__(
+        self,
+        interval: int,
+        window: int,
+        top_k: int,
+        edge_definition: str = NORMALIZED,
+        start_step: int | None = None,
+        *,
+        allow_inexact_split: bool = False,
+        buffer_dtype: str = "float32",
+        buffer_device: str | None = None,
+        shard_across_ranks: bool = True,
+        collective: Collective | None = None,
+        select: Any = None,
+        key: str = "recorder",
+    ) -> None:
+        self.interval = interval
+        self.window_size = window
+        self.top_k = top_k
+        self.edge_definition = edge_definition
+        self.start_step = interval if start_step is None else start_step
+        self.allow_inexact_split = allow_inexact_split
+        self.buffer_dtype = buffer_dtype
+        self.buffer_device = buffer_device
+        self.shard_across_ranks = shard_across_ranks
+        self.collective = collective
+        self.select = select
+        self.key = key
+
+        self.shard: Shard | None = None  # this rank's slice, set by attach
+        self.predicted_bytes: int | None = None
+        self.edge: EdgeState | None = None
+        self.previous: EdgeState | None = None
+        self.spectra: dict[str, WindowSpectrum | None] = {}
+        self.provenance: WindowProvenance | None = None
+        self.evicted_dot: float | None = None
+        # ‖δ‖² of the raw window's oldest delta at the last publish: the evicted one's
+        # norm at the next (the normalized edge's evicted dot).
+        self._raw_oldest_sq = 0.0
+        self.skipped_deltas = 0
+        self.last_capture_step: int | None = None
+
+        self.window: UpdateWindow | None = None
+        self.tracker: DecoupledWeightDecayTracker | None = None
+        self._params: list[Tensor] = []
+        self._theta_prev: Tensor | None = None  # [n] θ at the last capture
+        self._total: Tensor | None = None  # [n] scratch for the newest total delta
+        self._vector_bufs: list[Tensor] = []  # two [top_k, n]: edge and previous alternate
+        self._prev_views: list[Tensor] = []
+        self._total_views: list[Tensor] = []
+        self._handle: RemovableHandle | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def make_tracker(
+        self,
+        optimizer: Optimizer,
+        named: list[tuple[str, Tensor]],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> DecoupledWeightDecayTracker:
+        """The WD tracker of ``named`` (slice ``[start, stop)``), not yet registered;
+        ValueError naming ``<key>.allow_inexact_split`` if the split cannot be exact."""
+        # With allow_inexact_split the tracker warns once and records zeros.
+        try:
+            return DecoupledWeightDecayTracker(
+                optimizer, named, allow_inexact=self.allow_inexact_split, start=start, stop=stop
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"{self.key}.allow_inexact_split={self.allow_inexact_split}: {e}. "
+                f"Allowed: a decoupled optimizer, or {self.key}."
+                "allow_inexact_split=true to run without the split (the whole delta "
+                "then counts as gradient)"
+            ) from e
+
+    # ------------------------------------------------------------------ the mechanics
+
+    @torch.no_grad()
+    def attach(
+        self, named_params: Sequence[tuple[str, Tensor]], optimizer: Optimizer, step: int = 0
+    ) -> None:
+        """Allocate the buffers and start tracking ``optimizer``'s steps.
+
+        ``named_params``: the recorded ``(name, parameter)`` pairs (laid out flat in
+        sorted-name order). Takes θ at ``step`` as the first capture point, unless a state
+        is pending from :meth:`load_state_dict` (then that state is loaded). Calling it
+        again re-attaches (fresh buffers, the old hook removed).
+        """
+        self.detach()
+        named = sorted(named_params, key=lambda item: item[0])
+        device = named[0][1].device
+        dtype = named[0][1].dtype
+        for _, param in named[1:]:
+            dtype = torch.promote_types(dtype, param.dtype)
+        p = sum(param.numel() for _, param in named)
+        if self.shard_across_ranks:
+            collective = self.collective if self.collective is not None else default_collective()
+        else:
+            collective = LocalCollective()
+        self.shard = shard = Shard.of(p, collective)
+        if shard.n < 1:
+            raise ValueError(
+                f"{self.key}.select selects p={p} elements, fewer than the "
+                f"{shard.world_size} ranks; allowed: at least one element per rank (or "
+                f"{self.key}.shard_across_ranks=false)"
+            )
+        self._theta_prev = torch.empty(shard.n, dtype=dtype, device=device)
+        self._total = torch.empty(shard.n, dtype=dtype, device=device)
+        if shard.sharded:
+            # Views of this rank's part of each parameter and of the slice buffers.
+            by_name = dict(named)
+            names = [name for name, _ in named]
+            numels = [param.numel() for _, param in named]
+            segments = slice_segments(names, numels, shard.start, shard.stop)
+            self._params = [
+                by_name[s.name].detach().reshape(-1)[s.param_start : s.param_stop] for s in segments
+            ]
+            self._prev_views = [
+                self._theta_prev[s.slice_offset : s.slice_offset + s.numel] for s in segments
+            ]
+            self._total_views = [
+                self._total[s.slice_offset : s.slice_offset + s.numel] for s in segments
+            ]
+        else:
+            self._params = [param.detach() for _, param in named]
+            self._prev_views, self._total_views, offset = [], [], 0
+            for param in self._params:
+                stop = offset + param.numel()
+                self._prev_views.append(self._theta_prev[offset:stop].view(param.shape))
+                self._total_views.append(self._total[offset:stop].view(param.shape))
+                offset = stop
+        buffer_device = device if self.buffer_device is None else torch.device(self.buffer_device)
+        self.window = UpdateWindow(
+            self.window_size, shard.n, device=buffer_device, dtype=BUFFER_DTYPES[self.buffer_dtype]
+        )
+        # Preallocated: a fresh p-sized allocation per window costs page faults.
+        self._vector_bufs = [
+            torch.empty(self.top_k, shard.n, dtype=self.window.dtype, device=buffer_device)
+            for _ in range(2)
+        ]
+        self.predicted_bytes = window_memory_bytes(
+            shard.n,
+            self.window_size,
+            self.top_k,
+            self.buffer_dtype,
+            param_dtype=dtype,
+            device_type=buffer_device.type,
+        )
+        self.tracker = self.make_tracker(optimizer, named, shard.start, shard.stop)
+        self._handle = self.tracker.register()
+        self.edge = self.previous = None
+        self.spectra, self.provenance = {}, None
+        self.evicted_dot = None
+        self.skipped_deltas = 0
+        torch._foreach_copy_(self._prev_views, self._params)
+        self.last_capture_step = int(step)
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self._load(state)
+
+    def detach(self) -> None:
+        """Stop tracking the optimizer (remove the step pre-hook); buffers stay."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def describe_buffers(self) -> str:
+        """The predicted buffer memory in words, e.g. ``16.5 MiB of buffers (p = 131,072;
+        W = 5, top_k = 4, float32)`` (after :meth:`attach`)."""
+        assert self.shard is not None and self.predicted_bytes is not None
+        shard = self.shard
+        where = (
+            f"per rank, slice of {shard.n:,} of p = {shard.p:,} on {shard.world_size} ranks"
+            if shard.sharded
+            else f"p = {shard.p:,}"
+        )
+        return (
+            f"{self.predicted_bytes / 2**20:,.1f} MiB of buffers ({where}; "
+            f"W = {self.window_size}, top_k = {self.top_k}, {self.buffer_dtype})"
+        )
+
+    @torch.no_grad()
+    def capture(self, step: int) -> bool:
+        """Close the delta θ_now − θ_at_last_capture with its accumulated WD part.
+
+        Returns whether it entered the window (False: non-finite, skipped).
+        """
+        assert self.tracker is not None and self._total is not None
+        for out, param, prev in zip(self._total_views, self._params, self._prev_views, strict=True):
+            torch.sub(param, prev, out=out)  # one pass: total = θ_now − θ_prev
+        torch._foreach_copy_(self._prev_views, self._params)
+        wd = self.tracker.accumulated
+        pushed = self.push_delta(self._total, wd, step, begin=self.last_capture_step)
+        wd.zero_()
+        self.tracker.steps = 0
+        self.last_capture_step = int(step)
+        return pushed
+
+    @torch.no_grad()
+    def push_delta(self, total: Tensor, wd: Tensor, step: int, begin: int | None = None) -> bool:
+        """Push one delta (total [n], its WD part [n]) and publish the new edge.
+
+        ``begin``: the step the delta starts from (θ(step) − θ(begin)); ``None``: unknown.
+        A delta with any non-finite entry in either part is skipped, counted in
+        ``skipped_deltas`` and warned about; the window, ``edge`` and ``previous`` stay
+        as they were. Returns whether the delta was pushed.
+        """
+        assert self.window is not None and self.shard is not None
+        # The push's own dot products detect NaN/inf (one host sync of a 2×2 matrix);
+        # sharded, their sum over ranks, so that all ranks skip or push together.
+        reduce = self.reduce if self.shard.sharded else None
+        span = None if begin is None else (int(begin), int(step))
+        if not self.window.push(total, wd, check_finite=True, reduce=reduce, span=span):
+            self.skipped_deltas += 1
+            warnings.warn(
+                f"{self.key}: non-finite update delta at step {step} skipped "
+                f"({self.skipped_deltas} so far); the window keeps its "
+                f"{self.window.count} earlier deltas",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        if self.window.count >= MIN_WINDOW:
+            self.previous = self.edge
+            self._publish(step)
+        else:
+            self.evicted_dot = None
+        return True
+
+    def _publish(self, step: int) -> None:
+        """The spectra of the window under every definition, its provenance and the edge
+        under ``edge_definition``. Sharded, every rank gets here together (the finiteness
+        decision is global): one all-reduce of the packed W×W matrices and the evicted
+        dot; the rest is the same W×W algebra on every rank."""
+        assert self.window is not None and self.shard is not None
+        g, c, w, evicted = reduced_window_matrices(self.window, self.shard)
+        spans = self.window.spans()
+        self.spectra = all_spectra(g, c, w, spans, self.top_k, step, self.start_step)
+        paper = self.spectra[PAPER]
+        self.provenance = None if paper is None else window_provenance(paper, self.start_step)
+        self.edge = definition_edge(
+            self.edge_definition,
+            g,
+            c,
+            w,
+            self.window,
+            spans,
+            self.top_k,
+            step,
+            self.start_step,
+            out=self._free_buffer(),
+        )
+        self.evicted_dot = self._edge_evicted_dot(g, evicted)
+        self._raw_oldest_sq = float(g[0, 0])
+
+    def _edge_evicted_dot(self, gram: Tensor, evicted: float | None) -> float | None:
+        """δ'_evicted · δ'_newest in the rows of ``edge_definition`` (what relates
+        ``previous`` and ``edge`` for Davis–Kahan), or ``None`` when ``edge``'s window
+        grew instead of sliding. ``gram``: the raw window's G after the push."""
+        if evicted is None or self.edge is None or self.previous is None:
+            return None
+        if self.edge_definition == NORMALIZED:
+            norms = math.sqrt(self._raw_oldest_sq * float(gram[-1, -1]))
+            return evicted / norms if norms > 0 else 0.0
+        # burn_in: the raw evicted delta was in the previous edge's window only if that
+        # window kept its size (otherwise the burn-in had excluded it: the window grew).
+        return evicted if self.edge.count == self.previous.count else None
+
+    def edge_step(self) -> int | None:
+        """Step of the newest published window (its spectra exist even while a burn-in
+        leaves ``edge`` empty)."""
+        if self.edge is not None:
+            return self.edge.step
+        paper = self.spectra.get(PAPER)
+        return None if paper is None else paper.step
+
+    def _free_buffer(self) -> Tensor:
+        """The vector buffer that ``previous`` (about to be dropped) does not use."""
+        in_use = self.edge.vectors if self.edge is not None else None
+        for buf in self._vector_bufs:
+            if in_use is None or buf.data_ptr() != in_use.data_ptr():
+                return buf
+        raise AssertionError("both vector buffers in use")
+
+    # ---------------------------------------------------------------------- sharding
+
+    def gather_vectors(self, vectors: Tensor) -> Tensor:
+        """Whole edge vectors [m, p] from this rank's slices [m, n] (e.g. rows of
+        ``edge.vectors``). Collective under sharding (every rank must call it); the input
+        itself on one rank. For analyses whose model evaluation needs whole directions."""
+        assert self.shard is not None
+        return self.shard.gather(vectors)
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        """Σ over ranks of a partial result computed on this rank's slices (e.g. the Gram
+        of sliced vectors from ``geometry.stacked_gram``). Collective under sharding."""
+        assert self.shard is not None
+        if not self.shard.sharded:
+            return partial
+        return self.shard.sum(to_comm_device(self.shard, partial)).to(partial.device)
+
+    # --------------------------------------------------------------------- the state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and primitives only (``torch.load(weights_only=True)`` safe): θ at the
+        last capture, the window's buffers and matrices, the WD accumulator. Collective
+        when sharded (every rank must call it; the vectors come back whole, on the CPU)."""
+        if self.window is None or self.tracker is None or self._theta_prev is None:
+            return dict(self._pending_state or {})
+        if self.shard is not None and self.shard.sharded:
+            return self._sharded_state_dict()
+        return {
+            "version": STATE_VERSION,
+            "select": self.select,
+            "interval": self.interval,
+            "p": self.window.p,
+            "last_capture_step": self.last_capture_step,
+            "skipped_deltas": self.skipped_deltas,
+            "edge_step": self.edge_step(),
+            "theta_prev": self._theta_prev,
+            "window": self.window.state_dict(),
+            "tracker": self.tracker.state_dict(),
+        }
+
+    @torch.no_grad()
+    def _sharded_state_dict(self) -> dict[str, Any]:
+        """Every p-sized buffer gathered whole, so that the state resumes on any number of
+        ranks, the window's matrices summed (what one process would hold), and each
+        rank's own partial matrices, restored bit for bit on the same number of ranks."""
+        assert self.window is not None and self.tracker is not None and self.shard is not None
+        assert self._theta_prev is not None
+        shard = self.shard
+        window = self.window.state_dict()
+        partial = window["matrices"]
+        deltas = shard.gather(_comm(shard, window["deltas"])).to("cpu")
+        theta_prev = shard.gather(_comm(shard, self._theta_prev)).to("cpu")
+        tracker = dict(self.tracker.state_dict())
+        tracker["accumulated"] = shard.gather(_comm(shard, tracker["accumulated"])).to("cpu")
+        tracker["start"], tracker["stop"] = 0, shard.p
+        per_rank = torch.stack(shard.collective.all_gather(_comm(shard, partial.reshape(-1)))).to(
+            "cpu"
+        )
+        window.update(
+            p=shard.p,
+            deltas=deltas,
+            matrices=per_rank.sum(0).reshape(partial.shape),
+        )
+        return {
+            "version": SHARDED_STATE_VERSION,
+            "select": self.select,
+            "interval": self.interval,
+            "p": shard.p,
+            "last_capture_step": self.last_capture_step,
+            "skipped_deltas": self.skipped_deltas,
+            "edge_step": self.edge_step(),
+            "theta_prev": theta_prev,
+            "window": window,
+            "tracker": tracker,
+            "world_size": shard.world_size,
+            "rank_matrices": per_rank.reshape(shard.world_size, *partial.shape),
+        }
+
+    def _slice_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A whole-vector state cut down to this rank's slice (any world size wrote it)."""
+        assert self.shard is not None and self.window is not None
+        shard = self.shard
+        window = dict(state["window"])
+        deltas = shard.take(window["deltas"]).contiguous()
+        if int(state.get("world_size", 1)) == shard.world_size and "rank_matrices" in state:
+            matrices = state["rank_matrices"][shard.rank]
+        else:
+            # Another layout wrote it: this slice's partial matrices from its deltas.
+            matrices = partial_matrices(deltas)
+        window.update(p=shard.n, deltas=deltas, matrices=matrices)
+        tracker = dict(state["tracker"])
+        tracker["accumulated"] = shard.take(tracker["accumulated"]).contiguous()
+        tracker["start"], tracker["stop"] = shard.start, shard.stop
+        return {
+            **state,
+            "p": shard.p,
+            "theta_prev": shard.take(state["theta_prev"]),
+            "window": window,
+            "tracker": tracker,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore; before :meth:`attach` the state waits and ``attach`` loads it. The
+        newest edge is recomputed from the restored window (``previous`` stays ``None``
+        until the next push)."""
+        if not state_dict:
+            return
+        if self.window is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._load(state_dict)
+
+    @torch.no_grad()
+    def _load(self, state: dict[str, Any]) -> None:
+        assert self.window is not None and self.tracker is not None
+        assert self._theta_prev is not None and self.shard is not None
+        key = self.key
+        if int(state["p"]) != self.shard.p:
+            raise ValueError(
+                f"{key}.select={self.select!r} selects p={self.shard.p} elements; the "
+                f"checkpoint's window has p={state['p']}"
+            )
+        if self.shard.sharded:
+            state = self._slice_state(state)
+        # Unsharded, a sharded run's state loads as it is: its whole vectors and summed
+        # matrices are what one process holds.
+        if int(state["interval"]) != self.interval:
+            raise ValueError(
+                f"{key}.interval={self.interval} differs from the checkpoint's "
+                f"{state['interval']}; resume with the same interval"
+            )
+        if int(state["window"]["size"]) != self.window.size:
+            raise ValueError(
+                f"{key}.window={self.window.size} differs from the checkpoint's "
+                f"{state['window']['size']}; resume with the same window"
+            )
+        self._theta_prev.copy_(state["theta_prev"])
+        self.window.load_state_dict(state["window"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.last_capture_step = int(state["last_capture_step"])
+        self.skipped_deltas = int(state["skipped_deltas"])
+        # The newest edge is a deterministic function of the restored window: recompute
+        # it (same buffers, same W×W matrices, same numbers) rather than storing [k, p].
+        edge_step = state.get("edge_step")
+        self.edge = None
+        self.spectra, self.provenance = {}, None
+        if edge_step is not None and self.window.count >= MIN_WINDOW:
+            # Collective when sharded: every rank loads the same state.
+            self._publish(int(edge_step))
+        self.previous = None
+        self.evicted_dot = None
+
+
+# ------------------------------------------------------------------------ read-outs
+
+
+def spectrum_scalars(state: EdgeState) -> dict[str, float]:
+    """The ``gram/*`` read-outs of one window (σ in parameter units, gaps in their square).
+
+    ``gram/sigma_{j}`` (j = 1..W'), ``gram/g23`` = σ_2² − σ_3², ``gram/kstar`` =
+    argmax_j σ_j/σ_{j+1}, ``gram/kstar_weighted`` = argmax_j (σ_j/Σσ)(σ_j/σ_{j+1}),
+    ``gram/ratio`` = R = σ_k*/σ_{k*+1} (k* of the first definition), ``gram/deltas`` = W'.
+    Undefined values are NaN (e.g. g23 with W' = 2).
+    """
+    sigma = state.sigma
+    values = {f"gram/sigma_{j + 1}": float(s) for j, s in enumerate(sigma.tolist())}
+    kstar = kstar_ratio(sigma)
+    values["gram/g23"] = g23(sigma)
+    values["gram/kstar"] = float(kstar)
+    values["gram/kstar_weighted"] = float(kstar_weighted(sigma))
+    values["gram/ratio"] = spectral_ratio(sigma, kstar) if sigma.numel() > 1 else math.nan
+    values["gram/deltas"] = float(state.count)
+    return values
+
+
+def spectrum_row(state: EdgeState) -> dict[str, Any]:
+    """The full spectrum of one window as plain lists, for ``analyses.jsonl``."""
+    scalars = spectrum_scalars(state)
+    return {
+        "count": state.count,
+        "sigma": state.sigma.tolist(),
+        "gaps": gaps(state.sigma).tolist(),
+        "g23": scalars["gram/g23"],
+        "kstar": int(scalars["gram/kstar"]),
+        "kstar_weighted": int(scalars["gram/kstar_weighted"]),
+        "ratio": scalars["gram/ratio"],
+    }
+
+
+def _comm(shard: Shard, tensor: Tensor) -> Tensor:
+    return to_comm_device(shard, tensor.detach())
+
+
+def partial_matrices(deltas: Tensor) -> Tensor:
+    """[3, W, W] float64 (G, C, X_wd X_wdᵀ in ring order) of a window slice's buffer
+    [2, W, n] — what its incremental pushes would have accumulated, up to summation order."""
+    total, wd = deltas[0].to(torch.float64), deltas[1].to(torch.float64)
+    return torch.stack([total @ total.T, wd @ total.T, wd @ wd.T])
