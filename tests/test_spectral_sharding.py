@@ -405,7 +405,7 @@ def test_gram_callback_reports_predicted_bytes_of_its_slice() -> None:
     assert ref.predicted_bytes is not None
     for g in results:
         assert g.predicted_bytes is not None and g.predicted_bytes < ref.predicted_bytes
-        window_bytes = g.window._buf.nbytes + sum(b.nbytes for b in g._vector_bufs)
+        window_bytes = g.window._buf.nbytes + sum(b.nbytes for b in g.recorder._vector_bufs)
         assert g.predicted_bytes >= window_bytes
 
 
