@@ -35,7 +35,8 @@ The pure math lives in :mod:`grokedge.spectral.ablation`; this is the adapter.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -43,7 +44,6 @@ import torch
 from grokedge.batch import IGNORE_INDEX
 from grokedge.callbacks.common import (
     DEFAULT_BUCKETS,
-    SEQUENCES,
     AnalysisCallback,
     BucketedEvaluate,
     Result,
@@ -151,35 +151,19 @@ class AblationCallback(AnalysisCallback):
     analysis = ABLATION
     needs_edge = True
 
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 1000}
+
     def __init__(
         self,
-        every: int | None = 1000,
-        at_grok: bool = True,
-        at_end: bool = False,
-        n_sequences: int | None = 300,
-        sample: str = SEQUENCES,
-        subset_seed: int = 0,
-        eval_set: str = "test",
         n_random: int = 20,
         seed: int = 0,
         buckets: int = DEFAULT_BUCKETS,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
-        tables: bool = True,
         config_key: str = ABLATION_KEY,
+        **schedule: Any,
     ) -> None:
         super().__init__(
-            every=every,
-            at_grok=at_grok,
-            at_end=at_end,
-            n_sequences=n_sequences,
-            subset_seed=subset_seed,
-            sample=sample,
-            eval_set=eval_set,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         self.n_random = check_int(f"{config_key}.n_random", n_random, 2)
         self.seed = check_int(f"{config_key}.seed", seed, 0)

@@ -29,14 +29,14 @@ process nothing is communicated and the numbers are the unsharded ones bit for b
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from grokedge.callbacks.common import (
-    SEQUENCES,
     AnalysisCallback,
     Result,
     check_block,
@@ -121,15 +121,10 @@ class ClassCallback(AnalysisCallback):
     needs_edge = True
     requires = (TRACE,)
 
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {"at_grok": False, "at_end": True}
+
     def __init__(
         self,
-        every: int | None = None,
-        at_grok: bool = False,
-        at_end: bool = True,
-        n_sequences: int | None = 300,
-        sample: str = SEQUENCES,
-        subset_seed: int = 0,
-        eval_set: str = "test",
         eps_fraction: float = PAPER_EPS_FRACTION,
         block: int = -1,
         folds: int = 5,
@@ -143,23 +138,12 @@ class ClassCallback(AnalysisCallback):
         compression_rotation_deg: float | None = 12.0,
         functional_balance: float = 2.0,
         compression_balance: float = 0.5,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
-        tables: bool = True,
         config_key: str = CLASS_KEY,
+        **schedule: Any,
     ) -> None:
         super().__init__(
-            every=every,
-            at_grok=at_grok,
-            at_end=at_end,
-            n_sequences=n_sequences,
-            subset_seed=subset_seed,
-            sample=sample,
-            eval_set=eval_set,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         key = config_key
         self.eps_fraction = check_float(

@@ -26,8 +26,8 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -140,6 +140,57 @@ def check_choices(key: str, value: Any, choices: Sequence[str]) -> tuple[str, ..
             f"{', '.join(choices)}"
         )
     return items
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class AnalysisSchedule:
+    """When and on what an :class:`AnalysisCallback` runs: the config keys every analysis
+    shares (``callbacks.<name>.every``, ``at_grok``, ...). Each subclass gives its own
+    defaults (``schedule_defaults``) and takes these as keyword arguments (``**schedule``).
+
+    ``every``: optimizer steps between calls (None: none on a cadence); ``at_grok`` /
+    ``at_end``: once when the grok step is detected / on the final weights;
+    ``n_sequences``, ``sample``, ``subset_seed``, ``eval_set``: the fixed evaluation subset
+    (:func:`fixed_subset`); ``phase_at``, ``phase_post``: phase widths
+    around the grok step (None: from the Gram interval); ``tables``: W&B tables per call.
+    """
+
+    every: int | None = None
+    at_grok: bool = True
+    at_end: bool = False
+    n_sequences: int | None = 300
+    sample: str = SEQUENCES
+    subset_seed: int = 0
+    eval_set: str = "test"
+    phase_at: int | None = None
+    phase_post: int | None = None
+    tables: bool = True
+
+    def checked(self, key: str) -> AnalysisSchedule:
+        """Itself if every value is allowed; else ValueError naming ``key``.<field>."""
+        check_optional_int(f"{key}.every", self.every, 1)
+        check_bool(f"{key}.at_grok", self.at_grok)
+        check_bool(f"{key}.at_end", self.at_end)
+        check_optional_int(f"{key}.n_sequences", self.n_sequences, 1)
+        check_int(f"{key}.subset_seed", self.subset_seed, 0)
+        check_choice(f"{key}.sample", self.sample, SAMPLE_UNITS)
+        eval_set = self.eval_set
+        if not isinstance(eval_set, str) or not eval_set:
+            raise ValueError(f"{key}.eval_set={eval_set!r} is not allowed: an evaluation set name")
+        phase_at = check_optional_int(f"{key}.phase_at", self.phase_at, 0)
+        phase_post = check_optional_int(f"{key}.phase_post", self.phase_post, 0)
+        if phase_at is not None and phase_post is not None and phase_post < phase_at:
+            raise ValueError(
+                f"{key}.phase_post={phase_post} is not allowed: an integer >= phase_at ({phase_at})"
+            )
+        check_bool(f"{key}.tables", self.tables)
+        return self
+
+
+SCHEDULE_KEYS = tuple(f.name for f in fields(AnalysisSchedule))
 
 
 # --------------------------------------------------------------------------- random state
@@ -530,42 +581,33 @@ class AnalysisCallback(Callback, ABC):
     """What the analysis calls on the module (``grokedge.functional``: ``evaluate``,
     ``trace``); checked before training and on the first evaluation batch."""
 
-    def __init__(
-        self,
-        *,
-        every: int | None,
-        at_grok: bool,
-        n_sequences: int | None,
-        at_end: bool = False,
-        subset_seed: int,
-        sample: str,
-        eval_set: str,
-        phase_at: int | None,
-        phase_post: int | None,
-        tables: bool,
-        config_key: str,
-    ) -> None:
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {}
+    """This analysis' defaults of the :class:`AnalysisSchedule` keys (its config file's)."""
+    fixed_schedule: ClassVar[Mapping[str, Any]] = {}
+    """Schedule keys this analysis fixes (not accepted as arguments)."""
+
+    def __init__(self, *, config_key: str, **schedule: Any) -> None:
         super().__init__()
-        key = config_key
-        self.config_key = key
-        self.every = check_optional_int(f"{key}.every", every, 1)
-        self.at_grok = check_bool(f"{key}.at_grok", at_grok)
-        self.at_end = check_bool(f"{key}.at_end", at_end)
-        self.n_sequences = check_optional_int(f"{key}.n_sequences", n_sequences, 1)
-        self.subset_seed = check_int(f"{key}.subset_seed", subset_seed, 0)
-        self.sample = check_choice(f"{key}.sample", sample, SAMPLE_UNITS)
-        if not isinstance(eval_set, str) or not eval_set:
-            raise ValueError(f"{key}.eval_set={eval_set!r} is not allowed: an evaluation set name")
-        self.eval_set = eval_set
-        self.phase_at = check_optional_int(f"{key}.phase_at", phase_at, 0)
-        self.phase_post = check_optional_int(f"{key}.phase_post", phase_post, 0)
-        if self.phase_at is not None and self.phase_post is not None:
-            if self.phase_post < self.phase_at:
-                raise ValueError(
-                    f"{key}.phase_post={self.phase_post} is not allowed: an integer >= "
-                    f"phase_at ({self.phase_at})"
+        self.config_key = config_key
+        for name in schedule:
+            if name not in SCHEDULE_KEYS or name in self.fixed_schedule:
+                raise TypeError(
+                    f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}"
                 )
-        self.tables = check_bool(f"{key}.tables", tables)
+        self.schedule = AnalysisSchedule(
+            **{**self.schedule_defaults, **schedule, **self.fixed_schedule}
+        ).checked(config_key)
+        schedule_ = self.schedule
+        self.every = schedule_.every
+        self.at_grok = schedule_.at_grok
+        self.at_end = schedule_.at_end
+        self.n_sequences = schedule_.n_sequences
+        self.subset_seed = schedule_.subset_seed
+        self.sample = schedule_.sample
+        self.eval_set = schedule_.eval_set
+        self.phase_at = schedule_.phase_at
+        self.phase_post = schedule_.phase_post
+        self.tables = schedule_.tables
 
         self.last_step: int | None = None
         self.grok_done = False

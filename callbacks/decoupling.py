@@ -39,7 +39,8 @@ the edge's own v_1 is used, bit for bit as before.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -48,7 +49,6 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from grokedge.callbacks.common import (
-    SEQUENCES,
     check_choice,
 )
 from grokedge.callbacks.gram import analysed_module
@@ -99,39 +99,27 @@ class EdgeDecouplingCallback(InterventionCallback):
     analysis = DECOUPLING
     prefix = "decouple"
 
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 100}
+
     def __init__(
         self,
         mode: str = "remove",
         at_step: int | None = None,
         after_grok: int | None = None,
-        every: int | None = 100,
-        n_sequences: int | None = 300,
-        sample: str = SEQUENCES,
-        subset_seed: int = 0,
-        eval_set: str = "test",
         block: int = -1,
         folds: int = 5,
         seed: int = 0,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
-        tables: bool = True,
         config_key: str = DECOUPLING_KEY,
+        **schedule: Any,
     ) -> None:
         super().__init__(
             at_step=at_step,
             after_grok=after_grok,
-            every=every,
-            n_sequences=n_sequences,
-            sample=sample,
-            subset_seed=subset_seed,
-            eval_set=eval_set,
             block=block,
             folds=folds,
             seed=seed,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         self.mode = check_choice(f"{config_key}.mode", mode, MODES)
         self._handles: list[RemovableHandle] = []

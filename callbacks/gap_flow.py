@@ -28,7 +28,8 @@ process nothing is communicated and the numbers are the unsharded ones bit for b
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -36,7 +37,6 @@ from torch import Tensor, nn
 
 from grokedge.analysis_log import log_table
 from grokedge.callbacks.common import (
-    SEQUENCES,
     AnalysisCallback,
     BucketedEvaluate,
     Result,
@@ -151,36 +151,25 @@ class GapFlowCallback(AnalysisCallback):
     analysis = GAP_FLOW
     needs_edge = True
 
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {
+        "every": 100,
+        "at_grok": False,
+        "n_sequences": None,
+        "eval_set": "train",
+    }
+
     def __init__(
         self,
-        every: int | None = 100,
-        at_grok: bool = False,
-        at_end: bool = False,
-        n_sequences: int | None = None,
-        sample: str = SEQUENCES,
-        subset_seed: int = 0,
-        eval_set: str = "train",
         k: int | None = None,
         hvp_dtype: str = "float32",
         driving: str = RAW,
         buckets: int = 1,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
-        tables: bool = True,
         config_key: str = GAP_FLOW_KEY,
+        **schedule: Any,
     ) -> None:
         super().__init__(
-            every=every,
-            at_grok=at_grok,
-            at_end=at_end,
-            n_sequences=n_sequences,
-            subset_seed=subset_seed,
-            sample=sample,
-            eval_set=eval_set,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         key = config_key
         self.k = check_optional_int(f"{key}.k", k, 1)

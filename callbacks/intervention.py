@@ -8,7 +8,8 @@ the paper's weight-decay experiment (docs/theory.md §3, experiment 6) on a cade
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 from torch import nn
@@ -111,35 +112,23 @@ class InterventionCallback(AnalysisCallback):
     prefix = "intervention"
     requires = (TRACE,)
 
+    fixed_schedule: ClassVar[Mapping[str, Any]] = {"at_grok": False, "at_end": False}
+    """Triggered by ``at_step`` / ``after_grok``, not by the grok step or the end."""
+
     def __init__(
         self,
         *,
         at_step: int | None,
         after_grok: int | None,
-        every: int | None,
-        n_sequences: int | None,
-        sample: str,
-        subset_seed: int,
-        eval_set: str,
         block: int,
         folds: int,
         seed: int,
-        phase_at: int | None,
-        phase_post: int | None,
-        tables: bool,
         config_key: str,
+        **schedule: Any,
     ) -> None:
         super().__init__(
-            every=every,
-            at_grok=False,
-            n_sequences=n_sequences,
-            subset_seed=subset_seed,
-            sample=sample,
-            eval_set=eval_set,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         key = config_key
         self.at_step = check_optional_int(f"{key}.at_step", at_step, 0)

@@ -26,14 +26,14 @@ The pure math lives in :mod:`grokedge.spectral.perturbation` and
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
 from grokedge.callbacks.common import (
     DEFAULT_BUCKETS,
-    SEQUENCES,
     AnalysisCallback,
     BucketedEvaluate,
     Result,
@@ -101,15 +101,10 @@ class PerturbationCallback(AnalysisCallback):
     analysis = PERTURBATION
     needs_edge = True
 
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 2000, "n_sequences": 200}
+
     def __init__(
         self,
-        every: int | None = 2000,
-        at_grok: bool = True,
-        at_end: bool = False,
-        n_sequences: int | None = 200,
-        sample: str = SEQUENCES,
-        subset_seed: int = 0,
-        eval_set: str = "test",
         n_directions: int = 4,
         grid_points: int = 25,
         max_eps: float = 0.03,
@@ -118,23 +113,12 @@ class PerturbationCallback(AnalysisCallback):
         fd_dtype: str = "float32",
         hvp_dtype: str = "float32",
         buckets: int = DEFAULT_BUCKETS,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
-        tables: bool = True,
         config_key: str = PERTURBATION_KEY,
+        **schedule: Any,
     ) -> None:
         super().__init__(
-            every=every,
-            at_grok=at_grok,
-            at_end=at_end,
-            n_sequences=n_sequences,
-            subset_seed=subset_seed,
-            sample=sample,
-            eval_set=eval_set,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         key = config_key
         self.n_directions = check_int(f"{key}.n_directions", n_directions, 1)

@@ -19,13 +19,13 @@ in :mod:`grokedge.spectral.probes`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 
 from grokedge.callbacks.common import (
-    SEQUENCES,
     AnalysisCallback,
     Result,
     check_block,
@@ -102,15 +102,10 @@ class ProbeCallback(AnalysisCallback):
     needs_edge = False
     requires = (TRACE,)
 
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {"at_end": True}
+
     def __init__(
         self,
-        every: int | None = None,
-        at_grok: bool = True,
-        at_end: bool = True,
-        n_sequences: int | None = 300,
-        sample: str = SEQUENCES,
-        subset_seed: int = 0,
-        eval_set: str = "test",
         block: int = -1,
         kinds: Sequence[str] = PROBE_KINDS,
         targets: Sequence[str] | None = None,
@@ -119,23 +114,12 @@ class ProbeCallback(AnalysisCallback):
         seed: int = 0,
         mlp_max_iter: int = 200,
         quadratic_interaction_only: bool = False,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
-        tables: bool = True,
         config_key: str = PROBE_KEY,
+        **schedule: Any,
     ) -> None:
         super().__init__(
-            every=every,
-            at_grok=at_grok,
-            at_end=at_end,
-            n_sequences=n_sequences,
-            subset_seed=subset_seed,
-            sample=sample,
-            eval_set=eval_set,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         key = config_key
         if isinstance(block, bool) or not isinstance(block, int):

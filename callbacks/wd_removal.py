@@ -14,10 +14,12 @@ delta after the removal is exactly zero for ω = 0).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import lightning as L
 
 from grokedge.callbacks.common import (
-    SEQUENCES,
     check_bool,
     check_float,
 )
@@ -63,40 +65,28 @@ class WDRemovalCallback(InterventionCallback):
     analysis = WD_REMOVAL
     prefix = "wd"
 
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 100}
+
     def __init__(
         self,
         at_step: int | None = None,
         after_grok: int | None = None,
         weight_decay_after: float = 0.0,
         reset_state: bool = False,
-        every: int | None = 100,
-        n_sequences: int | None = 300,
-        sample: str = SEQUENCES,
-        subset_seed: int = 0,
-        eval_set: str = "test",
         block: int = -1,
         folds: int = 5,
         seed: int = 0,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
-        tables: bool = True,
         config_key: str = WD_REMOVAL_KEY,
+        **schedule: Any,
     ) -> None:
         super().__init__(
             at_step=at_step,
             after_grok=after_grok,
-            every=every,
-            n_sequences=n_sequences,
-            sample=sample,
-            subset_seed=subset_seed,
-            eval_set=eval_set,
             block=block,
             folds=folds,
             seed=seed,
-            phase_at=phase_at,
-            phase_post=phase_post,
-            tables=tables,
             config_key=config_key,
+            **schedule,
         )
         self.weight_decay_after = check_float(
             f"{config_key}.weight_decay_after", weight_decay_after, 0.0
