@@ -53,7 +53,7 @@ from grokedge.callbacks.common import (
 )
 from grokedge.callbacks.gram import analysed_module
 from grokedge.callbacks.intervention import InterventionCallback
-from grokedge.spectral import EdgeState
+from grokedge.spectral import EdgeState, optimizer_holding
 
 DECOUPLING_KEY = "callbacks.decoupling"
 DECOUPLING = "decoupling"
@@ -151,10 +151,10 @@ class EdgeDecouplingCallback(InterventionCallback):
         assert self.selector is not None
         net = analysed_module(pl_module)
         first = self.selector.named(net)[0][1]
-        for optimizer in trainer.optimizers:
-            if any(p is first for g in optimizer.param_groups for p in g["params"]):
-                self.attach(net, optimizer)
-                return
+        found = optimizer_holding(trainer.optimizers, first)
+        if found is not None:
+            self.attach(net, found[0])
+            return
         raise ValueError(f"{self.config_key}: no optimizer holds the selected parameters")
 
     def attach(self, model: nn.Module, optimizer: Optimizer) -> None:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from grokedge.analysis_log import log_table
 from grokedge.callbacks.common import (
@@ -46,7 +46,7 @@ from grokedge.callbacks.common import (
     log_now,
 )
 from grokedge.callbacks.gram import analysed_module, log_scalars
-from grokedge.spectral import EdgeState, ParameterSelector, kstar_ratio
+from grokedge.spectral import EdgeState, kstar_ratio, optimizer_holding
 from grokedge.spectral.gap_flow import (
     gap_flow_at,
     mode_coefficients,
@@ -88,18 +88,6 @@ TERM_METRICS = {  # GapFlowTerms field -> gapflow/* metric
 
 RAW, EFFECTIVE = "raw", "effective"
 DRIVINGS = (RAW, EFFECTIVE)
-
-
-def optimizer_group_of(
-    trainer: L.Trainer, net: nn.Module, selector: ParameterSelector
-) -> dict[str, Any] | None:
-    """The optimizer param group holding the first selected parameter (its lr, ω), or None."""
-    first = dict(net.named_parameters())[selector.names[0]]
-    for optimizer in trainer.optimizers:
-        for group in optimizer.param_groups:
-            if any(p is first for p in group["params"]):
-                return group
-    return None
 
 
 class GapFlowCallback(AnalysisCallback):
@@ -240,7 +228,10 @@ class GapFlowCallback(AnalysisCallback):
         assert self.gram.selector is not None
         edge, selector = self.gram.edge, self.gram.selector
         net = analysed_module(pl_module)
-        group = optimizer_group_of(trainer, net, selector)
+        found = optimizer_holding(
+            trainer.optimizers, dict(net.named_parameters())[selector.names[0]]
+        )
+        group = found[1] if found is not None else None
         lr = float(group["lr"]) if group is not None else math.nan
         wd = float(group.get("weight_decay", 0.0)) if group is not None else math.nan
         batch = self.subset(trainer, pl_module)

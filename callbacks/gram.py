@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
-from grokedge.spectral import EdgeState, ParameterSelector
+from grokedge.spectral import EdgeState, ParameterSelector, optimizer_holding
 from grokedge.spectral.edge_definitions import NORMALIZED, check_definition
 from grokedge.spectral.recorder import (
     BUFFER_DTYPES,
@@ -267,9 +267,9 @@ class GramCallback(Callback):
     def _optimizer_for(self, trainer: L.Trainer, model: nn.Module) -> Optimizer:
         assert self.selector is not None
         first = dict(model.named_parameters())[self.selector.names[0]]
-        for optimizer in trainer.optimizers:
-            if any(p is first for g in optimizer.param_groups for p in g["params"]):
-                return optimizer
+        found = optimizer_holding(trainer.optimizers, first)
+        if found is not None:
+            return found[0]
         raise ValueError(f"{self.config_key}.select: no optimizer holds {self.selector.names[0]!r}")
 
     def attach(self, model: nn.Module, optimizer: Optimizer, step: int = 0) -> None:

@@ -103,6 +103,7 @@ from grokedge.spectral.recorder import DeltaRecorder
 from grokedge.spectral.selection import (
     ParameterSelector,
     Segment,
+    optimizer_holding,
     slice_bounds,
     slice_segments,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "EdgeState",
     "FlatEvaluate",
     "ParameterSelector",
+    "optimizer_holding",
     "ProbeConfig",
     "ProbeData",
     "ProbeScore",

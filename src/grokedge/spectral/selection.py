@@ -15,9 +15,11 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 SELECT_KEY = "callbacks.gram.select"
 """Config key of the selector, named in error messages."""
@@ -227,3 +229,16 @@ class ParameterSelector:
         params = dict(_named_tensors(source))
         params.update(self.unflatten(vec))
         return params
+
+
+def optimizer_holding(
+    optimizers: Iterable[Optimizer], param: Tensor
+) -> tuple[Optimizer, dict[str, Any]] | None:
+    """The first of ``optimizers`` holding ``param`` (by identity) and its param group
+    (lr, weight decay), or None when none holds it. The callbacks (Gram, gap flow,
+    decoupling) find their optimizer by the first selected parameter with this."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if any(p is param for p in group["params"]):
+                return optimizer, group
+    return None
