@@ -43,14 +43,13 @@ import torch
 
 from grokedge.batch import IGNORE_INDEX
 from grokedge.callbacks.common import (
-    DEFAULT_BUCKETS,
     AnalysisCallback,
-    BucketedEvaluate,
     Result,
     check_int,
     edge_basis,
 )
 from grokedge.callbacks.gram import analysed_module
+from grokedge.spectral.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
 from grokedge.spectral.sharding import (
     Shard,
     sharded_ablation_experiment,
@@ -102,7 +101,7 @@ class AblationCallback(AnalysisCallback):
         at_grok: also analyse once when the grok step is detected.
         at_end: also analyse once on the final weights.
         n_sequences: test sequences in the fixed evaluation subset (the paper: 300); None:
-            the whole set. See :func:`grokedge.callbacks.common.fixed_subset`.
+            the whole set. See :func:`grokedge.tasks.subsets.fixed_subset`.
         sample: ``sequences`` (n original sequences, deduplicated with their counts as
             weights) or ``rows`` (n distinct rows keeping their full-set weights).
         subset_seed: seed of the subset draw.

@@ -1,9 +1,9 @@
 """Shared plumbing of the causal-analysis callbacks (ablation, perturbation, probes, ...).
 
 - argument checks whose errors name the config key, the value and what is allowed;
-- :func:`fixed_subset`: a fixed, seeded evaluation subset of a task's test set as one
-  batch (deduplicated rows keep exact multiplicities);
-- :class:`BucketedEvaluate`: the functional evaluation of that batch in length buckets;
+- the fixed, seeded evaluation subset of a task's test set as one batch
+  (:func:`grokedge.tasks.subsets.fixed_subset`), evaluated in length buckets
+  (:class:`grokedge.spectral.perturbation.BucketedEvaluate`);
 - :class:`AnalysisCallback`: cadence (every N optimizer steps, once when the grok step
   is detected, once at the end), phases relative to the run's grok step,
   ``analyses.jsonl`` rows and their relabelling, timing, evaluation mode, the global
@@ -32,13 +32,12 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from grokedge.analysis_log import AnalysisLog, Phases, log_table
-from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.batch import Batch
 from grokedge.callbacks.gram import GramCallback, analysed_module, find_gram_callback
 from grokedge.functional import (
     EVALUATE,
@@ -48,14 +47,9 @@ from grokedge.functional import (
     check_trace,
     input_keys_of,
 )
-from grokedge.spectral import (
-    ParameterSelector,
-    flat_evaluator,
-)
+from grokedge.spectral.perturbation import UNALIGNED_KEYS
 from grokedge.spectral.probes import ProbeData, hidden_states_and_targets, row_strings
-
-SEQUENCES, ROWS = "sequences", "rows"
-SAMPLE_UNITS = (SEQUENCES, ROWS)
+from grokedge.tasks.subsets import SAMPLE_UNITS, SEQUENCES, fixed_subset, loader_batches
 
 CADENCE, GROK, END = "cadence", "grok", "end"
 """What triggered an analysis call (the ``trigger`` field of its rows)."""
@@ -154,7 +148,7 @@ class AnalysisSchedule:
     ``every``: optimizer steps between calls (None: none on a cadence); ``at_grok`` /
     ``at_end``: once when the grok step is detected / on the final weights;
     ``n_sequences``, ``sample``, ``subset_seed``, ``eval_set``: the fixed evaluation subset
-    (:func:`fixed_subset`); ``phase_at``, ``phase_post``: phase widths
+    (:func:`grokedge.tasks.subsets.fixed_subset`); ``phase_at``, ``phase_post``: phase widths
     around the grok step (None: from the Gram interval); ``tables``: W&B tables per call.
     """
 
@@ -221,117 +215,7 @@ def preserved_random_state(device: torch.device | None = None) -> Iterator[None]
         random.setstate(py_state)
 
 
-# --------------------------------------------------------------------------- subsets
-
-
-def _rows_of(batches: Iterable[Batch]) -> tuple[list[Batch], list[tuple[int, int]], Tensor]:
-    kept, where, weights = [], [], []
-    for b, batch in enumerate(batches):
-        batch = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
-        kept.append(batch)
-        n = batch["labels"].shape[0]
-        w = batch.get("weight")
-        w = torch.ones(n) if w is None else w.detach().to("cpu", torch.float64)
-        where += [(b, r) for r in range(n)]
-        weights.append(w.to(torch.float64))
-    return kept, where, torch.cat(weights) if weights else torch.zeros(0, dtype=torch.float64)
-
-
-def fixed_subset(
-    batches: Iterable[Batch],
-    n: int | None,
-    seed: int,
-    unit: str = SEQUENCES,
-    pad_id: int = 0,
-) -> Batch:
-    """A fixed, seeded evaluation subset of a set of batches, merged into one batch.
-
-    Evaluation batches may hold *deduplicated* rows: a row of ``weight`` w stands for w
-    identical sequences (Dyck's 5,000 test sequences are ~2,200 rows). Two ways to draw:
-
-    - ``unit="sequences"`` (default): ``n`` of the *original* sequences (Σ weight of them)
-      without replacement, deduplicated again: each drawn row gets as weight the number of
-      its copies drawn. This is "n test sequences" as the paper evaluates them, at the
-      cost of the distinct rows only. Needs integral weights (else rows are drawn);
-    - ``unit="rows"``: ``n`` distinct rows, each keeping its full-set multiplicity as
-      weight (a weighted subset of the whole set's distribution).
-
-    ``n=None`` or ``n`` at least the set's size: the whole set, weights unchanged. The draw
-    uses its own CPU generator seeded ``seed`` (no global random state is touched).
-    Rows are ordered by labelled length (stable; see :class:`BucketedEvaluate`); tensors
-    of rank >= 2 are right-padded to the widest batch (``labels`` with ``IGNORE_INDEX``,
-    the others with ``pad_id``, the task's padding id: right padding never changes a real
-    position of a causal encoder or decoder, and the seq2seq encoder masks ``pad_id``).
-
-    Returns:
-        One batch: every key of the input batches, ``weight`` [B] float32.
-    """
-    kept, where, weights = _rows_of(batches)
-    if not where:
-        raise ValueError("the evaluation set has no rows")
-    generator = torch.Generator().manual_seed(int(seed))
-    total_rows = len(where)
-    integral = bool(torch.all(weights == weights.round())) and bool(torch.all(weights >= 0))
-    if n is None:
-        chosen, new_weight = torch.arange(total_rows), weights
-    elif unit == SEQUENCES and integral:
-        counts = weights.round().long()
-        total = int(counts.sum())
-        if n >= total:
-            chosen, new_weight = torch.arange(total_rows), weights
-        else:
-            owner = torch.repeat_interleave(torch.arange(total_rows), counts)
-            drawn = owner[torch.randperm(total, generator=generator)[:n]]
-            per_row = torch.bincount(drawn, minlength=total_rows)
-            chosen = per_row.nonzero().squeeze(1)
-            new_weight = per_row[chosen].to(torch.float64)
-    else:
-        if n >= total_rows:
-            chosen, new_weight = torch.arange(total_rows), weights
-        else:
-            chosen = torch.randperm(total_rows, generator=generator)[:n].sort().values
-            new_weight = weights[chosen]
-
-    picked = [where[i] for i in chosen.tolist()]
-    # Rows by labelled length (stable): length buckets are then contiguous row ranges.
-    lengths = [_labelled_length(kept[b]["labels"][r]) for b, r in picked]
-    order = sorted(range(len(picked)), key=lambda i: lengths[i])
-    picked = [picked[i] for i in order]
-    new_weight = new_weight[torch.tensor(order, dtype=torch.long)]
-    keys = [k for k in kept[0] if all(k in b for b in kept)]
-    out: Batch = {}
-    for key in keys:
-        width = max(int(b[key].shape[1]) for b in kept) if kept[0][key].ndim >= 2 else None
-        parts = []
-        for b_idx, r in picked:
-            part = kept[b_idx][key][r : r + 1]
-            if width is not None and part.shape[1] < width:
-                fill = IGNORE_INDEX if key == "labels" else pad_id
-                pad = part.new_full((1, width - part.shape[1], *part.shape[2:]), fill)
-                part = torch.cat([part, pad], dim=1)
-            parts.append(part)
-        out[key] = torch.cat(parts)
-    out["weight"] = new_weight.to(torch.float32)
-    return out
-
-
-def _labelled_length(labels: Tensor) -> int:
-    """1 + the last labelled position of a row (0 if none)."""
-    idx = (labels != IGNORE_INDEX).nonzero()
-    return int(idx.max()) + 1 if idx.numel() else 0
-
-
-def loader_batches(loader: Any) -> list[Batch]:
-    """The batches of an evaluation loader: read from its map-style dataset of pre-built
-    batches when it has one (no iteration: a DataLoader iterator draws a seed from the
-    global random stream), else by iterating it."""
-    dataset = getattr(loader, "dataset", None)
-    if getattr(loader, "batch_size", 0) is None and hasattr(dataset, "__getitem__"):
-        try:
-            return [dataset[i] for i in range(len(dataset))]
-        except TypeError:  # not sized
-            pass
-    return list(loader)
+# --------------------------------------------------------------------------- devices
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -341,99 +225,6 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def model_inputs(model: Any, batch: Batch) -> tuple[Tensor, ...]:
     """The batch entries ``model`` takes (its ``input_keys``), in order."""
     return tuple(batch[k] for k in input_keys_of(model))
-
-
-UNALIGNED_KEYS = ("src",)
-"""Batch keys never trimmed with the labels (a seq2seq source has its own width)."""
-
-DEFAULT_BUCKETS = 4
-
-
-class BucketedEvaluate:
-    """A :data:`~grokedge.spectral.FlatEvaluate` that runs one fixed batch in length buckets.
-
-    The fixed subset is padded to its longest row; evaluating it in ``buckets`` groups of
-    consecutive rows (rows sorted by length, as :func:`fixed_subset` returns them), each
-    trimmed to its own longest row, skips most of the padding (~30 % of the tokens of a
-    300-sequence Dyck subset). Right padding never changes a real position (causal model),
-    and the bucket results are combined with the same token weights as
-    ``TokenStats.mean_loss`` / ``accuracy``, so loss and accuracy equal those of the whole
-    batch up to float summation order; the logits come back [B, T, C] in the batch's
-    layout (zeros past each bucket's width, where no label is). Called with any other
-    batch it is the plain ``flat_evaluator``.
-
-    Args:
-        evaluate_params, selector, params, dtype: as ``flat_evaluator``.
-        batch: the fixed batch (compared by identity at each call).
-        buckets: number of row groups (1: no bucketing).
-    """
-
-    def __init__(
-        self,
-        evaluate_params: Any,
-        selector: ParameterSelector,
-        params: Any,
-        batch: Batch,
-        buckets: int = DEFAULT_BUCKETS,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        self.inner = flat_evaluator(evaluate_params, selector, params, dtype)
-        self.batch = batch
-        labels = batch["labels"]
-        rows, width = labels.shape
-        lengths = [_labelled_length(row) for row in labels]
-        if any(a > b for a, b in zip(lengths, lengths[1:], strict=False)):
-            buckets = 1  # not sorted by length: no contiguous buckets
-        n = max(1, min(buckets, rows))
-        bounds = sorted({round(i * rows / n) for i in range(n + 1)})
-        valid = labels != IGNORE_INDEX
-        weight = batch["weight"].to(torch.float64)
-        self.width = width
-        self.parts: list[tuple[int, int, int, Batch]] = []
-        for lo, hi in zip(bounds, bounds[1:], strict=False):
-            w = max(1, max(lengths[lo:hi]))
-            sub = {}
-            for key, value in batch.items():
-                aligned = value.ndim >= 2 and value.shape[1] == width
-                aligned = aligned and key not in UNALIGNED_KEYS
-                sub[key] = value[lo:hi, :w] if aligned else value[lo:hi]
-            self.parts.append((lo, hi, w, sub))
-        self._acc_weight = [
-            float((weight[lo:hi, None] * valid[lo:hi]).sum()) for lo, hi, *_ in self.parts
-        ]
-        self._loss_weight: list[float] | None = None
-
-    def _loss_weights(self, classes: int) -> list[float]:
-        if self._loss_weight is None:
-            labels = self.batch["labels"]
-            ok = (labels != IGNORE_INDEX) & (labels < classes)
-            weight = self.batch["weight"].to(torch.float64)
-            self._loss_weight = [
-                float((weight[lo:hi, None] * ok[lo:hi]).sum()) for lo, hi, *_ in self.parts
-            ]
-        return self._loss_weight
-
-    def __call__(self, flat: Tensor, batch: Batch) -> tuple[Any, Any, Tensor]:
-        if batch is not self.batch:
-            return self.inner(flat, batch)
-        results = [self.inner(flat, sub) for *_, sub in self.parts]
-        classes = results[0][2].shape[-1]
-        loss_w = self._loss_weights(classes)
-        loss = sum(r[0] * (w / sum(loss_w)) for r, w in zip(results, loss_w, strict=True) if w)
-        acc = sum(
-            r[1] * (w / sum(self._acc_weight))
-            for r, w in zip(results, self._acc_weight, strict=True)
-            if w
-        )
-        logits = torch.cat([F.pad(r[2], (0, 0, 0, self.width - r[2].shape[1])) for r in results])
-        return loss, acc, logits
-
-    def loss_fn(self) -> Any:
-        """``θ_sel [p] -> loss`` on the fixed batch (differentiable under torch.func)."""
-        return lambda flat: self(flat, self.batch)[0]
-
-
-# --------------------------------------------------------------------------- measures
 
 
 def theta_norm(params: Iterable[Tensor]) -> float:

@@ -38,7 +38,6 @@ from torch import Tensor
 from grokedge.analysis_log import log_table
 from grokedge.callbacks.common import (
     AnalysisCallback,
-    BucketedEvaluate,
     Result,
     check_choice,
     check_int,
@@ -55,6 +54,7 @@ from grokedge.spectral.gap_flow import (
     observed_rate,
     prediction_agreement,
 )
+from grokedge.spectral.perturbation import BucketedEvaluate
 
 GAP_FLOW_KEY = "callbacks.gap_flow"
 GAP_FLOW = "gap_flow"

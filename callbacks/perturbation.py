@@ -33,9 +33,7 @@ import lightning as L
 import torch
 
 from grokedge.callbacks.common import (
-    DEFAULT_BUCKETS,
     AnalysisCallback,
-    BucketedEvaluate,
     Result,
     check_choice,
     check_float,
@@ -49,6 +47,7 @@ from grokedge.spectral import (
     finite_difference_curvature,
     sweep_extremes,
 )
+from grokedge.spectral.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
 
 PERTURBATION_KEY = "callbacks.perturbation"
 PERTURBATION = "perturbation"

@@ -35,14 +35,15 @@ from grokedge.callbacks import (
     WDRemovalCallback,
     find_gram_callback,
 )
-from grokedge.callbacks.common import BucketedEvaluate, fixed_subset
 from grokedge.callbacks.gram import analysed_module
 from grokedge.config_checks import ConfigError
 from grokedge.models import CausalTransformer
 from grokedge.module import GrokModule
 from grokedge.run_files import metrics_by_step
 from grokedge.spectral import ParameterSelector, flat_evaluator
+from grokedge.spectral.perturbation import BucketedEvaluate
 from grokedge.tasks.dyck import DyckDataModule
+from grokedge.tasks.subsets import fixed_subset
 from grokedge.train import Run, build, compose, fit
 
 INTERVAL = 10

@@ -24,7 +24,6 @@ from torch import nn
 from grokedge.adapters import FunctionalAdapter
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import AblationCallback, GramCallback, ProbeCallback, WDRemovalCallback
-from grokedge.callbacks.common import fixed_subset, loader_batches
 from grokedge.functional import (
     EvalResult,
     FunctionalModel,
@@ -37,6 +36,7 @@ from grokedge.models import CausalTransformer
 from grokedge.module import GrokModule
 from grokedge.run_files import read_metrics
 from grokedge.tasks.dyck import DyckDataModule
+from grokedge.tasks.subsets import fixed_subset, loader_batches
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 30

@@ -1,5 +1,5 @@
-"""The batch contract's two names, in one module with no Lightning: ``Batch`` and
-``IGNORE_INDEX``.
+"""The batch contract's names, in one module with no Lightning: ``Batch``,
+``IGNORE_INDEX`` and ``labelled_length``.
 
 A batch maps names to tensors (``tokens``/``labels``, or ``src``/``tgt_in``/``labels``,
 plus ``weight`` and optional row masks; ``grokedge.tasks.base`` describes each key).
@@ -18,3 +18,9 @@ Batch = dict[str, Tensor]
 IGNORE_INDEX = -100
 """Label value that the loss and every metric skip (padding, unlabelled positions);
 torch's default ``ignore_index``."""
+
+
+def labelled_length(labels: Tensor) -> int:
+    """1 + the last labelled position of a row of ``labels`` (0 if none)."""
+    idx = (labels != IGNORE_INDEX).nonzero()
+    return int(idx.max()) + 1 if idx.numel() else 0

@@ -75,6 +75,7 @@ from grokedge.spectral.geometry import (
     window_shift_grams,
 )
 from grokedge.spectral.perturbation import (
+    BucketedEvaluate,
     FlatEvaluate,
     epsilon_grid,
     epsilon_sweep,
@@ -115,6 +116,7 @@ __all__ = [
     "DeltaRecorder",
     "DeltaSource",
     "EdgeState",
+    "BucketedEvaluate",
     "FlatEvaluate",
     "ParameterSelector",
     "optimizer_holding",

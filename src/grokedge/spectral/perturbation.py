@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.batch import IGNORE_INDEX, Batch, labelled_length
 from grokedge.spectral.selection import ParameterSelector
 
 FlatEvaluate = Callable[[Tensor, Batch], tuple[Any, Any, Tensor]]
@@ -168,3 +168,97 @@ def sweep_extremes(rows: Sequence[Mapping[str, float]]) -> dict[int, dict[str, f
         cur["max_abs_delta_loss"] = max(cur["max_abs_delta_loss"], abs(row["delta_loss"]))
         cur["max_abs_delta_acc"] = max(cur["max_abs_delta_acc"], abs(row["delta_acc"]))
     return out
+
+
+UNALIGNED_KEYS = ("src",)
+"""Batch keys never trimmed with the labels (a seq2seq source has its own width)."""
+
+DEFAULT_BUCKETS = 4
+
+
+class BucketedEvaluate:
+    """A :data:`~grokedge.spectral.FlatEvaluate` that runs one fixed batch in length buckets.
+
+    The fixed subset is padded to its longest row; evaluating it in ``buckets`` groups of
+    consecutive rows (rows sorted by length, as :func:`grokedge.tasks.subsets.fixed_subset` returns
+    them), each
+    trimmed to its own longest row, skips most of the padding (~30 % of the tokens of a
+    300-sequence Dyck subset). Right padding never changes a real position (causal model),
+    and the bucket results are combined with the same token weights as
+    ``TokenStats.mean_loss`` / ``accuracy``, so loss and accuracy equal those of the whole
+    batch up to float summation order; the logits come back [B, T, C] in the batch's
+    layout (zeros past each bucket's width, where no label is). Called with any other
+    batch it is the plain ``flat_evaluator``.
+
+    Args:
+        evaluate_params, selector, params, dtype: as ``flat_evaluator``.
+        batch: the fixed batch (compared by identity at each call).
+        buckets: number of row groups (1: no bucketing).
+    """
+
+    def __init__(
+        self,
+        evaluate_params: Any,
+        selector: ParameterSelector,
+        params: Any,
+        batch: Batch,
+        buckets: int = DEFAULT_BUCKETS,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.inner = flat_evaluator(evaluate_params, selector, params, dtype)
+        self.batch = batch
+        labels = batch["labels"]
+        rows, width = labels.shape
+        lengths = [labelled_length(row) for row in labels]
+        if any(a > b for a, b in zip(lengths, lengths[1:], strict=False)):
+            buckets = 1  # not sorted by length: no contiguous buckets
+        n = max(1, min(buckets, rows))
+        bounds = sorted({round(i * rows / n) for i in range(n + 1)})
+        valid = labels != IGNORE_INDEX
+        weight = batch["weight"].to(torch.float64)
+        self.width = width
+        self.parts: list[tuple[int, int, int, Batch]] = []
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            w = max(1, max(lengths[lo:hi]))
+            sub = {}
+            for key, value in batch.items():
+                aligned = value.ndim >= 2 and value.shape[1] == width
+                aligned = aligned and key not in UNALIGNED_KEYS
+                sub[key] = value[lo:hi, :w] if aligned else value[lo:hi]
+            self.parts.append((lo, hi, w, sub))
+        self._acc_weight = [
+            float((weight[lo:hi, None] * valid[lo:hi]).sum()) for lo, hi, *_ in self.parts
+        ]
+        self._loss_weight: list[float] | None = None
+
+    def _loss_weights(self, classes: int) -> list[float]:
+        if self._loss_weight is None:
+            labels = self.batch["labels"]
+            ok = (labels != IGNORE_INDEX) & (labels < classes)
+            weight = self.batch["weight"].to(torch.float64)
+            self._loss_weight = [
+                float((weight[lo:hi, None] * ok[lo:hi]).sum()) for lo, hi, *_ in self.parts
+            ]
+        return self._loss_weight
+
+    def __call__(self, flat: Tensor, batch: Batch) -> tuple[Any, Any, Tensor]:
+        if batch is not self.batch:
+            return self.inner(flat, batch)
+        results = [self.inner(flat, sub) for *_, sub in self.parts]
+        classes = results[0][2].shape[-1]
+        loss_w = self._loss_weights(classes)
+        loss = sum(r[0] * (w / sum(loss_w)) for r, w in zip(results, loss_w, strict=True) if w)
+        acc = sum(
+            r[1] * (w / sum(self._acc_weight))
+            for r, w in zip(results, self._acc_weight, strict=True)
+            if w
+        )
+        logits = torch.cat([F.pad(r[2], (0, 0, 0, self.width - r[2].shape[1])) for r in results])
+        return loss, acc, logits
+
+    def loss_fn(self) -> Any:
+        """``θ_sel [p] -> loss`` on the fixed batch (differentiable under torch.func)."""
+        return lambda flat: self(flat, self.batch)[0]
+
+
+# --------------------------------------------------------------------------- measures
