@@ -104,23 +104,12 @@ class EdgeDecouplingCallback(InterventionCallback):
     def __init__(
         self,
         mode: str = "remove",
-        at_step: int | None = None,
-        after_grok: int | None = None,
-        block: int = -1,
-        folds: int = 5,
-        seed: int = 0,
         config_key: str = DECOUPLING_KEY,
-        **schedule: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            at_step=at_step,
-            after_grok=after_grok,
-            block=block,
-            folds=folds,
-            seed=seed,
-            config_key=config_key,
-            **schedule,
-        )
+        # options: the trigger (at_step, after_grok), block, folds, seed (as
+        # InterventionCallback) and the AnalysisSchedule keys.
+        super().__init__(config_key=config_key, **options)
         self.mode = check_choice(f"{config_key}.mode", mode, MODES)
         self._handles: list[RemovableHandle] = []
         self._params: list[Tensor] = []

@@ -118,11 +118,11 @@ class InterventionCallback(AnalysisCallback):
     def __init__(
         self,
         *,
-        at_step: int | None,
-        after_grok: int | None,
-        block: int,
-        folds: int,
-        seed: int,
+        at_step: int | None = None,
+        after_grok: int | None = None,
+        block: int = -1,
+        folds: int = 5,
+        seed: int = 0,
         config_key: str,
         **schedule: Any,
     ) -> None:

@@ -69,25 +69,14 @@ class WDRemovalCallback(InterventionCallback):
 
     def __init__(
         self,
-        at_step: int | None = None,
-        after_grok: int | None = None,
         weight_decay_after: float = 0.0,
         reset_state: bool = False,
-        block: int = -1,
-        folds: int = 5,
-        seed: int = 0,
         config_key: str = WD_REMOVAL_KEY,
-        **schedule: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            at_step=at_step,
-            after_grok=after_grok,
-            block=block,
-            folds=folds,
-            seed=seed,
-            config_key=config_key,
-            **schedule,
-        )
+        # options: the trigger (at_step, after_grok), block, folds, seed (as
+        # InterventionCallback) and the AnalysisSchedule keys.
+        super().__init__(config_key=config_key, **options)
         self.weight_decay_after = check_float(
             f"{config_key}.weight_decay_after", weight_decay_after, 0.0
         )
