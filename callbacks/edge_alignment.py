@@ -13,7 +13,8 @@ it) and turns it into the paper's read-outs (docs/theory.md §1, experiment 1) t
   (``edge/flip_step``) and where the alignment on v_1 is positive (``edge/align_step``),
   to compare with ``grok/step``, under every edge definition
   (:mod:`grokedge.spectral.edge_definitions`); the g_23 compression once the grok step is
-  known; the g_23 peak and the largest rotation of v_1;
+  known; the g_23 peak and the largest rotation of v_1 (kept, with the provenance below,
+  by :class:`grokedge.spectral.events.EdgeEvents`; this callback logs and writes them);
 - provenance: when a dominant delta (one that owns most of σ_1² of the raw window) enters
   or leaves the window, and which events coincide with it — those are flagged as window
   artifacts (``edge_summary`` row, ``edge/*_window_artifact``);
@@ -38,26 +39,13 @@ from grokedge.callbacks.gram import (
 )
 from grokedge.spectral import EdgeState
 from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
-from grokedge.spectral.provenance import DominanceTracker, coinciding
-from grokedge.spectral.readouts import (  # measure, edge_scalars: re-exported
-    definition_readouts,
-    edge_scalars,
-    measure,
-)
+from grokedge.spectral.events import DEFINITION_EVENTS, EdgeEvents
+from grokedge.spectral.readouts import edge_scalars, measure  # measure: re-exported
 
 EDGE_KEY = "callbacks.edge_alignment"
 
 DEFAULT_AT_INTERVALS = 1
 DEFAULT_POST_INTERVALS = 10
-
-FLIP_BELOW = 0.5
-"""A flip: v_1's gradient share falls below this (the weight-decay part owns the rest)."""
-
-FLIP, FLIP_LATEST, ALIGN = "flip", "flip_latest", "align"
-G23_PEAK, ROTATION_SPIKE = "g23_peak", "rotation_spike"
-DEFINITION_EVENTS = (FLIP, FLIP_LATEST, ALIGN)
-"""Events found under every edge definition; ``g23_peak`` and ``rotation_spike`` are
-found on the edge the analyses use (``callbacks.gram.edge_definition``)."""
 
 SPECTRUM, DIRECTIONS, SUMMARY = "gram_spectrum", "edge_directions", "edge_summary"
 ANALYSES = (SPECTRUM, DIRECTIONS, SUMMARY)
@@ -74,10 +62,6 @@ DIRECTION_COLUMNS = (
     "align_latest",
     "rotation_deg",
 )
-
-
-def _first_below(values: list[float], threshold: float) -> bool:
-    return bool(values) and math.isfinite(values[0]) and values[0] < threshold
 
 
 def _check_steps(key: str, value: Any) -> int | None:
@@ -163,25 +147,13 @@ class EdgeAlignmentCallback(Callback):
                 f"{config_key}.coincidence_windows={coincidence_windows!r} is not allowed: "
                 "an integer >= 0 (Gram intervals)"
             )
-        self.coincidence_windows = coincidence_windows
-        self.dominance = DominanceTracker(float(dominance_threshold))
+        # Lightning-free bookkeeping of the events (grokedge.spectral.events).
+        self.edge_events = EdgeEvents(float(dominance_threshold), coincidence_windows)
         self.phase_at = _check_steps(f"{config_key}.phase_at", phase_at)
         self.phase_post = _check_steps(f"{config_key}.phase_post", phase_post)
         if self.phase_at is not None and self.phase_post is not None:
             self._phases_or_raise(self.phase_at, self.phase_post)
         self.tables = bool(tables)
-
-        self.flip_step: int | None = None
-        self.align_step: int | None = None
-        self.g23_compression: float | None = None
-        self.g23_peak_step: int | None = None
-        self.rotation_spike: list[float] | None = None  # [step, degrees] of v_1's largest
-        # {event: {definition: first step or None}} for the DEFINITION_EVENTS
-        self.definition_steps: dict[str, dict[str, int | None]] = {
-            e: dict.fromkeys(EDGE_DEFINITIONS) for e in DEFINITION_EVENTS
-        }
-        self.windows = 0
-        self._g23_history: list[list[float]] = []  # [step, g23] up to the grok step
 
         self.gram: GramCallback | None = None
         self.phases: Phases | None = None
@@ -223,14 +195,13 @@ class EdgeAlignmentCallback(Callback):
         grok = getattr(pl_module, "grok_step", None)
         self._relabel(grok)
         step = trainer.global_step
-        late: dict[str, float] = {}
-        if self._finish_compression(grok, None):
-            late["gram/g23_compression"] = self.g23_compression
+        ev = self.edge_events
+        late = ev.finish(grok)
         # Lightning forbids self.log in on_train_end: straight to the loggers (below).
         assert self.analysis_log is not None and self.phases is not None
         assert self.gram is not None
-        events = self.events()
         main = self.gram.edge_definition
+        events = ev.events(self.gram.interval, main)
         for e in events:
             if e["definition"] == main:
                 late[f"edge/{e['event']}_window_artifact"] = float(e["window_artifact"])
@@ -243,26 +214,26 @@ class EdgeAlignmentCallback(Callback):
             step,
             self.phases.label(step, grok),
             grok,
-            flip_step=self.flip_step,
-            align_step=self.align_step,
-            g23_compression=self.g23_compression,
-            g23_peak_step=self.g23_peak_step,
-            rotation_spike_step=None if self.rotation_spike is None else self.rotation_spike[0],
-            rotation_spike_deg=None if self.rotation_spike is None else self.rotation_spike[1],
-            windows=self.windows,
+            flip_step=ev.flip_step,
+            align_step=ev.align_step,
+            g23_compression=ev.g23_compression,
+            g23_peak_step=ev.g23_peak_step,
+            rotation_spike_step=None if ev.rotation_spike is None else ev.rotation_spike[0],
+            rotation_spike_deg=None if ev.rotation_spike is None else ev.rotation_spike[1],
+            windows=ev.windows,
             phase_at=self.phases.at,
             phase_post=self.phases.post,
             edge_definition=main,
             interval=self.gram.interval,
             window=self.gram.window_size,
             start_step=self.gram.start_step,
-            dominance_threshold=self.dominance.threshold,
-            coincidence_windows=self.coincidence_windows,
+            dominance_threshold=ev.dominance.threshold,
+            coincidence_windows=ev.coincidence_windows,
             definitions={
-                name: {e: self.definition_steps[e][name] for e in DEFINITION_EVENTS}
+                name: {e: ev.definition_steps[e][name] for e in DEFINITION_EVENTS}
                 for name in EDGE_DEFINITIONS
             },
-            dominant_changes=[vars(c) for c in self.dominance.changes],
+            dominant_changes=[vars(c) for c in ev.dominance.changes],
             events=events,
         )
         if self.tables:
@@ -282,30 +253,12 @@ class EdgeAlignmentCallback(Callback):
         reduce = self.gram.reduce if sharded else None
         m = measure(state, self.gram.previous, self.gram.evicted_dot, reduce)
         spec = spectrum_row(state)
-        self.windows += 1
-
-        values = edge_scalars(m)
-        if self.flip_step is None and _first_below(m["grad_frac"], FLIP_BELOW):
-            self.flip_step = step
-            values["edge/flip_step"] = float(step)
-        if self.align_step is None and m["align"] and m["align"][0] > 0:
-            self.align_step = step
-            values["edge/align_step"] = float(step)
-        rotation = m["rotation_deg"][0] if m["rotation_deg"] else math.nan
-        if math.isfinite(rotation) and (
-            self.rotation_spike is None or rotation > self.rotation_spike[1]
-        ):
-            self.rotation_spike = [float(step), float(rotation)]
-        definitions = self._definition_events(step, values)
         provenance = self.gram.provenance
-        paper = self.gram.spectra.get("paper")
-        if provenance is not None and paper is not None:
-            self.dominance.update(step, provenance, paper.spans)
-        if self.g23_compression is None:
-            if (grok is None or step <= grok) and math.isfinite(spec["g23"]):
-                self._g23_history.append([float(step), float(spec["g23"])])
-            if self._finish_compression(grok, step):
-                values["gram/g23_compression"] = self.g23_compression
+        values = edge_scalars(m)
+        values.update(
+            self.edge_events.update(step, grok, self.gram.spectra, provenance, m, spec["g23"])
+        )
+        definitions = self.edge_events.readouts
         log_scalars(trainer, pl_module, values)
 
         self.analysis_log.write(
@@ -363,83 +316,6 @@ class EdgeAlignmentCallback(Callback):
             )
         return out
 
-    def _definition_events(self, step: int, values: dict[str, float]) -> dict[str, Any]:
-        """Read-outs of every definition's window; first flips and alignments per
-        definition into ``values`` (once each). Returns the read-outs by definition."""
-        assert self.gram is not None
-        out: dict[str, Any] = {}
-        for name, spectrum in self.gram.spectra.items():
-            if spectrum is None:
-                continue
-            r = definition_readouts(spectrum)
-            out[name] = r
-            values[f"edge/grad_frac_v1_{name}"] = r["grad_frac"][0]
-            values[f"edge/grad_frac_latest_v1_{name}"] = r["grad_frac_latest"][0]
-            fired = {
-                FLIP: _first_below(r["grad_frac"], FLIP_BELOW),
-                FLIP_LATEST: _first_below(r["grad_frac_latest"], FLIP_BELOW),
-                ALIGN: bool(r["align"]) and r["align"][0] > 0,
-            }
-            for event, now in fired.items():
-                if now and self.definition_steps[event].get(name) is None:
-                    self.definition_steps[event][name] = step
-                    values[f"edge/{event}_step_{name}"] = float(step)
-        return out
-
-    def events(self) -> list[dict[str, Any]]:
-        """Every event found so far with the dominant-delta changes it coincides with.
-
-        Each: ``event``, ``definition``, ``step``, ``coinciding`` (the changes within
-        ``coincidence_windows`` Gram intervals: step, kind, begin, end, share) and
-        ``window_artifact`` (True when there is one)."""
-        assert self.gram is not None
-        tolerance = self.coincidence_windows * self.gram.interval
-        found: list[tuple[str, str, int]] = [
-            (event, name, step)
-            for event, steps in self.definition_steps.items()
-            for name, step in steps.items()
-            if step is not None
-        ]
-        main = self.gram.edge_definition
-        if self.g23_peak_step is not None:
-            found.append((G23_PEAK, main, self.g23_peak_step))
-        if self.rotation_spike is not None:
-            found.append((ROTATION_SPIKE, main, int(self.rotation_spike[0])))
-        out = []
-        for event, name, step in found:
-            hits = coinciding(step, self.dominance.changes, tolerance)
-            out.append(
-                {
-                    "event": event,
-                    "definition": name,
-                    "step": step,
-                    "coinciding": [vars(c) for c in hits],
-                    "window_artifact": bool(hits),
-                }
-            )
-        return out
-
-    # -------------------------------------------------------------------- bookkeeping
-
-    def _finish_compression(self, grok: int | None, newest_step: int | None) -> bool:
-        """Compute the g_23 compression once the grok step is known and a window past it
-        exists (``newest_step`` > grok) or training ends (``newest_step=None``); True when
-        it was computed now."""
-        if self.g23_compression is not None or grok is None:
-            return False
-        if newest_step is not None and newest_step <= grok:
-            return False
-        upto = [(s, v) for s, v in self._g23_history if s <= grok and math.isfinite(v)]
-        self._g23_history = []
-        if not upto:
-            self.g23_compression = math.nan
-            return False
-        at_grok = upto[-1][1]
-        peak_step, peak = max(upto, key=lambda r: r[1])
-        self.g23_peak_step = int(peak_step)
-        self.g23_compression = peak / at_grok if at_grok > 0 else math.inf
-        return True
-
     def _relabel(self, grok: int | None) -> None:
         if grok is None or self._relabelled_for == grok or self.analysis_log is None:
             return
@@ -462,30 +338,7 @@ class EdgeAlignmentCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Primitives only (``torch.load(weights_only=True)`` safe)."""
-        return {
-            "flip_step": self.flip_step,
-            "align_step": self.align_step,
-            "g23_compression": self.g23_compression,
-            "g23_history": [list(r) for r in self._g23_history],
-            "g23_peak_step": self.g23_peak_step,
-            "rotation_spike": self.rotation_spike,
-            "definition_steps": {e: dict(d) for e, d in self.definition_steps.items()},
-            "dominance": self.dominance.state_dict(),
-            "windows": self.windows,
-        }
+        return self.edge_events.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        self.flip_step = state_dict["flip_step"]
-        self.align_step = state_dict["align_step"]
-        self.g23_compression = state_dict["g23_compression"]
-        self._g23_history = [list(r) for r in state_dict["g23_history"]]
-        self.windows = int(state_dict["windows"])
-        # Absent in checkpoints written before provenance: start those empty.
-        self.g23_peak_step = state_dict.get("g23_peak_step")
-        self.rotation_spike = state_dict.get("rotation_spike")
-        for event, steps in state_dict.get("definition_steps", {}).items():
-            self.definition_steps[event].update(steps)
-        if "dominance" in state_dict:
-            self.dominance.load_state_dict(state_dict["dominance"])
+        self.edge_events.load_state_dict(state_dict)

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         f"grok step {grok}, {summary['steps']} steps, {len(probe.rows)} windows, "
         f"{wall:.0f} s; phases: at = grok ± {phases.at}, post up to grok + {phases.post}"
     )
-    print(f"flip step {edge_cb.flip_step}, align step {edge_cb.align_step}\n")
+    events = edge_cb.edge_events
+    print(f"flip step {events.flip_step}, align step {events.align_step}\n")
     print(summarise(probe.rows, phases, grok))
     print("\nper window (step: exact -> trapezoid v_1 grad share):")
     print(

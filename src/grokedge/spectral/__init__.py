@@ -51,6 +51,7 @@ from grokedge.spectral.edge_definitions import (
     definition_rows,
     definition_spectrum,
 )
+from grokedge.spectral.events import EdgeEvents
 from grokedge.spectral.geometry import (
     davis_kahan_bound,
     davis_kahan_gap,
@@ -116,6 +117,7 @@ __all__ = [
     "DeltaRecorder",
     "DeltaSource",
     "EdgeState",
+    "EdgeEvents",
     "BucketedEvaluate",
     "FlatEvaluate",
     "ParameterSelector",
