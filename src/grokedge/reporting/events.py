@@ -31,10 +31,12 @@ import yaml
 
 from grokedge.reporting.discover import Collection, RunData
 from grokedge.reporting.tables import Table, fmt
+from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
+from grokedge.spectral.events import DEFINITION_EVENTS
 
 SUMMARY = "edge_summary"
-DEFINITIONS = ("paper", "burn_in", "normalized")
-TIMED_EVENTS = ("flip", "flip_latest", "align")
+DEFINITIONS = EDGE_DEFINITIONS
+TIMED_EVENTS = DEFINITION_EVENTS
 
 TRACKS_GROKKING = "tracks grokking"
 TRACKS_WINDOW = "tracks the window"

@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from grokedge.spectral.edge import WindowSpectrum
-from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
+from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS, PAPER
 from grokedge.spectral.provenance import DominanceTracker, WindowProvenance, coinciding
 from grokedge.spectral.readouts import definition_readouts
 
@@ -130,7 +130,7 @@ class EdgeEvents:
         ):
             self.rotation_spike = [float(step), float(rotation)]
         self.readouts = self._definition_events(step, spectra, values)
-        paper = spectra.get("paper")
+        paper = spectra.get(PAPER)
         if provenance is not None and paper is not None:
             self.dominance.update(step, provenance, paper.spans)
         if self.g23_compression is None:
@@ -169,7 +169,7 @@ class EdgeEvents:
                     values[f"edge/{event}_step_{name}"] = float(step)
         return out
 
-    def events(self, interval: int, definition: str = "paper") -> list[dict[str, Any]]:
+    def events(self, interval: int, definition: str = PAPER) -> list[dict[str, Any]]:
         """Every event found so far with the dominant-delta changes it coincides with.
 
         Args:

@@ -67,6 +67,14 @@ class WindowProvenance:
         return asdict(self)
 
 
+def sigma1_shares(spectrum: WindowSpectrum) -> list[float] | None:
+    """[W'] u_1[i]², each delta's share of σ_1² (sum 1); ``None`` when σ_1 = 0 (no edge
+    to share, including an empty window)."""
+    if not spectrum.count or float(spectrum.sigma[0]) <= 0:
+        return None
+    return (spectrum.eigvecs[:, 0] ** 2).tolist()
+
+
 def window_provenance(spectrum: WindowSpectrum, burn_in_step: int = 0) -> WindowProvenance:
     """The provenance of a window from its spectrum (W×W algebra; spans from the window).
 
@@ -77,8 +85,7 @@ def window_provenance(spectrum: WindowSpectrum, burn_in_step: int = 0) -> Window
     n = spectrum.count
     spans = spectrum.spans if len(spectrum.spans) == n else [(-1, -1)] * n
     sigma1 = float(spectrum.sigma[0]) if n else 0.0
-    u1 = spectrum.eigvecs[:, 0] if n else spectrum.sigma.new_zeros(0)
-    share = (u1**2).tolist() if sigma1 > 0 else [0.0] * n
+    share = sigma1_shares(spectrum) or [0.0] * n
     energy = [sigma1**2 * s for s in share]
     dominant = max(range(n), key=lambda i: share[i]) if n else 0
     begin, end = spans[dominant] if n else (-1, -1)

@@ -24,6 +24,7 @@ from grokedge.spectral.geometry import (
     stacked_gram,
     window_shift_dk_bound,
 )
+from grokedge.spectral.provenance import sigma1_shares
 
 ROTATED = 3
 """Rotation is reported for v_1..v_3 (the edge and the first bulk direction)."""
@@ -121,7 +122,6 @@ def definition_readouts(spectrum: WindowSpectrum) -> dict[str, Any]:
     (newest delta alone), ``delta_share`` ([W'] each delta's share of σ_1², u_1[i]²)."""
     grad, wd, align = energy_fractions(spectrum.grad_proj, spectrum.wd_proj)
     grad_latest, _, align_latest = latest_energy_fractions(spectrum.grad_proj, spectrum.wd_proj)
-    share = (spectrum.eigvecs[:, 0] ** 2).tolist() if float(spectrum.sigma[0]) > 0 else []
     return {
         "count": spectrum.count,
         "first_step": spectrum.spans[0][0] if spectrum.spans else None,
@@ -131,5 +131,5 @@ def definition_readouts(spectrum: WindowSpectrum) -> dict[str, Any]:
         "align": align.tolist(),
         "grad_frac_latest": grad_latest.tolist(),
         "align_latest": align_latest.tolist(),
-        "delta_share": share,
+        "delta_share": sigma1_shares(spectrum) or [],
     }
