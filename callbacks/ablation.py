@@ -42,13 +42,10 @@ import lightning as L
 import torch
 
 from grokedge.batch import IGNORE_INDEX
-from grokedge.callbacks.common import (
-    AnalysisCallback,
-    Result,
-    check_int,
-    edge_basis,
-)
-from grokedge.callbacks.gram import analysed_module
+from grokedge.callbacks.common import AnalysisCallback, Result
+from grokedge.config_checks import check_int
+from grokedge.functional import analysed_module
+from grokedge.spectral.ablation import edge_basis
 from grokedge.spectral.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
 from grokedge.spectral.sharding import (
     Shard,
@@ -111,8 +108,6 @@ class AblationCallback(AnalysisCallback):
             control is the same through the run (and after a resume).
         buckets: evaluate the subset in this many length buckets (less padding, same
             numbers; see ``BucketedEvaluate``).
-        phase_at, phase_post: phase widths (see ``EdgeAlignmentCallback``); None: one and
-            ten Gram intervals.
         tables: log a W&B table per call (no-op without W&B).
         config_key: config path named in error messages.
 

@@ -36,36 +36,34 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from grokedge.callbacks.common import (
-    AnalysisCallback,
-    Result,
-    check_block,
-    check_float,
-    check_int,
-    hidden_for_probe,
-    probe_data,
-    probe_target_tensors,
-    trace_of,
-)
+from grokedge.callbacks.common import AnalysisCallback, Result, trace_of
 from grokedge.callbacks.gap_flow import GapFlowCallback
-from grokedge.callbacks.gram import analysed_module
-from grokedge.functional import TRACE
+from grokedge.config_checks import check_float, check_int
+from grokedge.functional import TRACE, analysed_module, check_block
 from grokedge.spectral import EdgeState, energy_fractions, rotation_finish, rotation_partial
 from grokedge.spectral.classes import (
     PAPER_EPS_FRACTION,
-    ClassDecision,
     ClassThresholds,
+    ClassWindow,
+    classify_run,
     functional_epsilon,
-    late_indices,
-    late_mean,
-    late_median,
-    observed_class,
-    predicted_class,
 )
 from grokedge.spectral.probes import functional_r2 as functional_r2_score
+from grokedge.tasks.probe_targets import probe_data, probe_target_tensors
 
 CLASS_KEY = "callbacks.classes"
 CLASSES = "classes"
+
+THRESHOLD_BOUNDS = {  # (minimum, maximum, minimum excluded) of each threshold
+    "functional_grad_share": (0.0, 1.0, False),
+    "functional_r2": (None, 1.0, False),
+    "compression_grad_share": (0.0, 1.0, False),
+    "compression_r2": (None, 1.0, False),
+    "compression_rotation_deg": (0.0, 90.0, False),
+    "functional_balance": (None, None, False),
+    "compression_balance": (0.0, None, True),
+}
+OPTIONAL_THRESHOLDS = ("compression_rotation_deg",)  # None: criterion not used
 
 TABLE_COLUMNS = (
     "observed",
@@ -100,7 +98,7 @@ class ClassCallback(AnalysisCallback):
         functional_grad_share, functional_r2, compression_grad_share, compression_r2,
         compression_rotation_deg (None: unused), functional_balance, compression_balance:
             thresholds, see :class:`grokedge.spectral.classes.ClassThresholds`.
-        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+        tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``): ``class/observed``, ``class/predicted`` (codes: functional 0,
     mixed 1, compression 2), ``class/late_grad_share``, ``class/late_rotation_deg``,
@@ -141,10 +139,7 @@ class ClassCallback(AnalysisCallback):
         config_key: str = CLASS_KEY,
         **schedule: Any,
     ) -> None:
-        super().__init__(
-            config_key=config_key,
-            **schedule,
-        )
+        super().__init__(config_key=config_key, **schedule)
         key = config_key
         self.eps_fraction = check_float(
             f"{key}.eps_fraction", eps_fraction, 0.0, strict_minimum=True
@@ -156,32 +151,26 @@ class ClassCallback(AnalysisCallback):
         self.seed = check_int(f"{key}.seed", seed, 0)
         self.min_late = check_int(f"{key}.min_late", min_late, 1)
         self.tail = check_int(f"{key}.tail", tail, 1)
-        unit = {"minimum": 0.0, "maximum": 1.0}
-        rot = compression_rotation_deg
+        given = {
+            "functional_grad_share": functional_grad_share,
+            "functional_r2": functional_r2,
+            "compression_grad_share": compression_grad_share,
+            "compression_r2": compression_r2,
+            "compression_rotation_deg": compression_rotation_deg,
+            "functional_balance": functional_balance,
+            "compression_balance": compression_balance,
+        }
+        checked = {
+            name: None
+            if value is None and name in OPTIONAL_THRESHOLDS
+            else check_float(f"{key}.{name}", value, *THRESHOLD_BOUNDS[name])
+            for name, value in given.items()
+        }
         try:
-            self.thresholds = ClassThresholds(
-                functional_grad_share=check_float(
-                    f"{key}.functional_grad_share", functional_grad_share, **unit
-                ),
-                functional_r2=check_float(f"{key}.functional_r2", functional_r2, maximum=1.0),
-                compression_grad_share=check_float(
-                    f"{key}.compression_grad_share", compression_grad_share, **unit
-                ),
-                compression_r2=check_float(f"{key}.compression_r2", compression_r2, maximum=1.0),
-                compression_rotation_deg=None
-                if rot is None
-                else check_float(f"{key}.compression_rotation_deg", rot, 0.0, 90.0),
-                functional_balance=check_float(f"{key}.functional_balance", functional_balance),
-                compression_balance=check_float(
-                    f"{key}.compression_balance", compression_balance, 0.0, strict_minimum=True
-                ),
-            )
+            self.thresholds = ClassThresholds(**checked)
         except ValueError as e:
-            if str(e).startswith(key):
-                raise
             raise ValueError(f"{key}: thresholds not allowed: {e}") from e
-        # Per window: [step, grad share of v_1, rotation of v_1 (deg; NaN: no previous)].
-        self.windows: list[list[float]] = []
+        self.windows: list[ClassWindow] = []
         # v_1 of the previous window (a copy: the Gram's own ``previous`` is gone after a
         # resume, and its buffer is reused two windows later).
         self.prev_v1: torch.Tensor | None = None
@@ -222,7 +211,7 @@ class ClassCallback(AnalysisCallback):
             self.prev_v1 = v1.detach().clone()
         else:
             self.prev_v1 = None
-        self.windows.append([int(state.step), share, rotation])
+        self.windows.append(ClassWindow(int(state.step), share, rotation))
 
     def _sharded(self) -> bool:
         """Whether the Gram's vectors are this rank's slices (DDP, more than one rank)."""
@@ -264,8 +253,8 @@ class ClassCallback(AnalysisCallback):
             v1 = self.gram.gather_vectors(edge.vectors[:1])[0]
         moved = theta + eps * v1.to(theta.dtype)
         params = selector.functional_params(moved, dict(net.named_parameters()))
-        base = hidden_for_probe(trace_of(pl_module, batch), self.block)
-        perturbed = hidden_for_probe(trace_of(pl_module, batch, params), self.block)
+        base = trace_of(pl_module, batch).hidden[self.block]
+        perturbed = trace_of(pl_module, batch, params).hidden[self.block]
         declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
         target = declared[next(iter(declared))]
         a = probe_data(trainer.datamodule, pl_module, batch, base, target)
@@ -285,36 +274,22 @@ class ClassCallback(AnalysisCallback):
         return score.mean, score.sd, eps, len(a.targets)
 
     def classify(self, grok_step: int | None, r2: float) -> dict[str, Any]:
-        """Observed and predicted class from the windows so far and the functional R²."""
+        """Observed and predicted class from the windows so far and the functional R²
+        (:func:`~grokedge.spectral.classes.classify_run`)."""
         assert self.phases is not None
-        phases = [self.phases.label(int(w[0]), grok_step) for w in self.windows]
-        idx, basis = late_indices(phases, self.min_late, self.tail)
-        share = late_mean([w[1] for w in self.windows], idx)
-        rotation = late_mean([w[2] for w in self.windows], idx)
-        observed = observed_class(share, rotation, r2, self.thresholds)
-        balance, balance_basis, balance_n = math.nan, None, 0
+        balances, b_phases = None, ()
         if self.gap_flow is not None:
-            values, b_phases = self.gap_flow.late_balances(grok_step)
-            b_idx, balance_basis = late_indices(b_phases, self.min_late, self.tail)
-            balance = late_median(values, b_idx)
-            balance_n = len(b_idx)
-        predicted: ClassDecision = predicted_class(balance, self.thresholds)
-        return {
-            "observed": observed.name,
-            "predicted": predicted.name,
-            "observed_code": observed.code,
-            "predicted_code": predicted.code,
-            "observed_criteria": list(observed.criteria),
-            "late_grad_share": share,
-            "late_rotation_deg": rotation,
-            "functional_r2": r2,
-            "late_balance": balance,
-            "late_basis": basis,
-            "late_windows": len(idx),
-            "late_first_step": int(self.windows[idx[0]][0]) if idx else None,
-            "balance_basis": balance_basis,
-            "balance_windows": balance_n,
-        }
+            balances, b_phases = self.gap_flow.late_balances(grok_step)
+        return classify_run(
+            self.windows,
+            [self.phases.label(w.step, grok_step) for w in self.windows],
+            r2,
+            self.thresholds,
+            balances,
+            b_phases,
+            self.min_late,
+            self.tail,
+        )
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
         r2, r2_sd, eps, n = self.functional_r2(trainer, pl_module)
@@ -390,7 +365,7 @@ class ClassCallback(AnalysisCallback):
         if not state_dict:
             return
         super().load_state_dict(state_dict)
-        self.windows = [list(w) for w in state_dict.get("windows", [])]
+        self.windows = [ClassWindow(*w) for w in state_dict.get("windows", [])]
         self.prev_v1 = state_dict.get("prev_v1")
         last = state_dict.get("last")
         self.last = None if last is None else dict(last)

@@ -1,13 +1,12 @@
-"""Shared plumbing of the causal-analysis callbacks (ablation, perturbation, probes, ...).
+"""The base of the cadenced causal analyses (ablation, perturbation, probes, ...).
 
-- argument checks whose errors name the config key, the value and what is allowed;
-- the fixed, seeded evaluation subset of a task's test set as one batch
-  (:func:`grokedge.tasks.subsets.fixed_subset`), evaluated in length buckets
-  (:class:`grokedge.spectral.perturbation.BucketedEvaluate`);
-- :class:`AnalysisCallback`: cadence (every N optimizer steps, once when the grok step
-  is detected, once at the end), phases relative to the run's grok step,
-  ``analyses.jsonl`` rows and their relabelling, timing, evaluation mode, the global
-  random state and checkpoint state. (Interventions: ``grokedge.callbacks.intervention``.)
+:class:`AnalysisCallback` wires an analysis to Lightning's hooks: its schedule
+(:class:`grokedge.analysis_schedule.AnalysisSchedule`: every N optimizer steps, once when
+the grok step is detected, once at the end), the run's phases (the GramCallback's),
+``analyses.jsonl`` rows and their relabelling, timing, evaluation mode, the global random
+state and checkpoint state. The fixed evaluation subset comes from
+:func:`grokedge.tasks.subsets.fixed_subset`; argument checks from
+``grokedge.config_checks``; interventions from ``grokedge.callbacks.intervention``.
 
 Nothing here mutates the live parameters, their gradients, the optimizer or any global
 random state: analyses evaluate through the module's ``evaluate(params, batch)`` /
@@ -19,220 +18,40 @@ network's train/eval mode.
 
 from __future__ import annotations
 
-import math
-import random
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from grokedge.analysis_log import AnalysisLog, Phases, log_table
-from grokedge.batch import Batch
-from grokedge.callbacks.gram import GramCallback, analysed_module, find_gram_callback
+from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table
+from grokedge.analysis_schedule import SCHEDULE_KEYS, AnalysisSchedule
+from grokedge.batch import Batch, to_device
+from grokedge.callbacks.gram import GramCallback, find_gram_callback
 from grokedge.functional import (
     EVALUATE,
     TRACE,
+    analysed_module,
     check_evaluate,
     check_module_has,
     check_trace,
-    input_keys_of,
 )
-from grokedge.spectral.perturbation import UNALIGNED_KEYS
-from grokedge.spectral.probes import ProbeData, hidden_states_and_targets, row_strings
-from grokedge.tasks.subsets import SAMPLE_UNITS, SEQUENCES, fixed_subset, loader_batches
+from grokedge.random_state import preserved_random_state
+from grokedge.tasks.probe_targets import pad_id_of
+from grokedge.tasks.subsets import fixed_subset, loader_batches
 
 CADENCE, GROK, END = "cadence", "grok", "end"
 """What triggered an analysis call (the ``trigger`` field of its rows)."""
 
-DEFAULT_AT_INTERVALS = 1
-DEFAULT_POST_INTERVALS = 10
 FALLBACK_INTERVAL = 100
-"""Phase widths without a GramCallback: as if the Gram interval were 100 steps."""
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    """``value`` if it is an int in [minimum, maximum]; else ValueError naming ``key``."""
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if not ok:
-        allowed = f"an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
-        raise ValueError(f"{key}={value!r} is not allowed: {allowed}")
-    return value
-
-
-def check_optional_int(key: str, value: Any, minimum: int) -> int | None:
-    """``None`` or an int >= minimum."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} is not allowed: null or an integer >= {minimum}")
-    return value
-
-
-def check_float(
-    key: str,
-    value: Any,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    strict_minimum: bool = False,
-) -> float:
-    """A finite real number in the given range; else ValueError naming ``key``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and math.isfinite(float(value))
-    if ok and minimum is not None:
-        ok = float(value) > minimum if strict_minimum else float(value) >= minimum
-    if ok and maximum is not None:
-        ok = float(value) <= maximum
-    if not ok:
-        parts = []
-        if minimum is not None:
-            parts.append(f"{'>' if strict_minimum else '>='} {minimum}")
-        if maximum is not None:
-            parts.append(f"<= {maximum}")
-        allowed = "a finite number" + (" " + " and ".join(parts) if parts else "")
-        raise ValueError(f"{key}={value!r} is not allowed: {allowed}")
-    return float(value)
-
-
-def check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} is not allowed: true or false")
-    return value
-
-
-def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{key}={value!r} is not allowed: one of {', '.join(choices)}")
-    return value
-
-
-def check_choices(key: str, value: Any, choices: Sequence[str]) -> tuple[str, ...]:
-    """A non-empty list of distinct entries of ``choices`` (Hydra ListConfig accepted)."""
-    if isinstance(value, str):
-        value = [value]
-    try:
-        items = tuple(value)
-    except TypeError:
-        items = ()
-    if not items or any(v not in choices for v in items) or len(set(items)) != len(items):
-        raise ValueError(
-            f"{key}={value!r} is not allowed: a non-empty list of distinct values from "
-            f"{', '.join(choices)}"
-        )
-    return items
-
-
-# --------------------------------------------------------------------------- schedule
-
-
-@dataclass(frozen=True)
-class AnalysisSchedule:
-    """When and on what an :class:`AnalysisCallback` runs: the config keys every analysis
-    shares (``callbacks.<name>.every``, ``at_grok``, ...). Each subclass gives its own
-    defaults (``schedule_defaults``) and takes these as keyword arguments (``**schedule``).
-
-    ``every``: optimizer steps between calls (None: none on a cadence); ``at_grok`` /
-    ``at_end``: once when the grok step is detected / on the final weights;
-    ``n_sequences``, ``sample``, ``subset_seed``, ``eval_set``: the fixed evaluation subset
-    (:func:`grokedge.tasks.subsets.fixed_subset`); ``phase_at``, ``phase_post``: phase widths
-    around the grok step (None: from the Gram interval); ``tables``: W&B tables per call.
-    """
-
-    every: int | None = None
-    at_grok: bool = True
-    at_end: bool = False
-    n_sequences: int | None = 300
-    sample: str = SEQUENCES
-    subset_seed: int = 0
-    eval_set: str = "test"
-    phase_at: int | None = None
-    phase_post: int | None = None
-    tables: bool = True
-
-    def checked(self, key: str) -> AnalysisSchedule:
-        """Itself if every value is allowed; else ValueError naming ``key``.<field>."""
-        check_optional_int(f"{key}.every", self.every, 1)
-        check_bool(f"{key}.at_grok", self.at_grok)
-        check_bool(f"{key}.at_end", self.at_end)
-        check_optional_int(f"{key}.n_sequences", self.n_sequences, 1)
-        check_int(f"{key}.subset_seed", self.subset_seed, 0)
-        check_choice(f"{key}.sample", self.sample, SAMPLE_UNITS)
-        eval_set = self.eval_set
-        if not isinstance(eval_set, str) or not eval_set:
-            raise ValueError(f"{key}.eval_set={eval_set!r} is not allowed: an evaluation set name")
-        phase_at = check_optional_int(f"{key}.phase_at", self.phase_at, 0)
-        phase_post = check_optional_int(f"{key}.phase_post", self.phase_post, 0)
-        if phase_at is not None and phase_post is not None and phase_post < phase_at:
-            raise ValueError(
-                f"{key}.phase_post={phase_post} is not allowed: an integer >= phase_at ({phase_at})"
-            )
-        check_bool(f"{key}.tables", self.tables)
-        return self
-
-
-SCHEDULE_KEYS = tuple(f.name for f in fields(AnalysisSchedule))
-
-
-# --------------------------------------------------------------------------- random state
-
-
-@contextmanager
-def preserved_random_state(device: torch.device | None = None) -> Iterator[None]:
-    """Restore the global random streams (torch CPU, the device's CUDA generator, numpy,
-    Python's ``random``) on exit, whatever ran inside.
-
-    The analyses draw their own random numbers from seeded generators, but some library
-    code draws from the global streams behind one's back (every DataLoader iteration takes
-    a base seed from torch's global generator); training that uses them (dropout) would
-    then take other numbers than without the analysis.
-    """
-    torch_state = torch.get_rng_state()
-    cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
-    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def model_inputs(model: Any, batch: Batch) -> tuple[Tensor, ...]:
-    """The batch entries ``model`` takes (its ``input_keys``), in order."""
-    return tuple(batch[k] for k in input_keys_of(model))
-
-
-def theta_norm(params: Iterable[Tensor]) -> float:
-    """‖θ‖ over ``params`` (float64 sum of squares)."""
-    total = 0.0
-    for p in params:
-        total += float(p.detach().to(torch.float64).pow(2).sum())
-    return math.sqrt(total)
+"""Phase widths without a GramCallback: the defaults of a 100-step Gram interval."""
 
 
 @torch.no_grad()
@@ -241,98 +60,6 @@ def trace_of(model: Any, batch: Batch, params: Mapping[str, Tensor] | None = Non
     module (``grokedge.functional.TracedModel``) with ``params`` in place (None: the live
     weights); nothing is mutated."""
     return model.trace({} if params is None else params, batch)
-
-
-def probe_target_tensors(datamodule: Any, batch: Batch, key: str) -> dict[str, Tensor]:
-    """``datamodule.probe_targets(batch)`` checked: name -> [B, T] aligned with ``labels``."""
-    fn = getattr(datamodule, "probe_targets", None)
-    if not callable(fn):
-        raise ValueError(
-            f"{key}: the task's DataModule ({type(datamodule).__name__}) declares no "
-            "probe_targets(batch); allowed: a task with probe targets (dyck, modular, scan)"
-        )
-    targets = dict(fn(batch))
-    if not targets:
-        raise ValueError(f"{key}: {type(datamodule).__name__}.probe_targets returned nothing")
-    for name, t in targets.items():
-        if t.shape != batch["labels"].shape:
-            raise ValueError(
-                f"{key}: probe target {name!r} has shape {list(t.shape)}, expected the "
-                f"labels' {list(batch['labels'].shape)}"
-            )
-    return targets
-
-
-def hidden_for_probe(trace: Any, block: int) -> Tensor:
-    return trace.hidden[block]
-
-
-def pad_id_of(datamodule: Any) -> int:
-    """The task's padding id (``model_dims()["pad_id"]``; 0 where it declares none)."""
-    dims = getattr(datamodule, "model_dims", None)
-    return int(dims().get("pad_id", 0)) if callable(dims) else 0
-
-
-def probe_data(
-    datamodule: Any, net: Any, batch: Batch, hidden: Tensor, target: Tensor
-) -> ProbeData:
-    """The probe samples of ``target`` [B, T] in ``hidden`` [B, T, d], grouped by string.
-
-    The one place the analyses (probes, functional R², intervention read-outs) build
-    their fold groups: a row's string is its model inputs (``net.input_keys``: the
-    module's or its network's) read by
-    :func:`~grokedge.spectral.probes.row_strings`, the inputs aligned with ``labels`` up
-    to the row's last labelled position, a seq2seq source (``UNALIGNED_KEYS``) without
-    its trailing padding. Identical strings in several rows (an evaluation set that is not
-    deduplicated) are then one group and never straddle a fold; distinct rows keep their
-    row indices as groups.
-    """
-    labels = batch["labels"]
-    aligned, unaligned = [], []
-    for key in input_keys_of(net):
-        value = batch[key]
-        is_aligned = value.ndim >= 2 and value.shape[1] == labels.shape[1]
-        (aligned if is_aligned and key not in UNALIGNED_KEYS else unaligned).append(value)
-    strings = row_strings(labels, aligned, unaligned, pad_id_of(datamodule))
-    return hidden_states_and_targets(hidden, target, batch.get("weight"), strings)
-
-
-def log_now(
-    trainer: L.Trainer, pl_module: L.LightningModule, values: Mapping[str, float], direct: bool
-) -> None:
-    """Log finite ``values`` at ``global_step``: through the module (``log_scalars``) in
-    hooks where Lightning allows ``self.log``, else (``direct``) straight to the loggers."""
-    finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
-    if not finite:
-        return
-    if direct or not hasattr(pl_module, "log_scalars"):
-        for logger in trainer.loggers:
-            logger.log_metrics(finite, step=trainer.global_step)
-    else:
-        pl_module.log_scalars(finite)
-
-
-def count_blocks(net: nn.Module) -> int | None:
-    """Blocks whose outputs ``ModelTrace.hidden`` holds (decoder blocks for seq2seq): the
-    module's ``n_blocks`` if it declares one, else its network's block list's length."""
-    declared = getattr(net, "n_blocks", None)
-    if isinstance(declared, int) and not isinstance(declared, bool):
-        return declared
-    net = analysed_module(net)
-    for name in ("decoder_blocks", "blocks"):
-        blocks = getattr(net, name, None)
-        if isinstance(blocks, nn.ModuleList):
-            return len(blocks)
-    return None
-
-
-def check_block(key: str, block: int, net: nn.Module) -> None:
-    n = count_blocks(net)
-    if n is not None and not -n <= block < n:
-        raise ValueError(
-            f"{key}={block} is not allowed: a block index in [{-n}, {n - 1}] "
-            f"(the model has {n} blocks; -1 = the last)"
-        )
 
 
 # --------------------------------------------------------------------------- base class
@@ -396,8 +123,6 @@ class AnalysisCallback(Callback, ABC):
         self.subset_seed = schedule_.subset_seed
         self.sample = schedule_.sample
         self.eval_set = schedule_.eval_set
-        self.phase_at = schedule_.phase_at
-        self.phase_post = schedule_.phase_post
         self.tables = schedule_.tables
 
         self.last_step: int | None = None
@@ -464,10 +189,9 @@ class AnalysisCallback(Callback, ABC):
                 find_gram_callback(trainer)
             except ValueError as e:
                 raise ValueError(f"{self.config_key}: {e}") from e
-        interval = self.gram.interval if self.gram is not None else FALLBACK_INTERVAL
-        at = DEFAULT_AT_INTERVALS * interval if self.phase_at is None else self.phase_at
-        post = DEFAULT_POST_INTERVALS * interval if self.phase_post is None else self.phase_post
-        self.phases = Phases(at=at, post=max(post, at))
+        # The run's phases are set once, on the GramCallback (callbacks.gram.phase_*).
+        gram = self.gram
+        self.phases = gram.phases if gram is not None else Phases.around(FALLBACK_INTERVAL)
         self.analysis_log = AnalysisLog(trainer.default_root_dir, enabled=trainer.is_global_zero)
         if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
             raise ValueError(
@@ -582,7 +306,7 @@ class AnalysisCallback(Callback, ABC):
             log_table(
                 trainer, key, ["step", "phase", *columns], [[step, phase, *r] for r in rows], step
             )
-        log_now(trainer, pl_module, result.scalars, direct)
+        log_scalars(trainer, pl_module, result.scalars, direct)
 
     @abstractmethod
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
@@ -619,9 +343,3 @@ class AnalysisCallback(Callback, ABC):
         self.calls = int(state_dict["calls"])
         self.total_seconds = float(state_dict["total_seconds"])
         self.skipped = int(state_dict.get("skipped", 0))
-
-
-def edge_basis(vectors: Tensor, sigma: Tensor, indices: Sequence[int]) -> Tensor:
-    """Rows ``indices`` of the edge vectors whose σ is positive ([k', p]; k' may be 0)."""
-    keep = [i for i in indices if i < vectors.shape[0] and i < sigma.numel() and sigma[i] > 0]
-    return vectors[keep]

@@ -48,11 +48,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from grokedge.callbacks.common import (
-    check_choice,
-)
-from grokedge.callbacks.gram import analysed_module
 from grokedge.callbacks.intervention import InterventionCallback
+from grokedge.config_checks import check_choice
+from grokedge.functional import analysed_module
 from grokedge.spectral import EdgeState, optimizer_holding
 
 DECOUPLING_KEY = "callbacks.decoupling"
@@ -78,8 +76,8 @@ class EdgeDecouplingCallback(InterventionCallback):
         mode: ``remove``, ``enforce`` or ``flip`` (see the module docstring).
         at_step / after_grok: the trigger, as in ``WDRemovalCallback``.
         every: optimizer steps between measurements after the trigger.
-        n_sequences, sample, subset_seed, eval_set, block, folds, seed, phase_at,
-        phase_post, tables, config_key: as ``WDRemovalCallback``.
+        n_sequences, sample, subset_seed, eval_set, block, folds, seed, tables,
+        config_key: as ``WDRemovalCallback``.
 
     Logs (``global_step``): ``decouple/start_step`` once; at the trigger and every
     ``every`` steps the compression read-outs of ``WDRemovalCallback`` under

@@ -30,22 +30,15 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from grokedge.analysis_log import AnalysisLog, Phases, log_table, read_analyses
-from grokedge.callbacks.gram import (
-    GramCallback,
-    find_gram_callback,
-    log_scalars,
-    spectrum_row,
-)
+from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table, read_analyses
+from grokedge.callbacks.gram import GramCallback, find_gram_callback, spectrum_row
+from grokedge.config_checks import check_float, check_int
 from grokedge.spectral import EdgeState
 from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
 from grokedge.spectral.events import DEFINITION_EVENTS, EdgeEvents
 from grokedge.spectral.readouts import edge_scalars, measure  # measure: re-exported
 
 EDGE_KEY = "callbacks.edge_alignment"
-
-DEFAULT_AT_INTERVALS = 1
-DEFAULT_POST_INTERVALS = 10
 
 SPECTRUM, DIRECTIONS, SUMMARY = "gram_spectrum", "edge_directions", "edge_summary"
 ANALYSES = (SPECTRUM, DIRECTIONS, SUMMARY)
@@ -64,26 +57,18 @@ DIRECTION_COLUMNS = (
 )
 
 
-def _check_steps(key: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key}={value!r} is not allowed: null or an integer >= 0 (steps)")
-    return value
-
-
 class EdgeAlignmentCallback(Callback):
     """Gradient/weight-decay energy, alignment, rotation and phases of the spectral edge.
 
     Needs a :class:`GramCallback` in the same trainer (``callbacks=gram`` has both); runs
     on each new ``EdgeState`` it publishes, i.e. every ``interval`` optimizer steps.
 
+    Phases are the run's (the GramCallback's ``phases``: ``callbacks.gram.phase_at`` /
+    ``phase_post``; by default ``post`` ends ten Gram intervals after the grok step, on
+    Dyck 1,000 steps, where the paper's post and late Dyck checkpoints are g + 800 and
+    g + 3,300).
+
     Args:
-        phase_at: half-width in optimizer steps of the ``at`` phase around the grok step g
-            (``at``: |step − g| <= phase_at); ``None``: one Gram interval.
-        phase_post: ``post`` ends at g + phase_post (>= phase_at), ``late`` after it;
-            ``None``: ten Gram intervals (Dyck: 1,000 steps; the paper's post and late
-            Dyck checkpoints are g + 800 and g + 3,300).
         tables: log W&B tables when a ``WandbLogger`` is attached (no-op otherwise).
         dominance_threshold: a delta whose share of the raw window's σ_1² is at least this
             is *dominant*; its entering or leaving the window is recorded (in (0, 1]).
@@ -114,14 +99,12 @@ class EdgeAlignmentCallback(Callback):
     ``grokedge.analysis_log`` for the phase labels and their relabelling.
 
     Example:
-        >>> callbacks = [GramCallback(interval=100), EdgeAlignmentCallback(phase_at=100)]
+        >>> callbacks = [GramCallback(interval=100), EdgeAlignmentCallback()]
         >>> L.Trainer(callbacks=callbacks).fit(module, datamodule)  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        phase_at: int | None = None,
-        phase_post: int | None = None,
         tables: bool = True,
         dominance_threshold: float = 0.5,
         coincidence_windows: int = 1,
@@ -129,30 +112,12 @@ class EdgeAlignmentCallback(Callback):
     ) -> None:
         super().__init__()
         self.config_key = config_key
-        if (
-            isinstance(dominance_threshold, bool)
-            or not isinstance(dominance_threshold, int | float)
-            or not 0 < dominance_threshold <= 1
-        ):
-            raise ValueError(
-                f"{config_key}.dominance_threshold={dominance_threshold!r} is not allowed: "
-                "a number in (0, 1]"
-            )
-        if (
-            isinstance(coincidence_windows, bool)
-            or not isinstance(coincidence_windows, int)
-            or coincidence_windows < 0
-        ):
-            raise ValueError(
-                f"{config_key}.coincidence_windows={coincidence_windows!r} is not allowed: "
-                "an integer >= 0 (Gram intervals)"
-            )
+        dominance_threshold = check_float(
+            f"{config_key}.dominance_threshold", dominance_threshold, 0, 1, strict_minimum=True
+        )
+        check_int(f"{config_key}.coincidence_windows", coincidence_windows, 0)
         # Lightning-free bookkeeping of the events (grokedge.spectral.events).
         self.edge_events = EdgeEvents(float(dominance_threshold), coincidence_windows)
-        self.phase_at = _check_steps(f"{config_key}.phase_at", phase_at)
-        self.phase_post = _check_steps(f"{config_key}.phase_post", phase_post)
-        if self.phase_at is not None and self.phase_post is not None:
-            self._phases_or_raise(self.phase_at, self.phase_post)
         self.tables = bool(tables)
 
         self.gram: GramCallback | None = None
@@ -164,13 +129,6 @@ class EdgeAlignmentCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(config_key=self.config_key)
 
-    def _phases_or_raise(self, at: int, post: int) -> Phases:
-        if post < at:
-            raise ValueError(
-                f"{self.config_key}.phase_post={post} is not allowed: an integer >= phase_at ({at})"
-            )
-        return Phases(at=at, post=post)
-
     # ----------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -181,10 +139,7 @@ class EdgeAlignmentCallback(Callback):
         except ValueError as e:
             raise ValueError(f"{self.config_key}: {e}") from e
         self.gram.add_listener(self.on_edge)
-        interval = self.gram.interval
-        at = DEFAULT_AT_INTERVALS * interval if self.phase_at is None else self.phase_at
-        post = DEFAULT_POST_INTERVALS * interval if self.phase_post is None else self.phase_post
-        self.phases = self._phases_or_raise(at, max(post, at) if self.phase_post is None else post)
+        self.phases = self.gram.phases
         self.analysis_log = AnalysisLog(trainer.default_root_dir, enabled=trainer.is_global_zero)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -205,10 +160,7 @@ class EdgeAlignmentCallback(Callback):
         for e in events:
             if e["definition"] == main:
                 late[f"edge/{e['event']}_window_artifact"] = float(e["window_artifact"])
-        finite = {k: v for k, v in late.items() if v is not None and math.isfinite(v)}
-        if finite:
-            for logger in trainer.loggers:
-                logger.log_metrics(finite, step=step)
+        log_scalars(trainer, pl_module, late, direct=True)
         self.analysis_log.write(
             SUMMARY,
             step,

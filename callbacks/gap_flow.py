@@ -35,24 +35,19 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from grokedge.analysis_log import log_table
-from grokedge.callbacks.common import (
-    AnalysisCallback,
-    Result,
-    check_choice,
-    check_int,
-    check_optional_int,
-    log_now,
-)
-from grokedge.callbacks.gram import analysed_module, log_scalars
+from grokedge.analysis_log import log_scalars, log_table
+from grokedge.callbacks.common import AnalysisCallback, Result
+from grokedge.config_checks import check_choice, check_int, check_optional_int
+from grokedge.functional import analysed_module
 from grokedge.spectral import EdgeState, kstar_ratio, optimizer_holding
-from grokedge.spectral.gap_flow import (
-    gap_flow_at,
-    mode_coefficients,
-    mode_gap,
-    newest_grad_projections,
-    observed_rate,
-    prediction_agreement,
+from grokedge.spectral.gap_flow import gap_flow_at, mode_coefficients, newest_grad_projections
+from grokedge.spectral.gap_flow_record import (
+    BACKWARD,
+    DRIVINGS,
+    EFFECTIVE,
+    FORWARD,
+    RAW,
+    GapFlowRecord,
 )
 from grokedge.spectral.perturbation import BucketedEvaluate
 
@@ -86,9 +81,6 @@ TERM_METRICS = {  # GapFlowTerms field -> gapflow/* metric
     "balance_eff": "gapflow/balance_eff",
 }
 
-RAW, EFFECTIVE = "raw", "effective"
-DRIVINGS = (RAW, EFFECTIVE)
-
 
 class GapFlowCallback(AnalysisCallback):
     """The gap flow equation's terms, its predicted dg/dt and the observed one, per window.
@@ -115,7 +107,7 @@ class GapFlowCallback(AnalysisCallback):
             :mod:`grokedge.spectral.gap_flow`). Both are always logged.
         buckets: length buckets of the evaluation (see ``AblationCallback``; default 1:
             a training set is small, and on Dyck's 36 rows one bucket costs 0.57 of four).
-        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+        tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``): ``gapflow/{k, gap, d_k, d_k1, h_k, h_k1, grad_k, grad_k1, lr,
     weight_decay, window, term1, term2, term3, predicted_dgdt, balance}`` and their
@@ -155,24 +147,13 @@ class GapFlowCallback(AnalysisCallback):
         config_key: str = GAP_FLOW_KEY,
         **schedule: Any,
     ) -> None:
-        super().__init__(
-            config_key=config_key,
-            **schedule,
-        )
+        super().__init__(config_key=config_key, **schedule)
         key = config_key
         self.k = check_optional_int(f"{key}.k", k, 1)
         self.hvp_dtype = check_choice(f"{key}.hvp_dtype", hvp_dtype, tuple(DTYPES))
         self.driving = check_choice(f"{key}.driving", driving, DRIVINGS)
         self.buckets = check_int(f"{key}.buckets", buckets, 1)
-        # Spectra of the latest two windows: [step, σ list] (primitives: checkpointable).
-        self.spectra: list[list[Any]] = []
-        # The analysed window awaiting its forward observation.
-        self.pending: dict[str, Any] | None = None
-        # Rows [window step, k, predicted, predicted_eff, observed] of each comparison.
-        self.backward: list[list[float]] = []
-        self.forward: list[list[float]] = []
-        # Rows [window step, balance, balance_eff] of every analysed window.
-        self.balances: list[list[float]] = []
+        self.record = GapFlowRecord()  # pairs, balances and agreement (Lightning-free)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -199,27 +180,8 @@ class GapFlowCallback(AnalysisCallback):
 
     def on_edge(self, trainer: L.Trainer, pl_module: L.LightningModule, state: EdgeState) -> None:
         """Record the window's spectrum and complete a pending forward comparison."""
-        values: dict[str, float] = {}
-        pending = self.pending
-        if pending is not None and self.spectra and self.spectra[-1][0] == pending["step"]:
-            observed = observed_rate(
-                pending["gap"],
-                mode_gap(state.sigma, pending["k"]),
-                state.step - pending["step"],
-            )
-            self.forward.append(
-                [
-                    pending["step"],
-                    pending["k"],
-                    pending["predicted"],
-                    pending["predicted_eff"],
-                    observed,
-                ]
-            )
-            values.update(self._agreement_scalars("forward"))
-        self.pending = None
-        self.spectra = [*self.spectra[-1:], [int(state.step), state.sigma.tolist()]]
-        log_scalars(trainer, pl_module, values)
+        if self.record.on_window(state.step, state.sigma):
+            log_scalars(trainer, pl_module, self.record.agreement_scalars(FORWARD))
 
     # -------------------------------------------------------------- analysed windows
 
@@ -274,25 +236,12 @@ class GapFlowCallback(AnalysisCallback):
             return Result({}, fields)
 
         scalars = {metric: float(getattr(terms, name)) for name, metric in TERM_METRICS.items()}
-        observed = math.nan
-        before = self.spectra[-2] if len(self.spectra) >= 2 else None
-        if before is not None and self.spectra[-1][0] == edge.step:
-            observed = observed_rate(mode_gap(before[1], terms.k), terms.gap, edge.step - before[0])
+        observed = self.record.record(edge.step, terms, step)
         scalars["gapflow/observed_dgdt"] = observed
         scalars["gapflow/balance_used"] = (
             terms.balance if self.driving == RAW else terms.balance_eff
         )
-        self.backward.append([edge.step, terms.k, terms.predicted, terms.predicted_eff, observed])
-        self.balances.append([edge.step, terms.balance, terms.balance_eff])
-        scalars.update(self._agreement_scalars("backward"))
-        if edge.step == step:  # weights and window agree: the next window completes a pair
-            self.pending = {
-                "step": edge.step,
-                "k": terms.k,
-                "gap": terms.gap,
-                "predicted": terms.predicted,
-                "predicted_eff": terms.predicted_eff,
-            }
+        scalars.update(self.record.agreement_scalars(BACKWARD))
         fields.update(terms.as_dict(), observed_dgdt=observed)
         return Result(scalars, fields)
 
@@ -314,94 +263,56 @@ class GapFlowCallback(AnalysisCallback):
     # ------------------------------------------------------------------- agreement
 
     def agreement(self, which: str, driving: str = RAW) -> dict[str, float]:
-        """``prediction_agreement`` of the ``backward`` or ``forward`` pairs so far, for
-        the prediction with the ``raw`` or ``effective`` gradient projections."""
-        pairs = self.backward if which == "backward" else self.forward
-        column = 2 if driving == RAW else 3
-        return prediction_agreement([p[column] for p in pairs], [p[4] for p in pairs])
-
-    def _agreement_scalars(self, which: str) -> dict[str, float]:
-        out = {}
-        for driving, tag in ((RAW, ""), (EFFECTIVE, "_eff")):
-            a = self.agreement(which, driving)
-            out[f"gapflow/corr{tag}_{which}"] = a["pearson"]
-            out[f"gapflow/spearman{tag}_{which}"] = a["spearman"]
-            out[f"gapflow/sign_agreement{tag}_{which}"] = a["sign_agreement"]
-        out[f"gapflow/pairs_{which}"] = self.agreement(which)["n"]
-        return out
+        """``prediction_agreement`` of the ``backward`` or ``forward`` pairs so far."""
+        return self.record.agreement(which, driving)
 
     def late_balances(self, grok_step: int | None) -> tuple[list[float], list[str]]:
         """Balances (of the ``driving`` estimator) of the analysed windows and their
         phases, for the predicted class."""
         assert self.phases is not None
-        column = 1 if self.driving == RAW else 2
+        balances = self.record.balances_of(self.driving)
         return (
-            [float(b[column]) for b in self.balances],
-            [self.phases.label(int(b[0]), grok_step) for b in self.balances],
+            [float(b) for _, b in balances],
+            [self.phases.label(int(step), grok_step) for step, _ in balances],
         )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         assert self.phases is not None and self.analysis_log is not None
         grok = getattr(pl_module, "grok_step", None)
-        step = trainer.global_step
+        step, record = trainer.global_step, self.record
         self.analysis_log.write(
             GAP_FLOW_SUMMARY,
             step,
             self.phases.label(step, grok),
             grok,
             driving=self.driving,
-            backward=self.agreement("backward"),
-            forward=self.agreement("forward"),
-            backward_eff=self.agreement("backward", EFFECTIVE),
-            forward_eff=self.agreement("forward", EFFECTIVE),
-            backward_pairs=self.backward,
-            forward_pairs=self.forward,
-            balances=self.balances,
+            backward=record.agreement(BACKWARD),
+            forward=record.agreement(FORWARD),
+            backward_eff=record.agreement(BACKWARD, EFFECTIVE),
+            forward_eff=record.agreement(FORWARD, EFFECTIVE),
+            backward_pairs=record.backward,
+            forward_pairs=record.forward,
+            balances=record.balances,
         )
-        if self.tables and self.backward:
-            log_table(
-                trainer,
-                "gapflow/pairs_table",
-                ["step", "k", "predicted", "predicted_eff", "observed_backward"],
-                self.backward,
-                step,
-            )
+        if self.tables and record.backward:
+            columns = ["step", "k", "predicted", "predicted_eff", "observed_backward"]
+            rows = [list(p) for p in record.backward]
+            log_table(trainer, "gapflow/pairs_table", columns, rows, step)
         # Lightning forbids self.log in on_train_end: straight to the loggers.
-        log_now(trainer, pl_module, {**self._agreement_scalars("forward")}, direct=True)
+        log_scalars(trainer, pl_module, record.agreement_scalars(FORWARD), direct=True)
 
     def summary_fields(self) -> dict[str, Any]:
         """Fields for ``summary.json``: the predictive agreement of the equation."""
-        out: dict[str, Any] = {}
-        for which in ("forward", "backward"):
-            for driving, tag in ((RAW, ""), (EFFECTIVE, "_eff")):
-                a = self.agreement(which, driving)
-                out[f"gapflow{tag}_{which}_pearson"] = a["pearson"]
-                out[f"gapflow{tag}_{which}_spearman"] = a["spearman"]
-                out[f"gapflow{tag}_{which}_sign_agreement"] = a["sign_agreement"]
-            out[f"gapflow_{which}_pairs"] = int(self.agreement(which)["n"])
-        out["gapflow_driving"] = self.driving
-        out["gapflow_windows"] = len(self.balances)
-        return out
+        return self.record.summary_fields(self.driving)
 
     # -------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {
-            "spectra": [list(s) for s in self.spectra],
-            "pending": None if self.pending is None else dict(self.pending),
-            "backward": [list(p) for p in self.backward],
-            "forward": [list(p) for p in self.forward],
-            "balances": [list(b) for b in self.balances],
-        }
+        return super().state_dict() | self.record.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         super().load_state_dict(state_dict)
-        self.spectra = [list(s) for s in state_dict.get("spectra", [])]
-        pending = state_dict.get("pending")
-        self.pending = None if pending is None else dict(pending)
-        self.backward = [list(p) for p in state_dict.get("backward", [])]
-        self.forward = [list(p) for p in state_dict.get("forward", [])]
-        self.balances = [list(b) for b in state_dict.get("balances", [])]
+        self.record.load_state_dict(state_dict)

@@ -10,17 +10,23 @@ callbacks read ``edge`` / ``previous`` (:func:`find_gram_callback`) or register 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
+from grokedge.analysis_log import Phases, log_scalars
+from grokedge.config_checks import (
+    check_bool,
+    check_device,
+    check_int,
+    check_optional_int,
+)
+from grokedge.functional import analysed_module
 from grokedge.spectral import EdgeState, ParameterSelector, optimizer_holding
 from grokedge.spectral.edge_definitions import NORMALIZED, check_definition
 from grokedge.spectral.recorder import (
@@ -40,12 +46,6 @@ EdgeListener = Callable[[L.Trainer, L.LightningModule, EdgeState], None]
 """Called as ``listener(trainer, pl_module, state)`` after each new edge."""
 
 
-def _check_int(key: str, value: Any, minimum: int, allowed: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} is not allowed: {allowed}")
-    return value
-
-
 def _plain_select(select: Any) -> Any:
     """Hydra hands lists over as ``ListConfig``: make them plain lists."""
     if isinstance(select, str):
@@ -54,29 +54,6 @@ def _plain_select(select: Any) -> Any:
         return list(select)
     except TypeError:
         return select
-
-
-def analysed_module(pl_module: nn.Module) -> nn.Module:
-    """The module whose parameter names the selector matches: ``pl_module.net`` if any
-    (names are then those of ``GrokModule.evaluate``, e.g. ``blocks.0.attn.in_proj_weight``)."""
-    net = getattr(pl_module, "net", None)
-    return net if isinstance(net, nn.Module) else pl_module
-
-
-def log_scalars(
-    trainer: L.Trainer, pl_module: L.LightningModule, values: Mapping[str, float]
-) -> None:
-    """Log finite ``values`` at ``global_step``: ``pl_module.log_scalars`` when it has one
-    (GrokModule), else straight to the loggers. Non-finite values (undefined read-outs)
-    are left out."""
-    finite = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
-    if not finite:
-        return
-    if hasattr(pl_module, "log_scalars"):
-        pl_module.log_scalars(finite)
-    else:
-        for logger in trainer.loggers:
-            logger.log_metrics(finite, step=trainer.global_step)
 
 
 class _Recorded:
@@ -108,6 +85,10 @@ class GramCallback(Callback):
             ``spectra`` holds all three whatever the choice.
         start_step: the burn-in in optimizer steps (>= 0; ``None``: one interval N, so
             θ(N) − θ(0), which carries the initial transient, is the only delta before it).
+        phase_at, phase_post: the run's phases around its grok step g, in optimizer steps,
+            read by every analysis (``phases``, :class:`~grokedge.analysis_log.Phases`):
+            ``at`` is |step − g| <= phase_at, ``post`` ends at g + phase_post (>= phase_at),
+            ``late`` after it; ``None``: one and ten intervals.
         allow_inexact_split, buffer_dtype (``float32``, ``float64``, ``bfloat16``,
             ``float16``), buffer_device (``None``: the parameters'), shard_across_ranks
             (under DDP each rank keeps its slice of θ_sel; ``false``: the whole window on
@@ -118,7 +99,8 @@ class GramCallback(Callback):
     Published (read-only for other callbacks; the :class:`DeltaRecorder`'s, see there for
     shapes and units): ``edge``, ``previous``, ``spectra``, ``provenance``, ``evicted_dot``,
     ``skipped_deltas``, ``shard``, ``window``, ``tracker``; :meth:`gather_vectors` and
-    :meth:`reduce` for sharded analyses. Listeners run right after each new edge.
+    :meth:`reduce` for sharded analyses; the run's ``phases``. Listeners run right
+    after each new edge.
 
     Logs at each closed delta (``global_step``): ``gram/skipped_deltas``, the spectrum's
     ``gram/sigma_{j}``, ``gram/g23``, ``gram/kstar``, ``gram/kstar_weighted``,
@@ -142,6 +124,8 @@ class GramCallback(Callback):
         top_k: int = 4,
         edge_definition: str = NORMALIZED,
         start_step: int | None = None,
+        phase_at: int | None = None,
+        phase_post: int | None = None,
         allow_inexact_split: bool = False,
         buffer_dtype: str = "float32",
         buffer_device: str | None = None,
@@ -153,19 +137,20 @@ class GramCallback(Callback):
         key = self.config_key = config_key
         checked = _validate_select(_plain_select(select), f"{key}.select")
         self.select: str | list[str] = checked if isinstance(checked, str) else list(checked)
-        interval = _check_int(f"{key}.interval", interval, 1, "an integer >= 1")
-        window = _check_int(f"{key}.window", window, MIN_WINDOW, f"an integer >= {MIN_WINDOW}")
-        top_k = _check_int(f"{key}.top_k", top_k, 1, "an integer >= 1")
+        interval = check_int(f"{key}.interval", interval, 1)
+        window = check_int(f"{key}.window", window, MIN_WINDOW)
+        top_k = check_int(f"{key}.top_k", top_k, 1)
         edge_definition = check_definition(f"{key}.edge_definition", edge_definition)
-        if start_step is not None:
-            allowed = "null or an integer >= 0 (optimizer steps)"
-            start_step = _check_int(f"{key}.start_step", start_step, 0, allowed)
-        _check_bool(f"{key}.allow_inexact_split", allow_inexact_split)
+        start_step = check_optional_int(f"{key}.start_step", start_step, 0)
+        phase_at = check_optional_int(f"{key}.phase_at", phase_at, 0)
+        phase_post = check_optional_int(f"{key}.phase_post", phase_post, 0)
+        self.phases = Phases.around(interval, phase_at, phase_post, key)
+        check_bool(f"{key}.allow_inexact_split", allow_inexact_split)
         if buffer_dtype not in BUFFER_DTYPES:
             allowed = f"one of {', '.join(BUFFER_DTYPES)}"
             raise ValueError(f"{key}.buffer_dtype={buffer_dtype!r} is not allowed: {allowed}")
-        buffer_device = _check_device(f"{key}.buffer_device", buffer_device)
-        _check_bool(f"{key}.shard_across_ranks", shard_across_ranks)
+        buffer_device = check_device(f"{key}.buffer_device", buffer_device)
+        check_bool(f"{key}.shard_across_ranks", shard_across_ranks)
         self.recorder = DeltaRecorder(
             interval,
             window,
@@ -297,24 +282,6 @@ for _name in (
     "capture push_delta gather_vectors reduce"
 ).split():
     setattr(GramCallback, _name, _Recorded(_name))
-
-
-def _check_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} is not allowed: true or false")
-
-
-def _check_device(key: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    try:
-        torch.device(value)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"{key}={value!r} is not allowed: null (the parameters' device) or a torch "
-            "device such as cpu, cuda, cuda:1"
-        ) from e
-    return str(value)
 
 
 def _refuse_fsdp(trainer: L.Trainer, key: str) -> None:

@@ -14,25 +14,15 @@ from typing import Any, ClassVar
 import lightning as L
 from torch import nn
 
+from grokedge.analysis_log import log_scalars
 from grokedge.batch import IGNORE_INDEX, Batch
-from grokedge.callbacks.common import (
-    CADENCE,
-    AnalysisCallback,
-    Result,
-    check_block,
-    check_int,
-    check_optional_int,
-    hidden_for_probe,
-    log_now,
-    probe_data,
-    probe_target_tensors,
-    theta_norm,
-    trace_of,
-)
-from grokedge.callbacks.gram import analysed_module
-from grokedge.functional import TRACE
+from grokedge.callbacks.common import CADENCE, AnalysisCallback, Result, trace_of
+from grokedge.config_checks import check_int, check_optional_int
+from grokedge.functional import TRACE, analysed_module, check_block
 from grokedge.spectral import ParameterSelector, attention_entropy, score_probes
+from grokedge.spectral.ablation import params_norm
 from grokedge.spectral.probes import LINEAR, ProbeConfig
+from grokedge.tasks.probe_targets import probe_data, probe_target_tensors
 
 
 def compression_measures(
@@ -59,8 +49,8 @@ def compression_measures(
     """
     net = analysed_module(pl_module)
     values: dict[str, float] = {
-        f"{prefix}/theta_norm": theta_norm(net.parameters()),
-        f"{prefix}/theta_norm_selected": theta_norm(t for _, t in selector.named(net)),
+        f"{prefix}/theta_norm": params_norm(net.parameters()),
+        f"{prefix}/theta_norm_selected": params_norm(t for _, t in selector.named(net)),
     }
     trace = trace_of(pl_module, batch)
     valid = batch["labels"] != IGNORE_INDEX
@@ -69,7 +59,7 @@ def compression_measures(
         values[f"{prefix}/attn_entropy"] = attention_entropy(trace.attn, valid, weight)
     targets = probe_target_tensors(trainer.datamodule, batch, key)
     name, target = next(iter(targets.items()))
-    hidden = hidden_for_probe(trace, block)
+    hidden = trace.hidden[block]
     data = probe_data(trainer.datamodule, pl_module, batch, hidden, target)
     score = score_probes(
         data.features,
@@ -186,7 +176,7 @@ class InterventionCallback(AnalysisCallback):
             return
         self.fired_step = trainer.global_step
         values = self.fire(trainer, pl_module)
-        log_now(trainer, pl_module, values, direct=False)
+        log_scalars(trainer, pl_module, values, direct=False)
         self._run(trainer, pl_module, TRIGGER, direct=False)
 
     def on_train_batch_end(

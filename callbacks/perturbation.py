@@ -32,14 +32,9 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 
-from grokedge.callbacks.common import (
-    AnalysisCallback,
-    Result,
-    check_choice,
-    check_float,
-    check_int,
-)
-from grokedge.callbacks.gram import analysed_module
+from grokedge.callbacks.common import AnalysisCallback, Result
+from grokedge.config_checks import check_choice, check_float, check_int
+from grokedge.functional import analysed_module
 from grokedge.spectral import (
     directional_curvature,
     epsilon_grid,
@@ -81,7 +76,7 @@ class PerturbationCallback(AnalysisCallback):
             significant digits (docs/benchmarks.md), far below the central
             difference's own error.
         buckets: evaluate the subset in this many length buckets (see ``AblationCallback``).
-        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+        tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``; k = 1..n_directions):
         ``perturb/max_kl_v{k}`` (nats), ``perturb/max_dloss_v{k}`` (max |ΔL| over the

@@ -25,22 +25,12 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 
-from grokedge.callbacks.common import (
-    AnalysisCallback,
-    Result,
-    check_block,
-    check_bool,
-    check_choice,
-    check_choices,
-    check_int,
-    hidden_for_probe,
-    probe_data,
-    probe_target_tensors,
-    trace_of,
-)
-from grokedge.functional import TRACE
+from grokedge.callbacks.common import AnalysisCallback, Result, trace_of
+from grokedge.config_checks import check_bool, check_choice, check_choices, check_int
+from grokedge.functional import TRACE, check_block
 from grokedge.spectral import score_probes
 from grokedge.spectral.probes import GROUPED_KFOLD, PROBE_KINDS, PROTOCOLS, ProbeConfig
+from grokedge.tasks.probe_targets import probe_data, probe_target_tensors
 
 PROBE_KEY = "callbacks.probe"
 PROBE = "probe"
@@ -84,7 +74,7 @@ class ProbeCallback(AnalysisCallback):
         mlp_max_iter: MLP epochs at most (early stopping usually ends sooner).
         quadratic_interaction_only: products x_i x_j only, no squares (the paper's literal
             "interaction features"; default false, see ``grokedge.spectral.probes``).
-        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+        tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``; kind in ``kinds``):
         ``probe/{kind}_r2`` and ``probe/{kind}_r2_sd`` for the primary target (Dyck:
@@ -169,7 +159,7 @@ class ProbeCallback(AnalysisCallback):
 
         batch = self.subset(trainer, pl_module)
         trace = trace_of(pl_module, batch)
-        hidden = hidden_for_probe(trace, self.block)
+        hidden = trace.hidden[self.block]
         declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
         primary = next(iter(declared))
         scalars: dict[str, float] = {}

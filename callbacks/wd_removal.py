@@ -19,11 +19,8 @@ from typing import Any, ClassVar
 
 import lightning as L
 
-from grokedge.callbacks.common import (
-    check_bool,
-    check_float,
-)
 from grokedge.callbacks.intervention import InterventionCallback
+from grokedge.config_checks import check_bool, check_float
 
 WD_REMOVAL_KEY = "callbacks.wd_removal"
 WD_REMOVAL = "wd_removal"
@@ -47,7 +44,7 @@ class WDRemovalCallback(InterventionCallback):
         block: hidden states probed (-1: last block, before the final norm).
         folds: K of the linear probe's grouped K-fold.
         seed: seed of the folds.
-        phase_at, phase_post, tables, config_key: as ``AblationCallback``.
+        tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``): at the trigger ``wd/removed_step``; at the trigger and then
     every ``every`` steps ``wd/theta_norm`` (‖θ‖, every parameter of the network),

@@ -36,7 +36,7 @@ from grokedge.callbacks import (
     PerturbationCallback,
     find_gram_callback,
 )
-from grokedge.callbacks.gram import analysed_module
+from grokedge.functional import analysed_module
 from grokedge.spectral import (
     DecoupledWeightDecayTracker,
     directional_curvature,

@@ -29,7 +29,7 @@ import torch
 
 from grokedge.analysis_log import Phases
 from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
-from grokedge.callbacks.gram import analysed_module
+from grokedge.functional import analysed_module
 from grokedge.spectral import energy_fractions, trapezoid_wd
 from grokedge.train import build, compose, fit
 

@@ -35,8 +35,8 @@ from grokedge.callbacks import (
     WDRemovalCallback,
     find_gram_callback,
 )
-from grokedge.callbacks.gram import analysed_module
 from grokedge.config_checks import ConfigError
+from grokedge.functional import analysed_module
 from grokedge.models import CausalTransformer
 from grokedge.module import GrokModule
 from grokedge.run_files import metrics_by_step

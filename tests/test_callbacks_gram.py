@@ -21,8 +21,8 @@ from torch import nn
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
 from grokedge.callbacks.edge_alignment import measure
-from grokedge.callbacks.gram import analysed_module
 from grokedge.config_checks import ConfigError
+from grokedge.functional import analysed_module
 from grokedge.run_files import read_metrics
 from grokedge.spectral import ParameterSelector
 from grokedge.train import Run, build, compose, fit
@@ -281,7 +281,7 @@ def test_phases_are_relabelled_when_the_grok_step_becomes_known(tmp_path: Path) 
             "task.grok.threshold=0.01",
             "task.eval_every=40",
             f"trainer.max_steps={STEPS}",
-            "callbacks.edge_alignment.phase_post=15",
+            "callbacks.gram.phase_post=15",
         ],
         logger="wandb",
     )
@@ -373,12 +373,16 @@ def test_non_finite_parameters_are_skipped_through_capture() -> None:
         ),
         (
             "callbacks.edge_alignment.dominance_threshold=1.5",
-            ["callbacks.edge_alignment.dominance_threshold=1.5", "(0, 1]"],
+            ["callbacks.edge_alignment.dominance_threshold=1.5", "> 0 and <= 1"],
         ),
         ("callbacks.gram.top_k=0", ["callbacks.gram.top_k=0", ">= 1"]),
         ("callbacks.gram.select=nosuch", ["callbacks.gram.select='nosuch'", "attention"]),
         ("callbacks.gram.buffer_dtype=int8", ["callbacks.gram.buffer_dtype='int8'", "float32"]),
-        ("callbacks.edge_alignment.phase_at=-1", ["callbacks.edge_alignment.phase_at=-1"]),
+        ("callbacks.gram.phase_at=-1", ["callbacks.gram.phase_at=-1", ">= 0"]),
+        (
+            "callbacks.gram.phase_post=5",  # shorter than phase_at = one interval
+            ["callbacks.gram.phase_post=5", ">= phase_at"],
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, override: str, needles: list[str]) -> None:

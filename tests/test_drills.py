@@ -21,7 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from grokedge.analysis_log import read_analyses
-from grokedge.callbacks.gram import GramCallback, analysed_module, find_gram_callback
+from grokedge.callbacks.gram import GramCallback, find_gram_callback
+from grokedge.functional import analysed_module
 from grokedge.run_files import NonFiniteLossError, read_metrics, read_summary
 from grokedge.train import Run, build, compose, fit
 

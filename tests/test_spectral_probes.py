@@ -9,7 +9,6 @@ import pytest
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from grokedge.callbacks.common import probe_data
 from grokedge.models import CausalTransformer
 from grokedge.spectral import (
     ProbeConfig,
@@ -22,6 +21,7 @@ from grokedge.spectral import (
 )
 from grokedge.spectral.probes import StringGroups, row_strings
 from grokedge.tasks.dyck import DyckDataModule
+from grokedge.tasks.probe_targets import probe_data
 from grokedge.tasks.subsets import fixed_subset
 
 # Tiny synthetic sets stop the MLP at max_iter before early stopping does; harmless here.

@@ -30,6 +30,11 @@ ANALYSES_FILE = "analyses.jsonl"
 PRE, AT, POST, LATE = "pre", "at", "post", "late"
 PHASES = (PRE, AT, POST, LATE)
 
+DEFAULT_AT_INTERVALS = 1
+"""Half-width of ``at`` when none is given: one Gram interval either side of the grok step."""
+DEFAULT_POST_INTERVALS = 10
+"""End of ``post`` when none is given: ten Gram intervals after the grok step."""
+
 
 @dataclass(frozen=True)
 class Phases:
@@ -57,6 +62,22 @@ class Phases:
     def __post_init__(self) -> None:
         if self.at < 0 or self.post < self.at:
             raise ValueError(f"phases need 0 <= at <= post, got at={self.at}, post={self.post}")
+
+    @classmethod
+    def around(
+        cls, interval: int, at: int | None = None, post: int | None = None, key: str = "phases"
+    ) -> Phases:
+        """The run's phases for a Gram ``interval`` (optimizer steps): ``at`` and ``post``
+        as given, else one and ten intervals (a default ``post`` no shorter than ``at``);
+        a ``post`` given below ``at`` is a ValueError naming ``key``.phase_post."""
+        at = DEFAULT_AT_INTERVALS * interval if at is None else at
+        if post is None:
+            post = max(DEFAULT_POST_INTERVALS * interval, at)
+        elif post < at:
+            raise ValueError(
+                f"{key}.phase_post={post} is not allowed: an integer >= phase_at ({at})"
+            )
+        return cls(at=at, post=post)
 
     def label(self, step: int, grok_step: int | None) -> str:
         if grok_step is None or step < grok_step - self.at:
@@ -194,3 +215,20 @@ def log_table(
     data = [[jsonable(v) for v in row] for row in rows]
     for logger in wandb_loggers(trainer):
         logger.log_table(key=key, columns=list(columns), data=data, step=int(step))
+
+
+def log_scalars(
+    trainer: Any, pl_module: Any, values: Mapping[str, float | None], direct: bool = False
+) -> None:
+    """Log the finite ``values`` at ``global_step``: through ``pl_module.log_scalars``
+    (GrokModule) in hooks where Lightning allows ``self.log``, else (``direct``, or a
+    module without it) straight to the trainer's loggers. Undefined read-outs (None,
+    NaN) are left out."""
+    finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+    if not finite:
+        return
+    if direct or not hasattr(pl_module, "log_scalars"):
+        for logger in trainer.loggers:
+            logger.log_metrics(finite, step=trainer.global_step)
+    else:
+        pl_module.log_scalars(finite)

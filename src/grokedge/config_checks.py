@@ -7,7 +7,9 @@ here: Hydra rejects them while composing, listing the available options.
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,97 @@ def _require_file(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
     if not Path(value).is_file():
         raise ConfigError(f"{key}={value!r} is not allowed: no such file; {allowed}")
+
+
+# --------------------------------------------------------------------------- values
+# One argument check per kind of value, shared by the callbacks' constructors and the
+# config checks above: each failure names the key, the value and what is allowed.
+
+
+def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is an int in [minimum, maximum]; else ValueError naming ``key``."""
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        allowed = f"an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    return value
+
+
+def check_optional_int(key: str, value: Any, minimum: int) -> int | None:
+    """``None`` or an int >= minimum."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} is not allowed: null or an integer >= {minimum}")
+    return value
+
+
+def check_float(
+    key: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict_minimum: bool = False,
+) -> float:
+    """A finite real number in the given range; else ValueError naming ``key``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and math.isfinite(float(value))
+    if ok and minimum is not None:
+        ok = float(value) > minimum if strict_minimum else float(value) >= minimum
+    if ok and maximum is not None:
+        ok = float(value) <= maximum
+    if not ok:
+        parts = []
+        if minimum is not None:
+            parts.append(f"{'>' if strict_minimum else '>='} {minimum}")
+        if maximum is not None:
+            parts.append(f"<= {maximum}")
+        allowed = "a finite number" + (" " + " and ".join(parts) if parts else "")
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    return float(value)
+
+
+def check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not allowed: true or false")
+    return value
+
+
+def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed: one of {', '.join(choices)}")
+    return value
+
+
+def check_choices(key: str, value: Any, choices: Sequence[str]) -> tuple[str, ...]:
+    """A non-empty list of distinct entries of ``choices`` (Hydra ListConfig accepted)."""
+    if isinstance(value, str):
+        value = [value]
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = ()
+    if not items or any(v not in choices for v in items) or len(set(items)) != len(items):
+        raise ConfigError(
+            f"{key}={value!r} is not allowed: a non-empty list of distinct values from "
+            f"{', '.join(choices)}"
+        )
+    return items
+
+
+def check_device(key: str, value: Any) -> str | None:
+    """``None`` (the parameters' device) or a string torch accepts as a device."""
+    if value is None:
+        return None
+    import torch  # here, not at import: config checks run before torch is needed
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed: null (the parameters' device) or a torch "
+            "device such as cpu, cuda, cuda:1"
+        ) from e
+    return str(value)

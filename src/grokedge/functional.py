@@ -123,10 +123,36 @@ class TracedModel(Protocol):
 
 
 def analysed_module(module: nn.Module) -> nn.Module:
-    """The module whose parameter names ``params`` uses: ``module.net`` if it is an
-    ``nn.Module``, else ``module`` (the rule of ``grokedge.callbacks.gram.analysed_module``)."""
+    """The module whose parameter names ``params`` uses (and the GramCallback's selector
+    matches): ``module.net`` if it is an ``nn.Module``, else ``module`` (names are then
+    those of ``GrokModule.evaluate``, e.g. ``blocks.0.attn.in_proj_weight``)."""
     net = getattr(module, "net", None)
     return net if isinstance(net, nn.Module) else module
+
+
+def count_blocks(module: nn.Module) -> int | None:
+    """Blocks whose outputs ``ModelTrace.hidden`` holds (decoder blocks for seq2seq): the
+    module's ``n_blocks`` if it declares one, else its network's block list's length
+    (None: neither)."""
+    declared = getattr(module, "n_blocks", None)
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    net = analysed_module(module)
+    for name in ("decoder_blocks", "blocks"):
+        blocks = getattr(net, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return len(blocks)
+    return None
+
+
+def check_block(key: str, block: int, module: nn.Module) -> None:
+    """ValueError naming ``key`` unless ``block`` indexes one of the module's blocks."""
+    n = count_blocks(module)
+    if n is not None and not -n <= block < n:
+        raise ValueError(
+            f"{key}={block} is not allowed: a block index in [{-n}, {n - 1}] "
+            f"(the model has {n} blocks; -1 = the last)"
+        )
 
 
 def as_eval_result(value: Any) -> EvalResult:
@@ -169,6 +195,11 @@ def input_keys_of(module: Any) -> tuple[str, ...]:
     if keys is None:
         raise ValueError(f"{type(module).__name__} declares no input_keys")
     return keys
+
+
+def model_inputs(module: Any, batch: Batch) -> tuple[Tensor, ...]:
+    """The batch entries ``module`` takes (its ``input_keys``), in order."""
+    return tuple(batch[k] for k in input_keys_of(module))
 
 
 def _input_keys(module: Any) -> tuple[str, ...] | None:

@@ -32,7 +32,7 @@ and can be produced one at a time (n·k·p memory is never needed at once).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -524,3 +524,18 @@ def ablation_result(
 def float64_norm(v: Tensor) -> float:
     """‖v‖ of a whole vector, in float64."""
     return float(torch.linalg.vector_norm(v.to(torch.float64)))
+
+
+def params_norm(params: Iterable[Tensor]) -> float:
+    """‖θ‖ over a sequence of tensors (float64 sum of their squares), parameter units."""
+    total = 0.0
+    for p in params:
+        total += float(p.detach().to(torch.float64).pow(2).sum())
+    return math.sqrt(total)
+
+
+def edge_basis(vectors: Tensor, sigma: Tensor, indices: Sequence[int]) -> Tensor:
+    """Rows ``indices`` of the edge ``vectors`` [k, p] whose σ [k] is positive
+    ([k', p]; k' may be 0)."""
+    keep = [i for i in indices if i < vectors.shape[0] and i < sigma.numel() and sigma[i] > 0]
+    return vectors[keep]

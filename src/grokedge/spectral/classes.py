@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -204,3 +204,64 @@ def late_median(values: Sequence[float], indices: Sequence[int]) -> float:
 def functional_epsilon(theta: Tensor, fraction: float = PAPER_EPS_FRACTION) -> float:
     """ε = fraction · ‖θ_sel‖ (parameter units): the step along v_1 of the functional R²."""
     return fraction * float(torch.linalg.vector_norm(theta.detach().to(torch.float64)))
+
+
+class ClassWindow(NamedTuple):
+    """What the class reads of one Gram window: its ``step``, v_1's gradient energy
+    share (in [0, 1]) and v_1's rotation from the previous window (degrees; NaN: none)."""
+
+    step: int
+    grad_share: float
+    rotation_deg: float
+
+
+def classify_run(
+    windows: Sequence[ClassWindow],
+    window_phases: Sequence[str],
+    functional_r2: float,
+    thresholds: ClassThresholds,
+    balances: Sequence[float] | None = None,
+    balance_phases: Sequence[str] = (),
+    min_late: int = 3,
+    tail: int = 10,
+) -> dict[str, Any]:
+    """The run's observed and predicted class from its windows so far.
+
+    Args:
+        windows, window_phases: every Gram window and its phase, chronological.
+        functional_r2: the functional R² on the current weights (NaN: not measured).
+        balances, balance_phases: Term 3 / |Term 2| of each analysed gap-flow window and
+            its phase (None: the run has no gap flow; the prediction is undetermined).
+        min_late, tail: which windows are late (:func:`late_indices`).
+    Returns:
+        names and codes of both classes, the observed criteria used, the late means
+        (``late_grad_share``, ``late_rotation_deg``), ``functional_r2``, the late median
+        ``late_balance``, and which windows were late (``late_basis``, ``late_windows``,
+        ``late_first_step``, ``balance_basis``, ``balance_windows``).
+    """
+    idx, basis = late_indices(window_phases, min_late, tail)
+    share = late_mean([w.grad_share for w in windows], idx)
+    rotation = late_mean([w.rotation_deg for w in windows], idx)
+    observed = observed_class(share, rotation, functional_r2, thresholds)
+    balance, balance_basis, balance_n = math.nan, None, 0
+    if balances is not None:
+        b_idx, balance_basis = late_indices(balance_phases, min_late, tail)
+        balance = late_median(balances, b_idx)
+        balance_n = len(b_idx)
+    predicted = predicted_class(balance, thresholds)
+    return {
+        "observed": observed.name,
+        "predicted": predicted.name,
+        "observed_code": observed.code,
+        "predicted_code": predicted.code,
+        "observed_criteria": list(observed.criteria),
+        "late_grad_share": share,
+        "late_rotation_deg": rotation,
+        "functional_r2": functional_r2,
+        "late_balance": balance,
+        "late_basis": basis,
+        "late_windows": len(idx),
+        "late_first_step": int(windows[idx[0]].step) if idx else None,
+        "balance_basis": balance_basis,
+        "balance_windows": balance_n,
+    }
