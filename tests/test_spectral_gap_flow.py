@@ -16,6 +16,7 @@ from scipy import stats
 
 from grokedge.spectral import compute_edge
 from grokedge.spectral.gap_flow import (
+    GapFlowTerms,
     balance,
     curvatures_and_gradients,
     effective_gradients,
@@ -28,6 +29,7 @@ from grokedge.spectral.gap_flow import (
     prediction_agreement,
     signal_strengths,
 )
+from grokedge.spectral.gap_flow_record import EFFECTIVE, RAW, GapFlowRecord, PredictionPair
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -213,3 +215,43 @@ def test_modes_beyond_the_materialised_edge_from_the_window() -> None:
     np.testing.assert_allclose(np.abs(vectors.numpy()), np.abs(vt[2:]), atol=1e-10)
     want = (x - x_wd)[-1] @ vt[2:].T
     np.testing.assert_allclose(np.abs(newest.numpy()), np.abs(want), rtol=1e-9)
+
+
+def _terms(k: int, gap: float, predicted: float, balance: float) -> GapFlowTerms:
+    nan = math.nan
+    return GapFlowTerms(
+        k, nan, nan, gap, nan, nan, nan, nan, nan, nan, 5, nan, nan, nan, predicted, balance,
+        predicted_eff=2 * predicted, balance_eff=2 * balance,
+    )  # fmt: skip
+
+
+def test_gap_flow_record_pairs_by_hand_and_round_trips() -> None:
+    record = GapFlowRecord()
+    record.on_window(100, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    record.on_window(200, torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
+    # Backward: g_1 went from 9 − 4 = 5 to 16 − 4 = 12 over 100 steps.
+    observed = record.record(200, _terms(1, 12.0, 0.1, 3.0), weights_step=200)
+    assert observed == pytest.approx(0.07)
+    assert record.backward == [PredictionPair(200, 1, 0.1, 0.2, pytest.approx(0.07))]
+    assert record.balances_of(RAW) == [(200, 3.0)] and record.balances_of(EFFECTIVE) == [(200, 6.0)]
+    state = record.state_dict()
+    resumed = GapFlowRecord()
+    resumed.load_state_dict(torch_roundtrip(state))
+    assert resumed.state_dict() == state
+    # Forward: the next window's g_1 = 25 − 4 = 21, 9 more over 100 steps.
+    for r in (record, resumed):
+        assert r.on_window(300, torch.tensor([5.0, 2.0, 1.0], dtype=torch.float64))
+        assert r.forward == [PredictionPair(200, 1, 0.1, 0.2, pytest.approx(0.09))]
+        assert r.pending is None
+    # Weights newer than the window (an at_end call): no forward pair is awaited.
+    record.record(300, _terms(1, 21.0, 0.1, 3.0), weights_step=350)
+    assert record.pending is None and not record.on_window(400, [6.0, 2.0, 1.0])
+
+
+def torch_roundtrip(state: dict) -> dict:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
