@@ -376,8 +376,21 @@ def functional_r2(
     arrays must be the same positions (build both with :func:`hidden_states_and_targets`
     and the same labels). Features are standardised inside each fold, so the tiny scale
     of the change does not matter.
+
+    ``targets`` is [n] (one variable) or [n, m] (a variable read through m features, e.g.
+    the Fourier features of a cyclic answer, :mod:`grokedge.spectral.fourier`): then each
+    column is probed on the same folds and a fold's R² is the mean over the columns.
     """
     delta = _numpy(features_perturbed) - _numpy(features_base)
-    return score_probes(
-        delta, targets, groups, (LINEAR,), folds, seed, protocol, sample_weight, config
-    )[LINEAR]
+    y = _numpy(targets)
+    if y.ndim == 1:
+        return score_probes(
+            delta, y, groups, (LINEAR,), folds, seed, protocol, sample_weight, config
+        )[LINEAR]
+    columns = [
+        score_probes(
+            delta, y[:, j], groups, (LINEAR,), folds, seed, protocol, sample_weight, config
+        )[LINEAR].per_fold
+        for j in range(y.shape[1])
+    ]
+    return ProbeScore.from_folds(np.mean(np.asarray(columns), axis=0).tolist())
