@@ -18,12 +18,10 @@ is never touched), and decides:
 Thresholds and the meaning of "late": :mod:`grokedge.spectral.classes`, docs/classes.md.
 
 Under DDP with a sharded GramCallback (``trainer=ddp``) every rank holds its slice of v_1:
-the rotation is finished from the [2, 2] Gram of (v_1 previous; v_1) summed over the ranks
-(one all-reduce per window, called by every rank in the Gram's listener), the kept
-previous v_1 is this rank's slice (whole vectors in checkpoints, so that a run resumes on
-any number of ranks), and the functional R² gathers v_1 whole once per call (the model is
-evaluated at θ + εv_1). Every rank computes the same numbers; rank 0 writes them. On one
-process nothing is communicated and the numbers are the unsharded ones bit for bit.
+the rotation is :class:`~grokedge.spectral.direction_rotation.DirectionRotation`'s (one
+all-reduce per window; whole vectors in checkpoints, so that a run resumes on any number
+of ranks), and the functional R² gathers v_1 whole once per call. Every rank computes the
+same numbers; rank 0 writes them. On one process nothing is communicated.
 """
 
 from __future__ import annotations
@@ -34,36 +32,34 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch import Tensor
 
 from grokedge.callbacks.common import AnalysisCallback, Result, trace_of
 from grokedge.callbacks.gap_flow import GapFlowCallback
-from grokedge.config_checks import check_float, check_int
-from grokedge.functional import TRACE, analysed_module, check_block
-from grokedge.spectral import EdgeState, energy_fractions, rotation_finish, rotation_partial
+from grokedge.config_checks import check_choice, check_float, check_float_map, check_int
+from grokedge.functional import EVALUATE, TRACE, analysed_module, check_block
+from grokedge.spectral import EdgeState, energy_fractions
 from grokedge.spectral.classes import (
     PAPER_EPS_FRACTION,
+    THRESHOLD_BOUNDS,
     ClassThresholds,
     ClassWindow,
     classify_run,
     functional_epsilon,
 )
-from grokedge.spectral.probes import functional_r2 as functional_r2_score
-from grokedge.tasks.probe_targets import probe_data, probe_target_tensors
+from grokedge.spectral.direction_rotation import DirectionRotation
+from grokedge.tasks.probe_targets import (
+    BASES,
+    FOURIER,
+    VALUE,
+    FunctionalReadout,
+    FunctionalTarget,
+    check_functional_target,
+    functional_readout,
+    probe_target_tensors,
+)
 
 CLASS_KEY = "callbacks.classes"
 CLASSES = "classes"
-
-THRESHOLD_BOUNDS = {  # (minimum, maximum, minimum excluded) of each threshold
-    "functional_grad_share": (0.0, 1.0, False),
-    "functional_r2": (None, 1.0, False),
-    "compression_grad_share": (0.0, 1.0, False),
-    "compression_r2": (None, 1.0, False),
-    "compression_rotation_deg": (0.0, 90.0, False),
-    "functional_balance": (None, None, False),
-    "compression_balance": (0.0, None, True),
-}
-OPTIONAL_THRESHOLDS = ("compression_rotation_deg",)  # None: criterion not used
 
 TABLE_COLUMNS = (
     "observed",
@@ -93,17 +89,26 @@ class ClassCallback(AnalysisCallback):
         block: block whose output is read (-1: the last, before the final LayerNorm).
         folds: K of the linear probe's grouped K-fold (capped at the number of strings).
         seed: seed of the folds.
+        target: the task variable the functional R² reads, one of the task's
+            ``probe_target_names`` (None: its first probe target); ``conf/task/*.yaml``
+            declares each task's (``task.functional_target``).
+        target_basis: ``value`` (the number) or ``fourier`` (cos/sin(2πkc/p) at the
+            ``n_frequencies`` key frequencies of the answer logits; a cyclic answer:
+            modular arithmetic). See ``grokedge.tasks.probe_targets``.
         min_late, tail: "late" windows are the ``late``-phase ones if there are at least
             ``min_late``, else the last ``tail`` windows.
-        functional_grad_share, functional_r2, compression_grad_share, compression_r2,
-        compression_rotation_deg (None: unused), functional_balance, compression_balance:
-            thresholds, see :class:`grokedge.spectral.classes.ClassThresholds`.
+        thresholds: the class rule's thresholds by name (``functional_grad_share``,
+            ``functional_r2``, ``compression_grad_share``, ``compression_r2``,
+            ``compression_rotation_deg`` (None: unused), ``functional_balance``,
+            ``compression_balance``); those left out keep the defaults of
+            :class:`grokedge.spectral.classes.ClassThresholds`.
         tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``): ``class/observed``, ``class/predicted`` (codes: functional 0,
     mixed 1, compression 2), ``class/late_grad_share``, ``class/late_rotation_deg``,
     ``class/functional_r2``, ``class/functional_r2_sd``, ``class/late_balance``,
-    ``class/late_windows``, ``class/functional_eps``. Writes a ``classes`` row per call
+    ``class/late_windows``, ``class/functional_eps``, ``class/functional_r2_{name}``
+    (every declared target read as a number). Writes a ``classes`` row per call
     (names, measurements, thresholds, which windows were late); ``summary_fields()`` puts
     ``class_observed``, ``class_predicted`` (names) and the measurements into
     ``summary.json``.
@@ -127,15 +132,12 @@ class ClassCallback(AnalysisCallback):
         block: int = -1,
         folds: int = 5,
         seed: int = 0,
+        target: str | None = None,
+        target_basis: str = VALUE,
+        n_frequencies: int = 4,
         min_late: int = 3,
         tail: int = 10,
-        functional_grad_share: float = 0.90,
-        functional_r2: float = 0.90,
-        compression_grad_share: float = 0.50,
-        compression_r2: float = 0.30,
-        compression_rotation_deg: float | None = 12.0,
-        functional_balance: float = 2.0,
-        compression_balance: float = 0.5,
+        thresholds: Mapping[str, float | None] | None = None,
         config_key: str = CLASS_KEY,
         **schedule: Any,
     ) -> None:
@@ -149,37 +151,39 @@ class ClassCallback(AnalysisCallback):
         self.block = block
         self.folds = check_int(f"{key}.folds", folds, 2)
         self.seed = check_int(f"{key}.seed", seed, 0)
+        if target is not None and (not isinstance(target, str) or not target):
+            raise ValueError(f"{key}.target={target!r} is not allowed: null or a target name")
+        self.target = FunctionalTarget(
+            target or "",
+            check_choice(f"{key}.target_basis", target_basis, BASES),
+            check_int(f"{key}.n_frequencies", n_frequencies, 1),
+        )
         self.min_late = check_int(f"{key}.min_late", min_late, 1)
         self.tail = check_int(f"{key}.tail", tail, 1)
-        given = {
-            "functional_grad_share": functional_grad_share,
-            "functional_r2": functional_r2,
-            "compression_grad_share": compression_grad_share,
-            "compression_r2": compression_r2,
-            "compression_rotation_deg": compression_rotation_deg,
-            "functional_balance": functional_balance,
-            "compression_balance": compression_balance,
-        }
-        checked = {
-            name: None
-            if value is None and name in OPTIONAL_THRESHOLDS
-            else check_float(f"{key}.{name}", value, *THRESHOLD_BOUNDS[name])
-            for name, value in given.items()
-        }
+        checked = check_float_map(f"{key}.thresholds", thresholds or {}, THRESHOLD_BOUNDS)
         try:
             self.thresholds = ClassThresholds(**checked)
         except ValueError as e:
-            raise ValueError(f"{key}: thresholds not allowed: {e}") from e
+            raise ValueError(f"{key}.thresholds not allowed: {e}") from e
         self.windows: list[ClassWindow] = []
         # v_1 of the previous window (a copy: the Gram's own ``previous`` is gone after a
         # resume, and its buffer is reused two windows later).
-        self.prev_v1: torch.Tensor | None = None
+        self.v1_turn = DirectionRotation()
         self.last: dict[str, Any] | None = None
         self.gap_flow: GapFlowCallback | None = None
+
+    def required(self) -> tuple[str, ...]:
+        # The Fourier basis reads the key frequencies off the answer logits.
+        return (TRACE, EVALUATE) if self.target.basis == FOURIER else (TRACE,)
 
     def check_module(self, pl_module: Any) -> None:
         super().check_module(pl_module)
         check_block(f"{self.config_key}.block", self.block, pl_module)
+
+    def check_data(self, datamodule: Any) -> None:
+        """Before training: the target is one the task declares, in a basis it allows."""
+        if self.target.name:
+            check_functional_target(self.config_key, self.target, datamodule)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -198,19 +202,9 @@ class ClassCallback(AnalysisCallback):
         ``prev_v1`` are the same on every rank, so all ranks reduce or none does).
         """
         share = float(energy_fractions(state.grad_proj[:, :1], state.wd_proj[:, :1])[0][0])
-        rotation = math.nan
-        v1 = state.vectors[0]
-        if float(state.sigma[0]) > 0:
-            prev = self._prev_v1_slice()
-            if prev is not None:
-                gram = rotation_partial(prev.to(v1.device, v1.dtype), v1)
-                if self._sharded():
-                    assert self.gram is not None
-                    gram = self.gram.reduce(gram)
-                rotation = float(rotation_finish(gram)[0])
-            self.prev_v1 = v1.detach().clone()
-        else:
-            self.prev_v1 = None
+        assert self.gram is not None
+        valid = float(state.sigma[0]) > 0
+        rotation = self.v1_turn.update(state.vectors[0], valid, self.gram.shard, self.gram.reduce)
         self.windows.append(ClassWindow(int(state.step), share, rotation))
 
     def _sharded(self) -> bool:
@@ -218,24 +212,14 @@ class ClassCallback(AnalysisCallback):
         shard = None if self.gram is None else self.gram.shard
         return shard is not None and shard.sharded
 
-    def _prev_v1_slice(self) -> Tensor | None:
-        """``prev_v1`` as this rank's slice: a whole vector restored from a checkpoint is
-        cut down once the Gram's shard is known (no communication)."""
-        prev = self.prev_v1
-        if prev is not None and self._sharded():
-            assert self.gram is not None and self.gram.shard is not None
-            shard = self.gram.shard
-            if prev.shape[-1] == shard.p:  # whole (a checkpoint's): keep this rank's slice
-                self.prev_v1 = prev = shard.take(prev).clone()
-        return prev
-
     # -------------------------------------------------------------------- the analysis
 
     @torch.no_grad()
     def functional_r2(
         self, trainer: L.Trainer, pl_module: L.LightningModule
-    ) -> tuple[float, float, float, int]:
-        """(R² mean, R² sd, ε, positions) on the current weights and edge v_1.
+    ) -> tuple[FunctionalReadout | None, float]:
+        """The functional readout on the current weights and edge v_1, and ε (None, NaN
+        while σ_1 = 0).
 
         Collective under sharding: v_1 is gathered whole (one p-vector) when σ_1 > 0.
         """
@@ -243,7 +227,7 @@ class ClassCallback(AnalysisCallback):
         assert self.gram.selector is not None
         edge, selector = self.gram.edge, self.gram.selector
         if float(edge.sigma[0]) <= 0:
-            return math.nan, math.nan, math.nan, 0
+            return None, math.nan
         net = analysed_module(pl_module)
         batch = self.subset(trainer, pl_module)
         theta = selector.flatten(net)
@@ -255,23 +239,16 @@ class ClassCallback(AnalysisCallback):
         params = selector.functional_params(moved, dict(net.named_parameters()))
         base = trace_of(pl_module, batch).hidden[self.block]
         perturbed = trace_of(pl_module, batch, params).hidden[self.block]
-        declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
-        target = declared[next(iter(declared))]
-        a = probe_data(trainer.datamodule, pl_module, batch, base, target)
-        b = probe_data(trainer.datamodule, pl_module, batch, perturbed, target)
-        n_groups = len(set(a.groups.tolist()))
-        if n_groups < 2:
-            return math.nan, math.nan, eps, len(a.targets)
-        score = functional_r2_score(
-            a.features,
-            b.features,
-            a.targets,
-            a.groups,
-            folds=min(self.folds, n_groups),
-            seed=self.seed,
-            sample_weight=a.weights,
-        )
-        return score.mean, score.sd, eps, len(a.targets)
+        dm, target = trainer.datamodule, self.target
+        if not target.name:  # the task's first probe target, as a number
+            declared = probe_target_tensors(dm, batch, self.config_key)
+            target = FunctionalTarget(next(iter(declared)), VALUE)
+        logits = pl_module.evaluate({}, batch)[2] if target.basis == FOURIER else None
+        readout = functional_readout(
+            dm, pl_module, batch, base, perturbed, target, logits, self.folds, self.seed,
+            self.config_key,
+        )  # fmt: skip
+        return readout, eps
 
     def classify(self, grok_step: int | None, r2: float) -> dict[str, Any]:
         """Observed and predicted class from the windows so far and the functional R²
@@ -292,9 +269,11 @@ class ClassCallback(AnalysisCallback):
         )
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
-        r2, r2_sd, eps, n = self.functional_r2(trainer, pl_module)
+        readout, eps = self.functional_r2(trainer, pl_module)
+        nan = math.nan
+        r2, r2_sd = (nan, nan) if readout is None else (readout.r2, readout.sd)
         decision = self.classify(getattr(pl_module, "grok_step", None), r2)
-        self.last = decision | {"step": step, "functional_r2_sd": r2_sd}
+        by_target = {} if readout is None else readout.by_target
         scalars = {
             "class/observed": decision["observed_code"],
             "class/predicted": decision["predicted_code"],
@@ -305,15 +284,20 @@ class ClassCallback(AnalysisCallback):
             "class/late_balance": decision["late_balance"],
             "class/late_windows": float(decision["late_windows"]),
             "class/functional_eps": eps,
-        }
+        } | {f"class/functional_r2_{name}": v for name, v in by_target.items()}
         fields = decision | {
             "functional_r2_sd": r2_sd,
             "functional_eps": eps,
-            "n_positions": n,
+            "n_positions": 0 if readout is None else readout.positions,
+            "functional_target": self.target.name or None,
+            "functional_basis": self.target.basis,
+            "key_frequencies": [] if readout is None else readout.frequencies,
+            "functional_r2_by_target": by_target,
             "eps_fraction": self.eps_fraction,
             "block": self.block,
             "thresholds": dict(self.thresholds.__dict__),
         }
+        self.last = fields | {"step": step}
         columns = list(TABLE_COLUMNS)
         return Result(scalars, fields, ("class/table", columns, [[decision[c] for c in columns]]))
 
@@ -329,11 +313,15 @@ class ClassCallback(AnalysisCallback):
             "late_balance",
             "late_basis",
             "late_windows",
+            "functional_target",
+            "functional_basis",
+            "key_frequencies",
+            "margins",
         )
         return {
             "class_observed": self.last["observed"],
             "class_predicted": self.last["predicted"],
-            **{f"class_{k}": self.last[k] for k in keys},
+            **{f"class_{k}": self.last.get(k) for k in keys},  # .get: older checkpoints
         }
 
     # -------------------------------------------------------------------- checkpoints
@@ -346,19 +334,9 @@ class ClassCallback(AnalysisCallback):
             last = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.last.items()}
         return super().state_dict() | {
             "windows": [list(w) for w in self.windows],
-            "prev_v1": self._whole_prev_v1(),
+            "prev_v1": self.v1_turn.whole(None if self.gram is None else self.gram.shard),
             "last": last,
         }
-
-    def _whole_prev_v1(self) -> Tensor | None:
-        """``prev_v1`` as a whole CPU vector (gathered from the ranks' slices if sharded)."""
-        prev = self._prev_v1_slice()
-        if prev is None:
-            return None
-        if self._sharded():
-            assert self.gram is not None
-            prev = self.gram.gather_vectors(prev.detach().reshape(1, -1))[0]
-        return prev.detach().cpu()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore; ``prev_v1`` is whole and is sliced at its first use if sharded."""
@@ -366,6 +344,6 @@ class ClassCallback(AnalysisCallback):
             return
         super().load_state_dict(state_dict)
         self.windows = [ClassWindow(*w) for w in state_dict.get("windows", [])]
-        self.prev_v1 = state_dict.get("prev_v1")
+        self.v1_turn.previous = state_dict.get("prev_v1")
         last = state_dict.get("last")
         self.last = None if last is None else dict(last)

@@ -155,6 +155,10 @@ class AnalysisCallback(Callback, ABC):
         if needs:
             check_module_has(pl_module, needs, self.config_key)
 
+    def check_data(self, datamodule: Any) -> None:
+        """Checks against the task's declarations (``train.build`` calls this before
+        training, ``setup`` again for a Trainer built by hand); none by default."""
+
     def check_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """On the fixed evaluation subset, before the first step: ``evaluate`` and
         ``trace`` (what :meth:`required` names) return what the protocol says
@@ -183,6 +187,7 @@ class AnalysisCallback(Callback, ABC):
         if stage != "fit":
             return
         self.check_module(pl_module)
+        self.check_data(trainer.datamodule)
         self.gram = find_gram_callback(trainer, required=False)
         if self.gram is None and self.needs_edge:
             try:

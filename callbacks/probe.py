@@ -30,7 +30,7 @@ from grokedge.config_checks import check_bool, check_choice, check_choices, chec
 from grokedge.functional import TRACE, check_block
 from grokedge.spectral import score_probes
 from grokedge.spectral.probes import GROUPED_KFOLD, PROBE_KINDS, PROTOCOLS, ProbeConfig
-from grokedge.tasks.probe_targets import probe_data, probe_target_tensors
+from grokedge.tasks.probe_targets import check_target_names, probe_data, probe_target_tensors
 
 PROBE_KEY = "callbacks.probe"
 PROBE = "probe"
@@ -107,10 +107,7 @@ class ProbeCallback(AnalysisCallback):
         config_key: str = PROBE_KEY,
         **schedule: Any,
     ) -> None:
-        super().__init__(
-            config_key=config_key,
-            **schedule,
-        )
+        super().__init__(config_key=config_key, **schedule)
         key = config_key
         if isinstance(block, bool) or not isinstance(block, int):
             raise ValueError(f"{key}.block={block!r} is not allowed: a block index (-1: the last)")
@@ -141,6 +138,11 @@ class ProbeCallback(AnalysisCallback):
     def check_module(self, pl_module) -> None:
         super().check_module(pl_module)
         check_block(f"{self.config_key}.block", self.block, pl_module)
+
+    def check_data(self, datamodule: Any) -> None:
+        """Before training: every chosen target is one the task declares."""
+        if self.targets is not None:
+            check_target_names(f"{self.config_key}.targets", list(self.targets), datamodule)
 
     def _chosen_targets(self, declared: dict) -> list[str]:
         if self.targets is None:

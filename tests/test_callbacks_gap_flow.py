@@ -173,6 +173,10 @@ def test_classes_are_decided_from_the_late_windows_and_written_to_the_summary(
     assert last["late_grad_share"] == pytest.approx(sum(shares) / len(shares), rel=1e-9)
     assert last["late_rotation_deg"] == pytest.approx(sum(rotations) / len(rotations), rel=1e-6)
     assert -1.0 <= last["functional_r2"] <= 1.0
+    # Dyck's declared functional target: depth, read as a number (conf/task/dyck.yaml).
+    assert (last["functional_target"], last["functional_basis"]) == ("depth", "value")
+    assert last["functional_r2_by_target"] == {"depth": pytest.approx(last["functional_r2"])}
+    assert last["key_frequencies"] == []
     net = analysed_module(runs.full.module)
     theta = find_gram_callback(runs.full.trainer).selector.flatten(net).double()
     assert last["functional_eps"] == pytest.approx(0.005 * float(theta.norm()), rel=1e-6)
@@ -259,8 +263,20 @@ BAD = [
     (["callbacks.gap_flow.hvp_dtype=int8"], "callbacks.gap_flow.hvp_dtype='int8'"),
     (["callbacks.gap_flow.driving=both"], "callbacks.gap_flow.driving='both'"),
     (["callbacks.gap_flow.k=0"], "callbacks.gap_flow.k=0"),
-    (["callbacks.classes.functional_grad_share=1.5"], "callbacks.classes.functional_grad_share"),
-    (["callbacks.classes.compression_grad_share=0.95"], "compression_grad_share=0.95"),
+    (
+        ["callbacks.classes.thresholds.functional_grad_share=1.5"],
+        "callbacks.classes.thresholds.functional_grad_share=1.5",
+    ),
+    (["callbacks.classes.thresholds.compression_grad_share=0.95"], "compression_grad_share=0.95"),
+    (["+callbacks.classes.thresholds.nosuch=1"], "callbacks.classes.thresholds.nosuch=1"),
+    # A probe target the task does not declare: one error naming the key and the targets.
+    (["callbacks.classes.target=parity"], "callbacks.classes.target='parity' is not allowed"),
+    (["callbacks.classes.target=parity"], "declares the probe targets depth"),
+    (["callbacks.classes.target_basis=fourier"], "callbacks.classes.target_basis='fourier'"),
+    (
+        ["+callbacks@callbacks.probe=probe", "callbacks.probe.targets=[parity]"],
+        "callbacks.probe.targets=['parity'] is not allowed: the task (dyck) declares",
+    ),
     (["callbacks.classes.eps_fraction=0"], "callbacks.classes.eps_fraction=0"),
     (["callbacks.classes.block=2"], "callbacks.classes.block=2"),
 ]
@@ -277,3 +293,29 @@ def test_cadence_off_the_windows_fails_at_setup(tmp_path: Path) -> None:
     run = built(tmp_path / "run", [*ANALYSES, "callbacks.gap_flow.every=15", "trainer.max_steps=1"])
     with pytest.raises(ValueError, match=r"callbacks\.gap_flow\.every=15 .* multiple"):
         fit_quietly(run)
+
+
+def test_modular_reads_the_answer_in_its_fourier_basis(tmp_path: Path) -> None:
+    """A real modular run: the functional R² reads the answer's Fourier features at the
+    key frequencies of the logits, beside every declared target read as a number."""
+    overrides = [
+        "task=modular",
+        "logger=none",
+        "torch_threads=1",
+        "progress_bar.refresh_rate=0",
+        "task.gram_interval=10",
+        "task.eval_every=20",
+        "trainer.max_steps=40",
+        *ANALYSES,
+        "callbacks.classes.every=40",
+        "callbacks.classes.n_sequences=200",
+    ]
+    run = build(compose(overrides, tmp_path / "run"), tmp_path / "run")
+    fit_quietly(run)
+    row = read_analyses(tmp_path / "run", ["classes"])[-1]
+    assert (row["functional_target"], row["functional_basis"]) == ("answer", "fourier")
+    freqs = row["key_frequencies"]
+    assert len(freqs) == 4 and all(1 <= k <= 48 for k in freqs) and freqs == sorted(set(freqs))
+    assert set(row["functional_r2_by_target"]) == {"answer", "a", "b"}
+    assert math.isfinite(row["functional_r2"]) and row["functional_r2"] <= 1.0
+    assert row["n_positions"] == 200

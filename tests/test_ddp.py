@@ -188,7 +188,7 @@ def test_sharded_class_windows_and_checkpoint_match_one_process(world: int) -> N
     results = run_ranks(world, lambda r, coll: record(coll))
     for cls, gram, state in results:
         assert gram.shard is not None and gram.shard.sharded
-        assert cls.prev_v1 is not None and cls.prev_v1.shape == (gram.shard.n,)
+        assert cls.v1_turn.previous is not None and cls.v1_turn.previous.shape == (gram.shard.n,)
         steps = [w[0] for w in cls.windows]
         assert steps == [w[0] for w in ref.windows]
         torch.testing.assert_close(

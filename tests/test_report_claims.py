@@ -371,16 +371,67 @@ def test_weight_decay_table_rule(tmp_path: Path) -> None:
 
 
 def test_class_rule(tmp_path: Path) -> None:
-    def run(task: str, name: str) -> RunData:
-        return _run(tmp_path, f"{task}{name}", task=task, class_observed=name)
+    def run(task: str, name: str, late: int = 12, basis: str = "phase", seed: int = 1) -> RunData:
+        return _run(
+            tmp_path,
+            f"{task}{name}{seed}",
+            task=task,
+            seed=seed,
+            class_observed=name,
+            class_late_windows=late,
+            class_late_basis=basis,
+        )
 
-    dyck = [run("dyck", "mixed"), run("dyck", "mixed"), run("dyck", "functional")]
-    assert C.class_claim(Collection(tmp_path, dyck, is_sweep=True)).verdict == C.INCONCLUSIVE
-    three = [*dyck, run("modular", "functional"), run("scan", "compression")]
-    assert C.class_claim(Collection(tmp_path, three, is_sweep=True)).verdict == C.HOLDS
-    wrong = [*three, run("scan", "mixed"), run("scan", "mixed")]
-    claim = C.class_claim(Collection(tmp_path, wrong, is_sweep=True))
+    def verdict(runs: list[RunData]) -> C.Claim:
+        return C.class_claim(Collection(tmp_path, runs, is_sweep=True))
+
+    dyck = [run("dyck", "mixed", seed=1), run("dyck", "mixed", seed=2), run("dyck", "functional")]
+    assert verdict(dyck).verdict == C.INCONCLUSIVE  # modular and scan not classified
+    modular = [run("modular", "functional", seed=s) for s in (1, 2, 3)]
+    scan = [run("scan", "compression", seed=s) for s in (1, 2, 3)]
+    assert verdict([*dyck, *modular, *scan]).verdict == C.HOLDS
+    # Too few late windows, or a class from the tail of a run that never got late: not judged.
+    short = [run("scan", "compression", late=9, seed=s) for s in (1, 2, 3)]
+    claim = verdict([*dyck, *modular, *short])
+    assert claim.verdict == C.INCONCLUSIVE and claim.why.startswith("scan: fewer than 3")
+    tail = [run("scan", "compression", basis="tail", seed=s) for s in (1, 2, 3)]
+    assert verdict([*dyck, *modular, *tail]).verdict == C.INCONCLUSIVE
+    # Two judged runs of a task are not enough: the task is inconclusive, whatever class.
+    assert verdict([*dyck, *modular, *scan[:2]]).verdict == C.INCONCLUSIVE
+    wrong = [*dyck, *modular, *scan, *(run("scan", "mixed", seed=s) for s in (4, 5, 6, 7))]
+    claim = verdict(wrong)
     assert claim.verdict == C.NOT_REPRODUCED and "scan: mixed ≠ compression" in claim.why
+
+
+def test_class_tables_per_task_and_margins(tmp_path: Path) -> None:
+    from grokedge.reporting import tables as T
+
+    def run(seed: int, share: float, omega: float = 1.0) -> RunData:
+        margins = {"functional_grad_share": share - 0.9, "compression_grad_share": 0.5 - share}
+        return _run(
+            tmp_path,
+            f"d{seed}_{omega}",
+            seed=seed,
+            omega=omega,
+            class_observed="mixed",
+            class_predicted="compression",
+            class_late_grad_share=share,
+            class_late_windows=11,
+            class_margins=margins,
+        )
+
+    runs = [run(1, 0.8), run(2, 0.9), run(3, 0.88, omega=0.0)]
+    table = T.class_task_table(Collection(tmp_path, runs, is_sweep=True))
+    by_omega = {row[1]: dict(zip(table.columns, row, strict=True)) for row in table.rows}
+    assert by_omega["1"]["runs"] == "2" and by_omega["1"]["observed"] == "mixed 2"
+    assert by_omega["1"]["late_grad_share"] == T.mean_sd_text([0.8, 0.9])
+    assert by_omega["1"]["paper late_grad_share"] == "0.87"
+    assert by_omega["0"]["late_grad_share"] == "0.880"
+    margins = T.class_margin_table(Collection(tmp_path, runs, is_sweep=True))
+    first = dict(zip(margins.columns, margins.rows[0], strict=True))
+    assert (
+        first["functional_grad_share"] == "-0.100" and first["closest"] == "functional_grad_share"
+    )
 
 
 def test_every_claim_is_a_row_even_with_nothing_to_test(tmp_path: Path) -> None:

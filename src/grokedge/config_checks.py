@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +208,25 @@ def check_device(key: str, value: Any) -> str | None:
             "device such as cpu, cuda, cuda:1"
         ) from e
     return str(value)
+
+
+def check_float_map(
+    key: str,
+    values: Mapping[str, Any],
+    bounds: Mapping[str, tuple[float | None, float | None, bool, bool]],
+) -> dict[str, float | None]:
+    """Named numbers, each checked against ``bounds[name]`` = (minimum, maximum, minimum
+    excluded, None allowed); a name not in ``bounds`` is a ConfigError naming
+    ``key``.<name> and the allowed names."""
+    out: dict[str, float | None] = {}
+    for name, value in values.items():
+        where = f"{key}.{name}"
+        if name not in bounds:
+            allowed = ", ".join(bounds)
+            raise ConfigError(f"{where}={value!r} is not allowed: one of the names {allowed}")
+        minimum, maximum, strict, optional = bounds[name]
+        if value is None and optional:
+            out[name] = None
+        else:
+            out[name] = check_float(where, value, minimum, maximum, strict_minimum=strict)
+    return out

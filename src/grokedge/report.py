@@ -228,6 +228,8 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
     )
     s.table(T.wd_table(collection), missing="No run logged wd/* read-outs: no Table 1.")
     s.table(T.class_table(collection))
+    s.table(T.class_task_table(collection), missing="No run with class fields.")
+    s.table(T.class_margin_table(collection), missing="No run with class margins.")
     s.figure(
         "sweep_gapflow_balance",
         F.sweep_bars_figure(

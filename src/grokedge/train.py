@@ -182,11 +182,13 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     for callback in callbacks:
         # Checks that need the built model (a selector matching nothing, a weight decay
         # that cannot be split exactly) must fail here, before any training.
-        if hasattr(callback, "check_module"):
-            try:
-                callback.check_module(module)
-            except ValueError as e:
-                raise ConfigError(str(e)) from e
+        # ... and checks against the task's declarations (probe targets a callback reads).
+        for check, against in (("check_module", module), ("check_data", datamodule)):
+            if hasattr(callback, check):
+                try:
+                    getattr(callback, check)(against)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from e
     callbacks += [
         _instantiate(cfg.nonfinite),
         RunIdentity(cfg.task.name, str(cfg.model.get("_target_"))),

@@ -699,20 +699,38 @@ def observed_classes(runs: list[RunData]) -> dict[str, Counter[str]]:
     return out
 
 
+def judged_runs(runs: list[RunData]) -> list[RunData]:
+    """The runs whose class rests on at least ``class_min_late_windows`` late windows."""
+    least = thresholds()["class_min_late_windows"]
+    return [
+        r
+        for r in runs
+        if class_fields(r.summary).get("class_late_basis") == "phase"
+        and (class_fields(r.summary).get("class_late_windows") or 0) >= least
+    ]
+
+
 def class_verdict(observed: dict[str, Counter[str]]) -> tuple[str, str]:
-    """``not reproduced`` when a task's most frequent class is not the paper's; ``holds``
-    when every task of the paper's table is classified and matches; else inconclusive."""
+    """Over the judged runs (:func:`judged_runs`): ``not reproduced`` when a task with at
+    least ``class_min_seeds`` of them has a most frequent class other than the paper's;
+    ``holds`` when every task of the paper's table has them and matches; else
+    inconclusive (saying which tasks have too few)."""
     paper = {k: v["class"] for k, v in paper_values()["classes"].items() if k != "source"}
+    enough = thresholds()["class_min_seeds"]
+    judged = {t: c for t, c in observed.items() if sum(c.values()) >= enough}
     wrong = [
         f"{t}: {c.most_common(1)[0][0]} ≠ {paper[t]}"
-        for t, c in observed.items()
+        for t, c in judged.items()
         if t in paper and c.most_common(1)[0][0] != paper[t]
     ]
     if wrong:
         return NOT_REPRODUCED, "; ".join(wrong)
-    absent = [t for t in paper if t not in observed]
+    absent = [t for t in paper if t not in judged]
     if absent:
-        return INCONCLUSIVE, f"matches, but {', '.join(absent)} not classified (needs all three)"
+        return INCONCLUSIVE, (
+            f"{', '.join(absent)}: fewer than {enough} grokked runs with >= "
+            f"{thresholds()['class_min_late_windows']} late windows (needs all three tasks)"
+        )
     return HOLDS, "every task's class is the paper's (rules: conf/callbacks/classes.yaml)"
 
 
@@ -731,7 +749,7 @@ def class_claim(collection: Collection) -> Claim:
     if not observed:
         why = "no class fields in a grokked run's summary.json: run with callbacks=full"
         return _not_tested(CLASS_TITLE, paper, why)
-    verdict, why = class_verdict(observed)
+    verdict, why = class_verdict(observed_classes(judged_runs(treated(collection))))
     ctrl = observed_classes(controls(collection))
     control = f"ω = 0: {_classes_text(ctrl)}" if ctrl else "no ω = 0 run with a class"
     return Claim(CLASS_TITLE, paper, _classes_text(observed), control, verdict, why, ("report.md",))

@@ -399,6 +399,10 @@ def gapflow_table(run: RunData, max_columns: int = 12) -> Table | None:
     return Table(f"Gap-flow terms by window ({source})", ["step", "phase", *names], out)
 
 
+MARGINS = "class_margins"
+"""The summary field of each criterion's margin to its threshold (a dict)."""
+
+
 def class_fields(summary: dict[str, Any] | None) -> dict[str, Any]:
     """The summary's fields whose key starts with ``class`` (written by the class analysis).
 
@@ -429,7 +433,8 @@ def run_class_table(run: RunData) -> Table | None:
     if not fields:
         return None
     paper = paper_values()["classes"].get(run.task, {})
-    rows = [[k, _cell(v)] for k, v in fields.items()]
+    rows = [[k, _cell(v)] for k, v in fields.items() if k != MARGINS]
+    rows += [[f"margin: {k}", fmt(v)] for k, v in (fields.get(MARGINS) or {}).items()]
     rows.append(["paper: class of this task", str(paper.get("class", "–"))])
     return Table("Universality class (summary.json)", ["field", "value"], rows)
 
@@ -622,7 +627,7 @@ def class_table(collection: Collection) -> Table:
     paper = paper_values()["classes"]
     keys: list[str] = []
     for run in collection.ok:
-        keys += [k for k in class_fields(run.summary) if k not in keys]
+        keys += [k for k in class_fields(run.summary) if k not in keys and k != MARGINS]
     columns = ["run", "task", "ω", "seed", *keys]
     columns += ["late v1 grad share", "late v1 rotation (°)"]
     columns += ["paper class", "paper grad share", "paper rotation (°)", "paper functional R²"]
@@ -652,6 +657,84 @@ def class_table(collection: Collection) -> Table:
     if not keys:
         note += " No run's summary.json holds class fields (the class analysis did not run)."
     return Table("Universality classes", columns, out, note=note)
+
+
+CLASS_CRITERIA = ("late_grad_share", "late_rotation_deg", "functional_r2", "late_balance")
+"""The class measurements summarised per task (``class_<name>`` in summary.json)."""
+PAPER_CRITERIA = {"late_grad_share": "late_grad_share", "late_rotation_deg": "rotation_deg"}
+PAPER_CRITERIA |= {"functional_r2": "functional_r2"}
+
+
+def _counts(names: Iterable[Any]) -> str:
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[str(n)] = counts.get(str(n), 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1])) or "–"
+
+
+def class_task_table(collection: Collection) -> Table | None:
+    """Per task and ω: the observed and predicted classes of its runs, mean ± sd of each
+    criterion over them, and the paper's class and values beside; None without classes."""
+    groups: dict[tuple[str, Any], list[RunData]] = {}
+    for run in collection.ok:
+        if class_fields(run.summary).get("class_observed") is not None:
+            groups.setdefault((run.task, run.weight_decay), []).append(run)
+    if not groups:
+        return None
+    paper = paper_values()["classes"]
+    columns = ["task", "ω", "runs", "grokked", "late windows", "observed", "predicted"]
+    columns += [*CLASS_CRITERIA, "paper class", *(f"paper {c}" for c in PAPER_CRITERIA)]
+    rows = []
+    for (task, omega), runs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or 0)):
+        fields = [class_fields(r.summary) for r in runs]
+        late = [f.get("class_late_windows") for f in fields]
+        ref = paper.get(task, {})
+        rows.append(
+            [task, "?" if omega is None else f"{omega:g}", str(len(runs))]
+            + [str(sum(r.grok_step is not None for r in runs))]
+            + [f"{min(late)}–{max(late)}" if all(x is not None for x in late) else "–"]
+            + [_counts(f.get("class_observed") for f in fields)]
+            + [_counts(f.get("class_predicted") for f in fields)]
+            + [mean_sd_text(f.get(f"class_{c}") for f in fields) for c in CLASS_CRITERIA]
+            + [str(ref.get("class", "–"))]
+            + [str(ref.get(c, "–")) for c in PAPER_CRITERIA.values()]
+        )
+    note = (
+        "mean ± sd over the task's runs of that ω (late means of the last call; balance: the "
+        f"late median of Term 3 / |Term 2|). Paper: {paper['source']}."
+    )
+    return Table("Universality classes per task", columns, rows, note=note)
+
+
+def class_margin_table(collection: Collection) -> Table | None:
+    """Per run: each criterion's margin to its threshold (positive: the criterion holds),
+    so how far a threshold may move before the run's class can change; None without."""
+    runs = [r for r in collection.ok if class_fields(r.summary).get("class_margins")]
+    if not runs:
+        return None
+    names = list(class_fields(runs[0].summary)["class_margins"])
+    columns = ["run", "task", "ω", "seed", "observed", "predicted", "late windows", *names]
+    columns.append("closest")
+    rows = []
+    for run in runs:
+        f = class_fields(run.summary)
+        margins = f["class_margins"]
+        finite = {k: v for k, v in margins.items() if v is not None and math.isfinite(v)}
+        closest = min(finite, key=lambda k: abs(finite[k])) if finite else "–"
+        omega = run.weight_decay
+        rows.append(
+            [_pipe(run.name), run.task, "?" if omega is None else f"{omega:g}", str(run.seed)]
+            + [str(f.get("class_observed")), str(f.get("class_predicted"))]
+            + [str(f.get("class_late_windows"))]
+            + [fmt(margins.get(k)) for k in names]
+            + [closest]
+        )
+    note = (
+        "margin = measurement − threshold for a ≥ criterion, threshold − measurement for a ≤ "
+        "one (rotation in degrees, balances as ratios); a threshold moved by less than |margin| "
+        "leaves that criterion's outcome unchanged. Thresholds: conf/callbacks/classes.yaml."
+    )
+    return Table("Class thresholds: each run's margins", columns, rows, note=note)
 
 
 def failed_table(collection: Collection) -> Table | None:

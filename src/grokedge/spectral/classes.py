@@ -92,6 +92,18 @@ class ClassThresholds:
             )
 
 
+THRESHOLD_BOUNDS = {  # (minimum, maximum, minimum excluded, None allowed) of each threshold
+    "functional_grad_share": (0.0, 1.0, False, False),
+    "functional_r2": (None, 1.0, False, False),
+    "compression_grad_share": (0.0, 1.0, False, False),
+    "compression_r2": (None, 1.0, False, False),
+    "compression_rotation_deg": (0.0, 90.0, False, True),  # None: criterion not used
+    "functional_balance": (None, None, False, False),
+    "compression_balance": (0.0, None, True, False),
+}
+"""What each :class:`ClassThresholds` field may be (checked by the callbacks)."""
+
+
 @dataclass(frozen=True)
 class ClassDecision:
     """A class and what it was decided from.
@@ -206,6 +218,33 @@ def functional_epsilon(theta: Tensor, fraction: float = PAPER_EPS_FRACTION) -> f
     return fraction * float(torch.linalg.vector_norm(theta.detach().to(torch.float64)))
 
 
+def threshold_margins(
+    grad_share: float,
+    rotation_deg: float,
+    functional_r2: float,
+    balance: float,
+    thresholds: ClassThresholds = ClassThresholds(),
+) -> dict[str, float]:
+    """How far each measurement is from its threshold, signed so that a positive margin
+    meets the criterion: ``functional_grad_share`` = share − threshold,
+    ``compression_grad_share`` = threshold − share, and alike for the R², the rotation
+    (degrees) and the balance. A threshold moved by less than a criterion's |margin|
+    does not change whether that criterion holds; NaN where the measurement is missing
+    (or the rotation criterion is off). Units: those of each measurement.
+    """
+    t, nan = thresholds, math.nan
+    rot = t.compression_rotation_deg
+    return {
+        "functional_grad_share": grad_share - t.functional_grad_share,
+        "functional_r2": functional_r2 - t.functional_r2,
+        "compression_grad_share": t.compression_grad_share - grad_share,
+        "compression_r2": t.compression_r2 - functional_r2,
+        "compression_rotation_deg": nan if rot is None else rot - rotation_deg,
+        "functional_balance": balance - t.functional_balance,
+        "compression_balance": t.compression_balance - balance,
+    }
+
+
 class ClassWindow(NamedTuple):
     """What the class reads of one Gram window: its ``step``, v_1's gradient energy
     share (in [0, 1]) and v_1's rotation from the previous window (degrees; NaN: none)."""
@@ -237,7 +276,8 @@ def classify_run(
         names and codes of both classes, the observed criteria used, the late means
         (``late_grad_share``, ``late_rotation_deg``), ``functional_r2``, the late median
         ``late_balance``, and which windows were late (``late_basis``, ``late_windows``,
-        ``late_first_step``, ``balance_basis``, ``balance_windows``).
+        ``late_first_step``, ``balance_basis``, ``balance_windows``), and each
+        criterion's ``margins`` (:func:`threshold_margins`).
     """
     idx, basis = late_indices(window_phases, min_late, tail)
     share = late_mean([w.grad_share for w in windows], idx)
@@ -249,6 +289,7 @@ def classify_run(
         balance = late_median(balances, b_idx)
         balance_n = len(b_idx)
     predicted = predicted_class(balance, thresholds)
+    margins = threshold_margins(share, rotation, functional_r2, balance, thresholds)
     return {
         "observed": observed.name,
         "predicted": predicted.name,
@@ -264,4 +305,5 @@ def classify_run(
         "late_first_step": int(windows[idx[0]].step) if idx else None,
         "balance_basis": balance_basis,
         "balance_windows": balance_n,
+        "margins": margins,
     }

@@ -92,10 +92,16 @@ class GrokDataModule(L.LightningDataModule, ABC):
       ``f"{name}/{metric}"`` (``test/acc``, ``train/acc``, ``ood/acc``).
     - ``model_dims()``: the sizes the model needs from the data (vocabulary, classes,
       maximum lengths) as keyword arguments of the model's constructor.
+    - ``probe_target_names``: the names ``probe_targets(batch)`` returns (the task
+      variables the probes and the functional R² may read), checked against the config
+      before training (``grokedge.tasks.probe_targets``); ``answer_modulus``: for a cyclic
+      answer read in the Fourier basis (modular arithmetic), its p (None: no such answer).
     """
 
     task_name: str = ""
     eval_names: tuple[str, ...] = ("test",)
+    probe_target_names: tuple[str, ...] = ()
+    answer_modulus: int | None = None
 
     def steps_done(self) -> int:
         """Optimizer steps already taken (the restored step when resuming), 0 standalone."""

@@ -209,6 +209,7 @@ class DyckDataModule(GrokDataModule):
     """
 
     task_name = "dyck"
+    probe_target_names = ("depth",)
 
     def __init__(
         self,

@@ -65,6 +65,7 @@ class ModularDataModule(GrokDataModule):
     """
 
     task_name = "modular"
+    probe_target_names = ("answer", "a", "b")
     eval_names = ("test", "train")
 
     def __init__(
@@ -84,6 +85,7 @@ class ModularDataModule(GrokDataModule):
             )
         if not _is_prime(modulus):
             raise ValueError(f"task.datamodule.modulus={modulus}: must be a prime")
+        self.answer_modulus = modulus  # the answer c ∈ Z_p: its Fourier basis (probe_targets)
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"task.datamodule.train_fraction={train_fraction}: must lie in (0, 1)")
         self.save_hyperparameters()
@@ -143,7 +145,10 @@ class ModularDataModule(GrokDataModule):
     def probe_targets(self, batch: Batch) -> dict[str, Tensor]:
         """Task variables for the hidden-state probes: name -> [B, T], ``IGNORE_INDEX``
         where not probed. All at the last position (``=``, where the answer is read):
-        ``answer`` (a ∘ b mod p, the labels), ``a`` and ``b`` (the operands)."""
+        ``answer`` (a ∘ b mod p, the labels), ``a`` and ``b`` (the operands). Each is a
+        residue mod p: a linear probe of it read as a number measures little (p − 1 and
+        0 are neighbours); the functional R² reads ``answer`` in its Fourier basis
+        (``answer_modulus``; docs/classes.md)."""
         labels, tokens = batch["labels"], batch["tokens"]
         last = labels != IGNORE_INDEX
 

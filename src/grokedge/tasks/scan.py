@@ -151,6 +151,7 @@ class ScanDataModule(GrokDataModule):
     """
 
     task_name = "scan"
+    probe_target_names = ("remaining", "emitted")
 
     def __init__(
         self,
@@ -311,12 +312,20 @@ class ScanDataModule(GrokDataModule):
         (R² of class ids means nothing); the count the decoder must carry to stop at the
         right length is SCAN's analogue of Dyck's depth: a counter over the output that a
         correct model must represent.
+
+        ``emitted``: the actions already emitted before the position (0 at the first). A
+        control rather than a task variable: the decoder's positional encoding carries it
+        whatever the network learned, so a functional R² on it says how much moving θ
+        along the edge moves a position code (docs/classes.md).
         """
         labels = batch["labels"]
         valid = labels != IGNORE_INDEX
         length = valid.sum(dim=1, keepdim=True)  # actions + EOS
         position = torch.arange(labels.shape[1], device=labels.device)[None, :]
-        return {"remaining": torch.where(valid, length - 1 - position, IGNORE_INDEX)}
+        return {
+            "remaining": torch.where(valid, length - 1 - position, IGNORE_INDEX),
+            "emitted": torch.where(valid, position.expand_as(labels), IGNORE_INDEX),
+        }
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[test_loader, train_loader]`` (the order of ``eval_names``)."""
