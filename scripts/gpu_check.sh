@@ -3,7 +3,9 @@
 #   (a) a Dyck run with callbacks=full on the GPU, past its grok step (seed 42 groks at 600):
 #       wall time, summary.json, metrics.jsonl, analyses.jsonl;
 #   (b) scripts/bench_scale.py --device cuda up to p = 1e8: time per delta (one capture),
-#       the overhead ratio over the AdamW step, memory against grokedge.spectral.memory.
+#       the overhead ratio over the AdamW step, memory against grokedge.spectral.memory;
+#   (c) with CLASSES=1, SCAN's universality class on the paper-size model (3 seeds × ω ∈
+#       {0, 1}, long enough for 10 late windows; ~45 minutes, a session of its own).
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh      # on the lent machine, from the checkout
 #
@@ -83,6 +85,22 @@ stage "(b') bench_scale --device $DEVICE --p $BENCH_P_BF16 --buffer-dtype bfloat
 timeout -k 10 "$T_BF16" python3 scripts/bench_scale.py --device "$DEVICE" --p "$BENCH_P_BF16" --steps 20 --rounds 7 \
   --captures 5 --buffer-dtype bfloat16 --json "$OUT/bench_scale_cuda_bf16.json" \
   || { echo "bf16 bench failed (exit $?)"; status=1; }
+
+# (c) SCAN's universality class on the paper-size model (issue 12), off unless CLASSES=1:
+# experiment=scan_paper × seeds × ω ∈ {0, 1} with the gap flow at every window, each run
+# going on 10,500 steps past its grok step (N = 500: post = 5,000 steps, then 10 late
+# windows). About 7 minutes a run on one H200 (166 s per 6,000 steps measured): six runs
+# need a device session of their own. Report: python -m grokedge.report "$OUT/scan_classes".
+if [ "${CLASSES:-0}" = 1 ]; then
+  stage "(c) SCAN classes: experiment=scan_paper, seeds ${CLASS_SEEDS:-42,137,2024}, ω 0,1"
+  timeout -k 10 "${T_CLASSES:-3000}" python3 -m grokedge.train -m experiment=scan_paper \
+    callbacks=gram +callbacks@callbacks.gap_flow=gap_flow +callbacks@callbacks.classes=classes \
+    callbacks.gap_flow.every='${task.gram_interval}' callbacks.gap_flow.n_sequences=512 \
+    task.stop_after_grok=10500 trainer.max_steps=15000 trainer="$TRAINER" logger=csv \
+    seed="${CLASS_SEEDS:-42,137,2024}" optimizer.weight_decay=0,1 progress_bar.refresh_rate=500 \
+    hydra.sweep.dir="$OUT/scan_classes" || { echo "SCAN classes failed (exit $?)"; status=1; }
+  rm -f "$OUT"/scan_classes/*/checkpoints/*.ckpt
+fi
 
 stage "done (status $status); files in $OUT"
 ls -la "$OUT"

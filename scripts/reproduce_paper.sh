@@ -71,14 +71,16 @@ finished() {  # a sweep directory whose every job wrote its summary
   for job in "$dir"/[0-9]*; do [[ -f $job/summary.json ]] || return 1; done
 }
 
+TIMES=()  # "stage seconds" of each stage, printed at the end
 stage() {  # stage NAME ARGS...: one sweep into $OUT/NAME, unless already finished
   local name=$1; shift
   local dir=$OUT/$name
-  if finished "$dir"; then echo "== $name: done before, skipped ($dir)"; return; fi
+  if finished "$dir"; then echo "== $name: done before, skipped ($dir)"; TIMES+=("$name skipped"); return; fi
   echo "== $name -> $dir ($(date +%T))"
   local start=$SECONDS
   "$PYTHON" -m grokedge.train "${LAUNCH[@]}" "hydra.sweep.dir=$dir" "$@"
   echo "== $name: $((SECONDS - start)) s"
+  TIMES+=("$name $((SECONDS - start))")
 }
 
 # The paper's edge (the raw window; grokedge's default is the normalized one): the
@@ -115,7 +117,12 @@ stage scan "$SCAN_PRESET" callbacks=full "$PAPER_EDGE" "optimizer.weight_decay=0
   "task.max_steps=$SCAN_STEPS" "${SCAN_EXTRA[@]}"
 
 # 5. The reports: one per sweep (a sweep's report also covers each of its jobs).
+start=$SECONDS
 for name in dyck wd_intervention modular scan; do
   "$PYTHON" -m grokedge.report "$OUT/$name"
 done
+TIMES+=("reports $((SECONDS - start))")
 echo "== reports: $OUT/{dyck,wd_intervention,modular,scan}/report/report.md"
+echo "== wall time per stage (s; $JOBS jobs at a time):"
+printf '   %-16s %s\n' $(printf '%s\n' "${TIMES[@]}")
+echo "== total: $SECONDS s"
