@@ -424,3 +424,39 @@ def test_bad_buffer_device_names_the_key() -> None:
         GramCallback(buffer_device="gpu0")
     with pytest.raises(ValueError, match=r"callbacks\.gram\.shard_across_ranks"):
         GramCallback(shard_across_ranks="yes")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- v_1's rotation
+
+
+def test_direction_rotation_sharded_matches_whole_and_resumes_on_any_rank_count() -> None:
+    from grokedge.spectral.direction_rotation import DirectionRotation
+    from grokedge.spectral.geometry import rotation_deg
+    from grokedge.spectral.sharding import Shard
+
+    g = torch.Generator().manual_seed(3)
+    p = 101
+    vs = [torch.randn(p, generator=g, dtype=torch.float64) for _ in range(4)]
+    vs = [v / v.norm() for v in vs]
+    whole = DirectionRotation()
+    want = [whole.update(v, True) for v in vs[:3]]
+    assert math.isnan(want[0])
+    assert want[1:] == [pytest.approx(rotation_deg(vs[i], vs[i + 1]), abs=1e-9) for i in (0, 1)]
+    state = whole.whole(None)  # a checkpoint's whole vector
+
+    def ranks(rank: int, coll: ThreadCollective) -> tuple[list[float], Tensor]:
+        shard = Shard.of(p, coll)
+        turn = DirectionRotation()
+        got = [turn.update(shard.take(v), True, shard, shard.sum) for v in vs[:3]]
+        resumed = DirectionRotation()
+        resumed.previous = state.clone()  # whole: cut to this rank's slice at first use
+        got.append(resumed.update(shard.take(vs[3]), True, shard, shard.sum))
+        return got, turn.whole(shard)
+
+    for rank_got, rank_whole in run_ranks(3, ranks):
+        assert math.isnan(rank_got[0])
+        assert rank_got[1:3] == [pytest.approx(x, abs=1e-9) for x in want[1:]]
+        assert rank_got[3] == pytest.approx(rotation_deg(vs[2], vs[3]), abs=1e-9)
+        assert torch.equal(rank_whole, state)
+    # σ_1 = 0 (no direction): the angle is undefined and the previous one forgotten.
+    assert math.isnan(whole.update(vs[3], False)) and whole.previous is None
