@@ -121,3 +121,46 @@ def test_functional_epsilon_is_the_papers_fraction() -> None:
     theta = torch.tensor([3.0, 4.0])
     assert functional_epsilon(theta) == pytest.approx(0.005 * 5.0)
     assert functional_epsilon(theta, 0.01) == pytest.approx(0.05)
+
+
+def test_margins_reproduce_the_decision_and_name_the_decisive_thresholds() -> None:
+    from grokedge.spectral.classes import (
+        OBSERVED_RULES,
+        PREDICTED_RULES,
+        class_from_margins,
+        decisive_thresholds,
+        threshold_margins,
+    )
+
+    t = ClassThresholds()
+    grid = [
+        (s, rot, r2)
+        for s in (0.02, 0.5, 0.87, 0.95)
+        for rot in (8.0, 18.0)
+        for r2 in (0.04, 0.8, 0.95)
+    ]
+    for share, rot, r2 in grid:
+        m = threshold_margins(share, rot, r2, 1.0, t)
+        assert class_from_margins(m, OBSERVED_RULES) == observed_class(share, rot, r2, t).name
+    # Dyck's paper numbers: mixed, failing both functional criteria (share 0.03 short, R²
+    # 0.10 short) and two of compression's: no single threshold changes the class.
+    dyck = threshold_margins(0.87, 18.0, 0.80, 1.0, t)
+    assert dyck["functional_grad_share"] == pytest.approx(-0.03)
+    assert decisive_thresholds(dyck, OBSERVED_RULES) == []
+    # Share 0.87 with R² 0.95: the share threshold alone decides, 0.03 away.
+    m = threshold_margins(0.87, 18.0, 0.95, 1.0, t)
+    assert decisive_thresholds(m, OBSERVED_RULES) == [
+        ("functional_grad_share", pytest.approx(-0.03))
+    ]
+    # SCAN's numbers: compression, and each of its three criteria alone would make it mixed.
+    scan = threshold_margins(0.02, 8.0, 0.04, 1.0, t)
+    assert decisive_thresholds(scan, OBSERVED_RULES) == [
+        ("compression_grad_share", pytest.approx(0.48)),
+        ("compression_r2", pytest.approx(0.26)),
+        ("compression_rotation_deg", pytest.approx(4.0)),
+    ]
+    # Predicted: balance 1.0 is mixed, 1.0 under functional's threshold, 0.5 over compression's.
+    assert decisive_thresholds(dyck, PREDICTED_RULES) == [
+        ("functional_balance", pytest.approx(-1.0)),
+        ("compression_balance", pytest.approx(-0.5)),
+    ]

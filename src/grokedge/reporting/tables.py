@@ -21,6 +21,7 @@ from grokedge.analysis_log import PHASES
 from grokedge.reporting.discover import Collection, RunData
 from grokedge.reporting.paper import mean_sd, paper_values
 from grokedge.spectral.ablation import paper_ratio
+from grokedge.spectral.classes import OBSERVED_RULES, PREDICTED_RULES, decisive_thresholds
 
 LATE = "late"
 AT = "at"
@@ -714,25 +715,26 @@ def class_margin_table(collection: Collection) -> Table | None:
         return None
     names = list(class_fields(runs[0].summary)["class_margins"])
     columns = ["run", "task", "ω", "seed", "observed", "predicted", "late windows", *names]
-    columns.append("closest")
+    columns += ["decisive (observed)", "decisive (predicted)"]
     rows = []
     for run in runs:
         f = class_fields(run.summary)
-        margins = f["class_margins"]
-        finite = {k: v for k, v in margins.items() if v is not None and math.isfinite(v)}
-        closest = min(finite, key=lambda k: abs(finite[k])) if finite else "–"
+        margins = {k: math.nan if v is None else v for k, v in f["class_margins"].items()}
+        decisive = [decisive_thresholds(margins, r) for r in (OBSERVED_RULES, PREDICTED_RULES)]
         omega = run.weight_decay
         rows.append(
             [_pipe(run.name), run.task, "?" if omega is None else f"{omega:g}", str(run.seed)]
             + [str(f.get("class_observed")), str(f.get("class_predicted"))]
             + [str(f.get("class_late_windows"))]
             + [fmt(margins.get(k)) for k in names]
-            + [closest]
+            + [", ".join(f"{n} ({fmt(m)})" for n, m in d) or "–" for d in decisive]
         )
     note = (
         "margin = measurement − threshold for a ≥ criterion, threshold − measurement for a ≤ "
         "one (rotation in degrees, balances as ratios); a threshold moved by less than |margin| "
-        "leaves that criterion's outcome unchanged. Thresholds: conf/callbacks/classes.yaml."
+        "leaves that criterion's outcome unchanged. Decisive: the thresholds each of which changes "
+        "the class on its own, with their margins (– : no single threshold can). Thresholds: "
+        "conf/callbacks/classes.yaml."
     )
     return Table("Class thresholds: each run's margins", columns, rows, note=note)
 

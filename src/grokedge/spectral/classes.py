@@ -245,6 +245,42 @@ def threshold_margins(
     }
 
 
+OBSERVED_RULES = {
+    FUNCTIONAL: ("functional_grad_share", "functional_r2"),
+    COMPRESSION: ("compression_grad_share", "compression_r2", "compression_rotation_deg"),
+}
+PREDICTED_RULES = {FUNCTIONAL: ("functional_balance",), COMPRESSION: ("compression_balance",)}
+"""Which margins (:func:`threshold_margins`) each class needs all non-negative; functional
+is tried first, mixed is neither (as :func:`observed_class` / :func:`predicted_class`)."""
+
+
+def class_from_margins(margins: dict[str, float], rules: dict[str, tuple[str, ...]]) -> str:
+    """The class the margins give under ``rules`` (a NaN margin: criterion not used)."""
+    for name in (FUNCTIONAL, COMPRESSION):
+        if all(not _finite(margins.get(c)) or margins[c] >= 0 for c in rules[name]):
+            return name
+    return MIXED
+
+
+def decisive_thresholds(
+    margins: dict[str, float], rules: dict[str, tuple[str, ...]]
+) -> list[tuple[str, float]]:
+    """The thresholds each of which changes the class on its own: the criteria whose
+    outcome, flipped alone, changes :func:`class_from_margins`, with their margins (in
+    each criterion's own units, so not ranked against each other). Empty when no single
+    threshold can change the class (e.g. a mixed run failing two criteria of each class).
+    """
+    current = class_from_margins(margins, rules)
+    out = []
+    for name in dict.fromkeys(c for crit in rules.values() for c in crit):
+        m = margins.get(name)
+        if _finite(m):
+            flipped = dict(margins, **{name: -m if m != 0 else -1.0})
+            if class_from_margins(flipped, rules) != current:
+                out.append((name, m))
+    return out
+
+
 class ClassWindow(NamedTuple):
     """What the class reads of one Gram window: its ``step``, v_1's gradient energy
     share (in [0, 1]) and v_1's rotation from the previous window (degrees; NaN: none)."""
