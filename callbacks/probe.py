@@ -29,7 +29,13 @@ from grokedge.callbacks.common import AnalysisCallback, Result, trace_of
 from grokedge.config_checks import check_bool, check_choice, check_choices, check_int
 from grokedge.functional import TRACE, check_block
 from grokedge.spectral import score_probes
-from grokedge.spectral.probes import GROUPED_KFOLD, PROBE_KINDS, PROTOCOLS, ProbeConfig
+from grokedge.spectral.probes import (
+    GROUPED_KFOLD,
+    PROBE_KINDS,
+    PROTOCOLS,
+    QUADRATIC_DTYPES,
+    ProbeConfig,
+)
 from grokedge.tasks.probe_targets import check_target_names, probe_data, probe_target_tensors
 
 PROBE_KEY = "callbacks.probe"
@@ -74,6 +80,8 @@ class ProbeCallback(AnalysisCallback):
         mlp_max_iter: MLP epochs at most (early stopping usually ends sooner).
         quadratic_interaction_only: products x_i x_j only, no squares (the paper's literal
             "interaction features"; default false, see ``grokedge.spectral.probes``).
+        quadratic_dtype: the quadratic ridge's arithmetic, ``float64`` (default) or
+            ``float32`` (~0.6 of the time, ill-conditioned; see ``grokedge.spectral.probes``).
         tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``; kind in ``kinds``):
@@ -104,6 +112,7 @@ class ProbeCallback(AnalysisCallback):
         seed: int = 0,
         mlp_max_iter: int = 200,
         quadratic_interaction_only: bool = False,
+        quadratic_dtype: str = "float64",
         config_key: str = PROBE_KEY,
         **schedule: Any,
     ) -> None:
@@ -133,6 +142,9 @@ class ProbeCallback(AnalysisCallback):
         self.config = ProbeConfig(
             mlp_max_iter=self.mlp_max_iter,
             quadratic_interaction_only=self.quadratic_interaction_only,
+            quadratic_dtype=check_choice(
+                f"{key}.quadratic_dtype", quadratic_dtype, QUADRATIC_DTYPES
+            ),
         )
 
     def check_module(self, pl_module) -> None:
