@@ -58,6 +58,18 @@ def test_weighted_accuracy_equals_row_by_row_accuracy(dyck) -> None:
     assert accuracy(dyck.val_dataloader()) == accuracy(plain.val_dataloader())
 
 
+def test_an_accuracy_of_exactly_the_threshold_groks_in_float32() -> None:
+    """475 / 500 correct is 0.949999988 in float32: exactly 95 %, so it meets 0.95."""
+    torchmetrics_acc = torch.tensor(475.0) / torch.tensor(500.0)  # float32, as computed
+    assert float(torchmetrics_acc) < 0.95  # what a float64 comparison would refuse
+    module = make_module(grok_threshold=0.95)
+    module.log_scalars = lambda values: None
+    module._detect_grok({"test/acc": torch.tensor(474.0) / 500}, 100)
+    assert module.grok_step is None
+    module._detect_grok({"test/acc": torchmetrics_acc}, 200)
+    assert module.grok_step == 200
+
+
 def test_grok_detection_with_patience() -> None:
     module = make_module(grok_patience=2, grok_threshold=0.9)
     module.log_scalars = lambda values: None  # no trainer attached here

@@ -270,7 +270,11 @@ class GrokModule(L.LightningModule):
     def _detect_grok(self, values: Mapping[str, Tensor], step: int) -> None:
         if self.grok_step is not None or self.grok_metric not in values:
             return
-        if float(values[self.grok_metric]) >= self.grok_threshold:
+        value = values[self.grok_metric]
+        # Compare in the metric's own precision: a float32 accuracy of 475/500 is
+        # 0.949999988, which the float64 0.95 would refuse although it is exactly 95 %.
+        threshold = torch.as_tensor(self.grok_threshold, dtype=value.dtype, device=value.device)
+        if bool(value >= threshold):
             if self._streak == 0:
                 self._streak_start = step
             self._streak += 1
