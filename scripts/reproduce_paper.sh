@@ -53,7 +53,7 @@ if [[ $QUICK == 1 ]]; then
   SCAN_EXTRA=(task.eval_every=50 task.gram_interval=50)
 else
   DYCK_STEPS=5000; FORK_AT=1000; FORK_STEPS=3000; MOD_STEPS=10000
-  # scan_small on CPUs runs ~15 steps/s on one thread (bfloat16) and groks at 7,000
+  # scan_small on CPUs runs ~15 steps/s on one thread (bfloat16) and groks at 6,750
   # (docs/scan_small.md): 9,000 steps; the paper's model on a GPU gets the preset's 20,000.
   if [[ $GPU == 1 ]]; then SCAN_STEPS=20000; else SCAN_STEPS=9000; fi
   EXTRA=()
