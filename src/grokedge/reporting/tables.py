@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -578,6 +579,11 @@ def seeds_table(collection: Collection) -> Table:
     )
 
 
+def omega_text(omega: float | None) -> str:
+    """ω as a table cell ("?" when the run did not record it)."""
+    return "?" if omega is None else f"{omega:g}"
+
+
 def _omega(run: RunData) -> float | None:
     omega = run.weight_decay
     return omega if omega is not None else run.last("wd/weight_decay")
@@ -606,7 +612,7 @@ def wd_table(collection: Collection) -> Table | None:
     for omega in sorted(by_omega, key=lambda w: (w is None, w or 0.0)):
         runs = by_omega[omega]
         ref = paper["rows"].get(omega, {}) if omega is not None else {}
-        row = ["?" if omega is None else f"{omega:g}", str(len(runs))]
+        row = [omega_text(omega), str(len(runs))]
         last_steps = [r.series("wd/theta_norm")[0] for r in runs]
         row.append(", ".join(str(s[-1]) for s in last_steps if s) or "–")
         for key in paper["columns"]:
@@ -638,7 +644,7 @@ def class_table(collection: Collection) -> Table:
         ref = paper.get(run.task, {})
         omega = run.weight_decay
         out.append(
-            [_pipe(run.name), run.task, "?" if omega is None else f"{omega:g}", str(run.seed)]
+            [_pipe(run.name), run.task, omega_text(omega), str(run.seed)]
             + [_cell(fields.get(k)) for k in keys]
             + [fmt(_per_run(run, "edge_directions", LATE, lambda x: _direction(x, 1, "grad_frac")))]
             + [
@@ -667,10 +673,8 @@ PAPER_CRITERIA |= {"functional_r2": "functional_r2"}
 
 
 def _counts(names: Iterable[Any]) -> str:
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[str(n)] = counts.get(str(n), 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1])) or "–"
+    """``"mixed 2, functional 1"``: each name and how often, most frequent first."""
+    return ", ".join(f"{k} {v}" for k, v in Counter(map(str, names)).most_common()) or "–"
 
 
 def class_task_table(collection: Collection) -> Table | None:
@@ -691,7 +695,7 @@ def class_task_table(collection: Collection) -> Table | None:
         late = [f.get("class_late_windows") for f in fields]
         ref = paper.get(task, {})
         rows.append(
-            [task, "?" if omega is None else f"{omega:g}", str(len(runs))]
+            [task, omega_text(omega), str(len(runs))]
             + [str(sum(r.grok_step is not None for r in runs))]
             + [f"{min(late)}–{max(late)}" if all(x is not None for x in late) else "–"]
             + [_counts(f.get("class_observed") for f in fields)]
@@ -723,7 +727,7 @@ def class_margin_table(collection: Collection) -> Table | None:
         decisive = [decisive_thresholds(margins, r) for r in (OBSERVED_RULES, PREDICTED_RULES)]
         omega = run.weight_decay
         rows.append(
-            [_pipe(run.name), run.task, "?" if omega is None else f"{omega:g}", str(run.seed)]
+            [_pipe(run.name), run.task, omega_text(omega), str(run.seed)]
             + [str(f.get("class_observed")), str(f.get("class_predicted"))]
             + [str(f.get("class_late_windows"))]
             + [fmt(margins.get(k)) for k in names]
