@@ -55,7 +55,6 @@ from grokedge.tasks.probe_targets import (
     FunctionalTarget,
     check_functional_target,
     functional_readout,
-    probe_target_tensors,
 )
 
 CLASS_KEY = "callbacks.classes"
@@ -239,14 +238,12 @@ class ClassCallback(AnalysisCallback):
         params = selector.functional_params(moved, dict(net.named_parameters()))
         base = trace_of(pl_module, batch).hidden[self.block]
         perturbed = trace_of(pl_module, batch, params).hidden[self.block]
-        dm, target = trainer.datamodule, self.target
-        if not target.name:  # the task's first probe target, as a number
-            declared = probe_target_tensors(dm, batch, self.config_key)
-            target = FunctionalTarget(next(iter(declared)), VALUE)
-        logits = pl_module.evaluate({}, batch)[2] if target.basis == FOURIER else None
+        target = self.target
+        fourier = bool(target.name) and target.basis == FOURIER  # unnamed: read as a number
+        logits = pl_module.evaluate({}, batch)[2] if fourier else None
         readout = functional_readout(
-            dm, pl_module, batch, base, perturbed, target, logits, self.folds, self.seed,
-            self.config_key,
+            trainer.datamodule, pl_module, batch, base, perturbed, target, logits, self.folds,
+            self.seed, self.config_key,
         )  # fmt: skip
         return readout, eps
 

@@ -36,7 +36,13 @@ from grokedge.spectral.probes import (
     QUADRATIC_DTYPES,
     ProbeConfig,
 )
-from grokedge.tasks.probe_targets import check_target_names, probe_data, probe_target_tensors
+from grokedge.tasks.probe_targets import (
+    check_names_declared,
+    check_target_names,
+    probe_data,
+    probe_target_tensors,
+    task_label,
+)
 
 PROBE_KEY = "callbacks.probe"
 PROBE = "probe"
@@ -156,15 +162,12 @@ class ProbeCallback(AnalysisCallback):
         if self.targets is not None:
             check_target_names(f"{self.config_key}.targets", list(self.targets), datamodule)
 
-    def _chosen_targets(self, declared: dict) -> list[str]:
+    def _chosen_targets(self, declared: dict, datamodule: Any) -> list[str]:
         if self.targets is None:
             return list(declared)
-        unknown = [t for t in self.targets if t not in declared]
-        if unknown:
-            raise ValueError(
-                f"{self.config_key}.targets={list(self.targets)!r} is not allowed: the task "
-                f"declares the probe targets {', '.join(declared)}"
-            )
+        # The targets returned, for a task that does not declare their names beforehand.
+        key = f"{self.config_key}.targets"
+        check_names_declared(key, list(self.targets), list(declared), task_label(datamodule))
         return list(self.targets)
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
@@ -181,7 +184,7 @@ class ProbeCallback(AnalysisCallback):
         rows = []
         n_samples = 0
         not_converged = 0  # MLP fits stopped by mlp_max_iter (sklearn ConvergenceWarning)
-        for name in self._chosen_targets(declared):
+        for name in self._chosen_targets(declared, trainer.datamodule):
             data = probe_data(trainer.datamodule, pl_module, batch, hidden, declared[name])
             n_samples = max(n_samples, len(data.targets))
             n_groups = len(np.unique(data.groups))

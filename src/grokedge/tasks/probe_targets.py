@@ -14,6 +14,7 @@ its Fourier features at the network's key frequencies (``fourier``: modular arit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,20 +52,28 @@ def declared_names(datamodule: Any) -> tuple[str, ...]:
     return tuple(getattr(datamodule, "probe_target_names", ()) or ())
 
 
-def check_target_names(key: str, names: Any, datamodule: Any) -> None:
-    """ValueError naming ``key``, the value and the task's targets unless every name in
-    ``names`` (a name or a list) is declared by the task."""
-    declared = declared_names(datamodule)
-    if not declared:
-        return  # a DataModule without the declaration: checked at the first call instead
+def task_label(datamodule: Any) -> str:
+    """The task's name for messages (its ``task_name``, else the DataModule's class)."""
+    return getattr(datamodule, "task_name", "") or type(datamodule).__name__
+
+
+def check_names_declared(key: str, names: Any, declared: Sequence[str], task: str) -> None:
+    """ValueError naming ``key``, the value and the ``declared`` targets unless every name
+    in ``names`` (a name or a list) is among them."""
     given = [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in given if n not in declared]
-    if unknown:
-        task = getattr(datamodule, "task_name", "") or type(datamodule).__name__
+    if any(n not in declared for n in given):
         raise ValueError(
             f"{key}={names!r} is not allowed: the task ({task}) declares the probe "
             f"targets {', '.join(declared)}"
         )
+
+
+def check_target_names(key: str, names: Any, datamodule: Any) -> None:
+    """:func:`check_names_declared` against the task's ``probe_target_names``; nothing to
+    check for a DataModule without them (the first call checks the returned targets)."""
+    declared = declared_names(datamodule)
+    if declared:
+        check_names_declared(key, names, declared, task_label(datamodule))
 
 
 def check_functional_target(key: str, target: FunctionalTarget, datamodule: Any) -> None:
@@ -72,9 +81,9 @@ def check_functional_target(key: str, target: FunctionalTarget, datamodule: Any)
     ValueError naming ``key`` and what is allowed."""
     check_target_names(f"{key}.target", target.name, datamodule)
     if target.basis == FOURIER and getattr(datamodule, "answer_modulus", None) is None:
-        task = getattr(datamodule, "task_name", "") or type(datamodule).__name__
         raise ValueError(
-            f"{key}.target_basis={target.basis!r} is not allowed for the task ({task}): it "
+            f"{key}.target_basis={target.basis!r} is not allowed for the task "
+            f"({task_label(datamodule)}): it "
             f"declares no cyclic answer (answer_modulus); allowed: {VALUE}"
         )
 
@@ -176,10 +185,13 @@ def functional_readout(
     """R² of the task variables on the change ``moved − base`` of the hidden states
     [B, T, d] (:func:`grokedge.spectral.probes.functional_r2`, grouped K-fold over the
     strings of ``batch``): the functional ``target`` in its basis (``logits`` [B, T, C]
-    of the base weights for ``fourier``), and every declared target as a number."""
+    of the base weights for ``fourier``; an unnamed target is the task's first probe
+    target, read as a number), and every declared target as a number."""
     from grokedge.spectral.probes import functional_r2
 
     declared = probe_target_tensors(datamodule, batch, key)
+    if not target.name:
+        target = FunctionalTarget(next(iter(declared)), VALUE)
     nan = float("nan")
     result: dict[str, Any] = {"r2": nan, "sd": nan, "positions": 0, "frequencies": []}
     by_target: dict[str, float] = {}
