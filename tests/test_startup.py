@@ -21,11 +21,10 @@ from tests.conftest import REPO
 NEVER_AT_IMPORT = ("wandb", "matplotlib", "sklearn", "lightning", "torch")
 
 
-def _loaded(code: str) -> list[str]:
-    """The modules of NEVER_AT_IMPORT in ``sys.modules`` after ``code``, in a fresh process."""
-    probe = f"{code}\nimport sys\nprint(sorted(m for m in {NEVER_AT_IMPORT!r} if m in sys.modules))"
+def _python(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh process from the repository root; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, "-c", probe],
+        [sys.executable, *args],
         cwd=REPO,
         env={**os.environ, "WANDB_MODE": "disabled"},
         capture_output=True,
@@ -33,7 +32,13 @@ def _loaded(code: str) -> list[str]:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    return proc
+
+
+def _loaded(code: str) -> list[str]:
+    """The modules of NEVER_AT_IMPORT in ``sys.modules`` after ``code``, in a fresh process."""
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {NEVER_AT_IMPORT!r} if m in sys.modules))"
+    return ast.literal_eval(_python("-c", probe).stdout.strip().splitlines()[-1])
 
 
 def test_import_train_loads_no_heavy_package() -> None:
@@ -43,15 +48,7 @@ def test_import_train_loads_no_heavy_package() -> None:
 @pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"]], ids=["help", "cfg"])
 def test_help_and_cfg_load_no_heavy_package(args: list[str]) -> None:
     """``python -m grokedge.train --help`` / ``--cfg job`` print without Lightning."""
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "grokedge.train", *args],
-        cwd=REPO,
-        env={**os.environ, "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _python("-X", "importtime", "-m", "grokedge.train", *args)
     imported = {
         line.rsplit("|", 1)[-1].strip()
         for line in proc.stderr.splitlines()
