@@ -335,6 +335,14 @@ def _train_gram(
     return gram
 
 
+def assert_sigma_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """σ of a sharded (or resumed) run against the one-process run's. float32 buffers:
+    each Gram entry carries float32 block round-off relative to the largest entries
+    (``grokedge.spectral.window``), and sharded and whole runs sum in different blocks, so
+    σ_k agrees to 1e-6 of σ_1, not of σ_k."""
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want[0]))
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_gram_callback_sharded_equals_one_process(world: int) -> None:
     ref = _train_gram(None)
@@ -343,7 +351,7 @@ def test_gram_callback_sharded_equals_one_process(world: int) -> None:
     whole = torch.cat([g.edge.vectors for g in results], dim=1)
     for g in results:
         assert g.shard.sharded and g.window.p == g.shard.n < ref.window.p
-        torch.testing.assert_close(g.edge.sigma, ref.edge.sigma, rtol=1e-6, atol=1e-9)
+        assert_sigma_close(g.edge.sigma, ref.edge.sigma)
         torch.testing.assert_close(g.edge.grad_proj, ref.edge.grad_proj, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(g.edge.wd_proj, ref.edge.wd_proj, rtol=1e-5, atol=1e-7)
         assert g.evicted_dot == pytest.approx(ref.evicted_dot, rel=1e-6)
@@ -383,15 +391,15 @@ def test_sharded_checkpoint_resumes_on_any_number_of_ranks() -> None:
     assert saved["gram"]["world_size"] == 2 and saved["gram"]["p"] == ref.shard.p
 
     one = _train_gram(None, steps=12, state=saved, start=9)
-    torch.testing.assert_close(one.edge.sigma, ref.edge.sigma, rtol=1e-6, atol=1e-9)
+    assert_sigma_close(one.edge.sigma, ref.edge.sigma)
     torch.testing.assert_close(one.edge.vectors, ref.edge.vectors, rtol=0, atol=1e-5)
     three = run_ranks(3, lambda r, coll: _train_gram(coll, steps=12, state=saved, start=9))
     for g in three:
-        torch.testing.assert_close(g.edge.sigma, ref.edge.sigma, rtol=1e-6, atol=1e-9)
+        assert_sigma_close(g.edge.sigma, ref.edge.sigma)
     whole = torch.cat([g.edge.vectors for g in three], dim=1)
     torch.testing.assert_close(whole, ref.edge.vectors, rtol=0, atol=1e-5)
     two = run_ranks(2, lambda r, coll: _train_gram(coll, steps=12, state=saved, start=9))
-    torch.testing.assert_close(two[0].edge.sigma, ref.edge.sigma, rtol=1e-6, atol=1e-9)
+    assert_sigma_close(two[0].edge.sigma, ref.edge.sigma)
 
 
 def _state_with(gram: GramCallback, coll: ThreadCollective) -> dict:

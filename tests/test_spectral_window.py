@@ -52,15 +52,101 @@ def test_incremental_grams_match_dense_recompute_after_wraparound():
     assert torch.allclose(win.cross_gram()[0, 1], wds[-W] @ totals[-W + 1])
 
 
-def test_float32_buffers_accumulate_in_float64(monkeypatch):
-    monkeypatch.setattr(window_module, "ACCUM_CHUNK", 64)  # exercise the chunked path
+U32 = 2.0**-24
+"""Unit round-off of float32."""
+BIG_P = 10_000_000
+"""Length of the rows of the large-p float32 Gram test (the issue's 10⁷)."""
+BIG_W = 3
+BIG_TOL = 1e-5
+"""Error of a float32-block Gram entry relative to √(G_ii G_jj) allowed at p = 10⁷."""
+
+
+@pytest.fixture
+def matmul_precision():
+    """Set ``torch.set_float32_matmul_precision`` for one test, restored afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved)
+
+
+def stored_grams(win: UpdateWindow):
+    """float64 brute force of the window's three matrices from its stored rows."""
+    return dense(win.deltas(), win.wd_deltas())
+
+
+def scaled_errors(got: torch.Tensor, want: torch.Tensor, diag_a, diag_b) -> torch.Tensor:
+    """|got − want| / √(a_ii b_jj): each entry's error relative to its natural scale."""
+    return (got - want).abs() / torch.sqrt(torch.outer(diag_a, diag_b))
+
+
+def test_float32_blocks_within_their_rounding_bound(monkeypatch):
+    """float32 buffers: float32 GEMMs per block, float64 across blocks. Each entry's error
+    is within the rigorous bound b·u·Σ|x_i y_i| (b = block length), which the float64
+    brute force of the stored values checks entry by entry, and far below 10⁻¹⁰-exactness
+    would need: the path is really float32 (a float64 path would be ~10⁻¹⁶)."""
+    block = 64
+    monkeypatch.setattr(window_module, "F32_BLOCK", block)  # several blocks (P = 257)
     totals, wds = random_deltas(12, P, seed=1, dtype=torch.float32)
     win = UpdateWindow(W, P)
     for t, w in zip(totals, wds, strict=True):
         win.push(t, w)
-    g, c, gw = dense(totals[-W:], wds[-W:])  # float64 Gram of the stored float32 values
+    x, xw = win.deltas().double(), win.wd_deltas().double()
+    for got, (a, b) in (
+        (win.gram(), (x, x)),
+        (win.cross_gram(), (xw, x)),
+        (win.wd_gram(), (xw, xw)),
+    ):
+        want = a @ b.T
+        abs_sum = a.abs() @ b.abs().T  # Σ|x_i y_i| per entry
+        assert ((got - want).abs() <= block * U32 * abs_sum).all()
+    err = (win.gram() - x @ x.T).abs().max()
+    assert err > 0  # float32 rounding is there: the test exercises the float32 path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upcast_path_accumulates_exactly_in_float64(monkeypatch, matmul_precision, dtype):
+    """bfloat16 buffers, and float32 buffers when the float32 matmul precision allows
+    reduced-precision GEMMs (TF32 / bfloat16 passes), take the exact up-cast path."""
+    monkeypatch.setattr(window_module, "ACCUM_CHUNK", 64)  # exercise the chunked path
+    matmul_precision("high")
+    totals, wds = random_deltas(12, P, seed=1, dtype=dtype)
+    win = UpdateWindow(W, P, dtype=dtype)
+    for t, w in zip(totals, wds, strict=True):
+        win.push(t, w)
+    g, c, gw = stored_grams(win)  # float64 Gram of the stored values
     for got, want in ((win.gram(), g), (win.cross_gram(), c), (win.wd_gram(), gw)):
         assert rel_err(got, want) <= REL_TOL
+
+
+def test_float32_gram_at_ten_million_against_float64_brute_force():
+    """p = 10⁷, float32 buffers at the default block: every entry of G, C = X_wd Xᵀ and
+    X_wd X_wdᵀ within 10⁻⁵ of the float64 dot of the same stored rows, relative to
+    √(G_ii G_jj). The deltas share a common direction with a non-zero mean (all-positive
+    products: the worst case for round-off), and the window wraps once."""
+    gen = torch.Generator().manual_seed(7)
+    common = 1.0 + torch.randn(BIG_P, generator=gen)
+    win = UpdateWindow(BIG_W, BIG_P)
+    for i in range(BIG_W + 1):
+        total = common + (0.5 + i) * torch.randn(BIG_P, generator=gen)
+        win.push(total, -1e-3 * (common + torch.randn(BIG_P, generator=gen)))
+        del total
+    x, xw = win.deltas(), win.wd_deltas()
+    got = {"gram": win.gram(), "cross": win.cross_gram(), "wd": win.wd_gram()}
+    want = {key: torch.zeros(BIG_W, BIG_W, dtype=torch.float64) for key in got}
+    for i in range(BIG_W):
+        for j in range(BIG_W):  # one float64 pair at a time: 160 MB, not 480 MB
+            xi, xj, wi, wj = x[i].double(), x[j].double(), xw[i].double(), xw[j].double()
+            want["gram"][i, j] = xi @ xj
+            want["cross"][i, j] = wi @ xj
+            want["wd"][i, j] = wi @ wj
+    g_diag, w_diag = want["gram"].diagonal(), want["wd"].diagonal()
+    worst = max(
+        float(scaled_errors(got["gram"], want["gram"], g_diag, g_diag).max()),
+        float(scaled_errors(got["cross"], want["cross"], w_diag, g_diag).max()),
+        float(scaled_errors(got["wd"], want["wd"], w_diag, w_diag).max()),
+    )
+    print(f"max scaled error at p = 10^7: {worst:.3e}")
+    assert worst <= BIG_TOL, worst
 
 
 def test_push_without_wd_and_shape_checks():

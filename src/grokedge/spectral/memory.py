@@ -13,7 +13,8 @@ total-delta scratch [p] parameter dtype             p·b_θ
 WD accumulator      [p] ≥ float32                   p·max(b_θ, 4)
 W×W matrices        [3, W, W] float64               24·W²
 up-cast scratch     [2W + 2, chunk] float64         (2W + 2)·chunk·8 (≤ 6 MiB on a CPU,
-                                                    ≤ 256 MiB on an accelerator)
+                    (none for float32 buffers:      ≤ 256 MiB on an accelerator)
+                    multiplied in place)
 ==================  ==============================  =====================================
 
 Besides these persistent buffers a capture briefly holds ``transient`` bytes: the new
@@ -36,6 +37,7 @@ from grokedge.spectral.window import (
     MIN_CHUNK,
     SCRATCH_BYTES,
     SCRATCH_BYTES_ACCELERATOR,
+    uses_float32_blocks,
 )
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -98,6 +100,14 @@ def scratch_columns(rows: int, p: int, device_type: str = "cpu") -> int:
     return min(per_chunk, max(p, 1))
 
 
+def push_scratch_bytes(rows: int, p: int, buffer_dtype: torch.dtype, device_type: str) -> int:
+    """Bytes of ``UpdateWindow``'s [rows, chunk] float64 up-cast scratch; 0 for float32
+    buffers, whose float32 blocks are multiplied in place (``uses_float32_blocks``)."""
+    if uses_float32_blocks(buffer_dtype, ACCUM_DTYPE, torch.device(device_type)):
+        return 0
+    return rows * scratch_columns(rows, p, device_type) * _itemsize(ACCUM_DTYPE)
+
+
 def window_memory(
     p: int,
     window: int,
@@ -137,7 +147,7 @@ def window_memory(
         total=p * b_par,
         wd_accumulator=p * b_acc,
         matrices=3 * window * window * _itemsize(ACCUM_DTYPE),
-        scratch=rows * scratch_columns(rows, p, device_type) * _itemsize(ACCUM_DTYPE),
+        scratch=push_scratch_bytes(rows, p, buf, device_type),
         transient=transient,
     )
 
@@ -159,7 +169,7 @@ def window_memory_bytes(
 
     Example:
         >>> window_memory_bytes(1_000_000, window=5, top_k=4, buffer_dtype="float32")
-        90292056
+        84000600
     """
     return window_memory(
         p, window, top_k, buffer_dtype, param_dtype=param_dtype, device_type=device_type

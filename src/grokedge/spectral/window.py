@@ -13,9 +13,23 @@ matrix–vector products, O(W·p), instead of O(W²·p) for a full recompute. Th
 *partial* when the window holds a slice of θ_sel: summing them over the slices gives the
 whole's (docs/design.md, Scale).
 
-The buffers may be stored in a low precision; the dot products are always accumulated
-in ``accum_dtype`` (float64 by default) from the *stored* values, so that G is the exact
-Gram of the deltas that later materialise the edge vectors.
+The dot products are taken of the *stored* values (a low-precision buffer rounds the new
+delta first), so that G is the Gram of the deltas that later materialise the edge
+vectors, and summed in ``accum_dtype`` (float64 by default):
+
+- float64 buffers: float64 products, exact to float64 round-off;
+- float32 buffers (the default): float32 products over column blocks of ``F32_BLOCK``
+  columns, read in place (no up-cast copy), each block's [2W + 2, 2] result added into
+  a float64 accumulator. The float32 rounding of a block's inner product of length b is
+  at most ≈ b·u·Σ|x_i y_i| and typically ≈ √b·u·Σ|x_i y_i| (u = 2⁻²⁴ ≈ 6·10⁻⁸; the
+  BLAS kernels' vectorised partial sums make it smaller still); the float64 sum over
+  blocks adds nothing measurable, and independent block errors partly cancel. Relative
+  to the natural scale √(G_ii G_jj) ≥ Σ|x_i y_i| the error measured at p = 10⁷ is below
+  10⁻⁶ (tests/test_spectral_window.py; docs/benchmarks.md, Cost of ``callbacks=gram``,
+  (d));
+- other buffers (bfloat16, float16), or float32 when the global float32 matmul
+  precision allows reduced-precision GEMMs (TF32, bfloat16 passes): up-cast to
+  ``accum_dtype`` in cache-sized chunks, as exact as float64 buffers.
 """
 
 from __future__ import annotations
@@ -41,6 +55,18 @@ chunks so that the scratch stays in cache (W = 20 at 2^16 columns was 1.3× slow
 
 MIN_CHUNK = 1 << 12
 
+F32_BLOCK = 1 << 16
+"""Columns per float32 block of ``_row_dots`` on the CPU. The block sets the float32
+error (≲ √b·u relative typically, b = the block length, u = 2⁻²⁴: ≈ 1.5·10⁻⁵ at 2^16
+before the BLAS kernels' own partial sums shrink it; measured < 10⁻⁶) and the per-block
+overhead (n matrix–vector products, n(n + 1)/2 dots and one float64 add: 36 blocks at
+p = 2.4M, 382 at 25M). 2^14 was 1.3× slower (call overhead), 2^17 no faster (2-core
+EPYC, p = 2.4M)."""
+
+F32_BLOCK_ACCELERATOR = 1 << 22
+"""``F32_BLOCK`` off the CPU: fewer, larger kernels (the error bound grows as √b: ≈ 10⁻⁴
+worst-typical, in practice far less with the GPU's tree-like reductions)."""
+
 COMBINE_CHUNK = 1 << 16
 """Columns per block of ``UpdateWindow.combine`` on the CPU (the edge vectors)."""
 
@@ -52,6 +78,9 @@ SCRATCH_BYTES_ACCELERATOR = 256 << 20
 
 TOTAL, WD = 0, 1
 """Indices of the two parts in the stacked buffer."""
+
+NEW_PARTS = 2
+"""Vectors a push brings: the total delta and its weight-decay part."""
 
 UNKNOWN_SPAN = (-1, -1)
 """The (begin, end) steps recorded for a delta pushed without its span."""
@@ -75,6 +104,27 @@ def chunked_matmul_t(rows: Tensor, vecs: Tensor, accum_dtype: torch.dtype) -> Te
     return out
 
 
+def float32_products_exact_enough(device: torch.device) -> bool:
+    """Whether float32 GEMMs on ``device`` run in true float32 (no TF32 / bfloat16 passes).
+
+    ``torch.set_float32_matmul_precision("high")`` (or TF32 on CUDA) lets float32 GEMMs
+    round their inputs to 10-bit mantissas: far outside the Gram's documented error. The
+    window then falls back to the exact up-cast path.
+    """
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+
+
+def uses_float32_blocks(dtype: torch.dtype, accum_dtype: torch.dtype, device: torch.device) -> bool:
+    """The float32-block path of ``_row_dots``: float32 buffers, a wider accumulator."""
+    return (
+        dtype == torch.float32
+        and accum_dtype != torch.float32
+        and float32_products_exact_enough(device)
+    )
+
+
 def _row_dots(
     rows: Tensor,
     new: tuple[Tensor, ...],
@@ -85,19 +135,25 @@ def _row_dots(
 
     Args:
         rows: [m, p]; new: n vectors [p] (same dtype and device as ``rows``).
-        scratch: optional reusable [m + n, chunk] ``accum_dtype`` buffer (see ``_scratch_for``).
+        scratch: optional reusable [m + n, chunk] ``accum_dtype`` up-cast buffer (see
+            ``_scratch_for``; unused by the float64 and float32-block paths).
     Returns:
-        ([m, n], [n, n]) in ``accum_dtype`` on the device. Each chunk of the rows and of
-        the new vectors is up-cast once into a cache-sized scratch and multiplied there.
+        ([m, n], [n, n]) in ``accum_dtype`` on the device. float32 rows
+        (``uses_float32_blocks``): float32 products per column block, summed in
+        ``accum_dtype`` (module docstring: error bound); other low-precision rows: each
+        chunk of the rows and of the new vectors is up-cast once into a cache-sized
+        scratch and multiplied there.
     """
     m, p = rows.shape
     n = len(new)
     if rows.dtype == accum_dtype:  # nothing to up-cast: multiply in place
         stacked = torch.stack(new)
         return rows @ stacked.T, stacked @ stacked.T
+    if uses_float32_blocks(rows.dtype, accum_dtype, rows.device):
+        return _row_dots_blocks(rows, new, accum_dtype)
     out = torch.zeros(m + n, n, dtype=accum_dtype, device=rows.device)
     if scratch is None:
-        scratch = _scratch_for(m + n, p, accum_dtype, rows.device)
+        scratch = _scratch_for(m + n, p, rows.dtype, accum_dtype, rows.device)
     chunk = scratch.shape[1]
     for lo in range(0, p, chunk):
         hi = min(lo + chunk, p)
@@ -109,16 +165,57 @@ def _row_dots(
     return out[:m], out[m:]
 
 
-def _scratch_for(rows: int, p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The up-cast scratch of ``_row_dots``: about ``SCRATCH_BYTES`` on the CPU (cache)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+def _row_dots_blocks(
+    rows: Tensor, new: tuple[Tensor, ...], accum_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``_row_dots`` in the rows' own dtype per column block, summed in ``accum_dtype``
+    across blocks.
+
+    Per block: one matrix–vector product of the rows' block with each new vector's block
+    (read straight from the buffers: no up-cast copy, no gather) and the new vectors' own
+    dots. On a CPU two float32 GEMVs beat one [m, b] × [b, 2] GEMM (MKL's skinny-GEMM path:
+    5.6 vs 8.1 ms at p = 2.4M, W = 5) and a float64 up-cast GEMM (≈ 8 ms).
+
+    Args:
+        rows: [m, p]; new: n vectors [p], the rows' dtype and device.
+    Returns:
+        ([m, n], [n, n]) in ``accum_dtype``.
+    """
+    m, p = rows.shape
+    n = len(new)
+    block_len = F32_BLOCK if rows.device.type == "cpu" else F32_BLOCK_ACCELERATOR
+    # part[i, :m] = rows_block @ new_i_block; part[i, m + j] = new_i_block · new_j_block
+    part = torch.zeros(n, m + n, dtype=rows.dtype, device=rows.device)
+    out = torch.zeros(n, m + n, dtype=accum_dtype, device=rows.device)
+    for lo in range(0, p, block_len):
+        hi = min(lo + block_len, p)
+        block = rows[:, lo:hi]
+        for i, vec in enumerate(new):
+            torch.mv(block, vec[lo:hi], out=part[i, :m])
+            for j in range(i, n):  # own dots: upper triangle, mirrored below
+                torch.dot(vec[lo:hi], new[j][lo:hi], out=part[i, m + j])
+        out.add_(part)  # float64 sum across blocks: the blocks' float32 error only
+    own = out[:, m:].triu()
+    own = own + own.triu(1).T
+    return out[:, :m].T, own
+
+
+def _scratch_for(
+    rows: int, p: int, dtype: torch.dtype, accum_dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """The up-cast scratch of ``_row_dots`` for ``rows`` = stored rows + new vectors:
+    [rows, chunk] in ``accum_dtype``, about ``SCRATCH_BYTES`` on the CPU (cache).
+    ``None`` on the float32-block path, which multiplies the buffers in place."""
+    if uses_float32_blocks(dtype, accum_dtype, device):
+        return None
+    itemsize = torch.empty((), dtype=accum_dtype).element_size()
     if device.type == "cpu":
         fits = max(MIN_CHUNK, SCRATCH_BYTES // (rows * itemsize))
         per_chunk = min(ACCUM_CHUNK, fits)
     else:
         fits = max(MIN_CHUNK, SCRATCH_BYTES_ACCELERATOR // (rows * itemsize))
         per_chunk = min(ACCUM_CHUNK_ACCELERATOR, fits)
-    return torch.empty(rows, min(per_chunk, max(p, 1)), dtype=dtype, device=device)
+    return torch.empty(rows, min(per_chunk, max(p, 1)), dtype=accum_dtype, device=device)
 
 
 class UpdateWindow:
@@ -221,7 +318,11 @@ class UpdateWindow:
         # dots[a*W + j, b] = part_a[j] · new_part_b over the *old* slots (empty ones are
         # zero); own[a, b] = new_part_a · new_part_b.
         if self._scratch is None:
-            self._scratch = _scratch_for(2 * size + 2, self.p, self.accum_dtype, self.device)
+            # None again on the float32-block path (no scratch); the float32 matmul
+            # precision is read at every push, so a change of it switches paths.
+            self._scratch = _scratch_for(
+                2 * size + NEW_PARTS, self.p, self.dtype, self.accum_dtype, self.device
+            )
         dots, own = _row_dots(every, (new_total, new_wd), self.accum_dtype, self._scratch)
         if reduce is not None and check_finite:
             own_total = reduce(own.clone())
