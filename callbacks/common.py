@@ -18,10 +18,12 @@ network's train/eval mode.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,6 +37,7 @@ from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table
 from grokedge.analysis_schedule import SCHEDULE_KEYS, AnalysisSchedule
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
+from grokedge.config_checks import AUTO
 from grokedge.functional import (
     EVALUATE,
     TRACE,
@@ -76,6 +79,43 @@ class Result:
     table: tuple[str, list[str], list[list[Any]]] | None = None
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """The rest of an analysis call, which reads only what it captured (numpy arrays, no
+    model, no trainer, no global random state): ``finish()`` returns its :class:`Result`.
+
+    :meth:`AnalysisCallback.analyse` returns one for work that can wait (the probes'
+    scikit-learn fits): the base class runs it at once or, with ``background`` on, on a
+    worker thread while training goes on. The numbers are the same either way.
+    """
+
+    finish: Callable[[], Result]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A :class:`Deferred` running on the worker: its call's identity and main-thread time."""
+
+    step: int
+    trigger: str
+    seconds: float  # spent in analyse() on the training thread
+    future: Future  # -> (Result, seconds on the worker)
+
+
+def free_cores() -> int:
+    """Cores this process may use beyond torch's intra-op threads (0 when none)."""
+    return max(0, len(os.sched_getaffinity(0)) - torch.get_num_threads())
+
+
+def timed_finish(deferred: Deferred, blas_threads: int) -> tuple[Result, float]:
+    """``deferred.finish()`` on ``blas_threads`` BLAS threads, with its seconds."""
+    start = time.perf_counter()
+    # The worker's numpy/scipy get the free cores only, not the training thread's.
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        result = deferred.finish()
+    return result, time.perf_counter() - start
+
+
 class AnalysisCallback(Callback, ABC):
     """Base of the analyses that run on a cadence over a fixed evaluation subset.
 
@@ -90,7 +130,11 @@ class AnalysisCallback(Callback, ABC):
     not analysed twice.
 
     Subclasses set ``analysis`` (row name in ``analyses.jsonl``), ``needs_edge`` and
-    implement :meth:`analyse`.
+    implement :meth:`analyse`. One that returns a :class:`Deferred` and sets
+    ``background`` (True, or ``"auto"``: when a core is free, see :meth:`setup`) has its
+    deferred part run on a worker thread: its row and scalars are written when the part
+    is done (at a later step's end, at a checkpoint, at the end of training at the
+    latest), labelled with the step of the weights they measured.
     """
 
     analysis = "analysis"
@@ -137,6 +181,12 @@ class AnalysisCallback(Callback, ABC):
         self.analysis_log: AnalysisLog | None = None
         self._subset: Batch | None = None
         self._relabelled_for: int | None = None
+
+        self.background: bool | str = False  # the setting; resolved in setup
+        self.in_background = False
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: list[_Pending] = []
+        self._attached: tuple[L.Trainer, L.LightningModule] | None = None
 
     # ------------------------------------------------------------------ identity/checks
 
@@ -198,6 +248,11 @@ class AnalysisCallback(Callback, ABC):
         gram = self.gram
         self.phases = gram.phases if gram is not None else Phases.around(FALLBACK_INTERVAL)
         self.analysis_log = AnalysisLog(trainer.default_root_dir, enabled=trainer.is_global_zero)
+        # "auto": a worker only where it takes a core training leaves idle (one process,
+        # torch threads < the cores it may use); elsewhere it would slow training down.
+        auto = trainer.world_size == 1 and free_cores() > 0
+        self.in_background = self.background is True or (self.background == AUTO and auto)
+        self._attached = (trainer, pl_module)
         if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
             raise ValueError(
                 f"{self.config_key}: needs evaluation data: a LightningDataModule with "
@@ -226,6 +281,8 @@ class AnalysisCallback(Callback, ABC):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
+        if self._pending:
+            self._collect(wait=False)
         step = trainer.global_step
         if self.every is None or step <= 0 or step % self.every or step == self.last_step:
             return
@@ -246,7 +303,19 @@ class AnalysisCallback(Callback, ABC):
             self._run(trainer, pl_module, GROK, direct=True)
         if self.at_end and trainer.global_step != self.last_step:
             self._run(trainer, pl_module, END, direct=True)
+        self._collect(wait=True)
         self._relabel(getattr(pl_module, "grok_step", None))
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # A failed run writes no more rows; the worker's running part is left to finish.
+        self._pending.clear()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+            self._worker = None
 
     # ------------------------------------------------------------------ the mechanics
 
@@ -283,9 +352,7 @@ class AnalysisCallback(Callback, ABC):
         if self.needs_edge and (self.gram is None or self.gram.edge is None):
             self.skipped += 1
             return
-        assert self.phases is not None
         self._relabel(grok)
-        phase = self.phases.label(step, grok)
         net = analysed_module(pl_module)
         was_training = net.training
         net.eval()  # dropout off, and no draw from the global random stream
@@ -299,23 +366,61 @@ class AnalysisCallback(Callback, ABC):
                 preserved_random_state(pl_module.device),
             ):
                 result = self.analyse(trainer, pl_module, step)
+                if isinstance(result, Deferred) and not self.in_background:
+                    result = result.finish()
         finally:
             net.train(was_training)
-        self.last_seconds = time.perf_counter() - start
-        self.total_seconds += self.last_seconds
-        self.calls += 1
+        seconds = time.perf_counter() - start
         self.last_step = step
-        self.write(step, phase, grok, trigger=trigger, **result.fields, seconds=self.last_seconds)
+        if isinstance(result, Deferred):
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix=self.analysis)
+            future = self._worker.submit(timed_finish, result, max(1, free_cores()))
+            self._pending.append(_Pending(step, trigger, seconds, future))
+            return
+        self._record(step, trigger, result, seconds, direct)
+
+    def _collect(self, wait: bool) -> None:
+        """Record the worker's finished calls, in call order (all of them with ``wait``).
+        A worker's exception is raised here, on the training thread."""
+        while self._pending and (wait or self._pending[0].future.done()):
+            pending = self._pending.pop(0)
+            result, worker_seconds = pending.future.result()
+            result.fields["worker_seconds"] = worker_seconds
+            self._record(pending.step, pending.trigger, result, pending.seconds)
+
+    def _record(
+        self, step: int, trigger: str, result: Result, seconds: float, direct: bool | None = None
+    ) -> None:
+        """One finished call: its ``analyses.jsonl`` row, table and scalars. ``seconds``:
+        the call's time on the training thread (a worker's own time is the row's
+        ``worker_seconds``). ``direct`` None: a call finished on the worker, logged at
+        its own ``step``."""
+        assert self.phases is not None and self._attached is not None
+        trainer, pl_module = self._attached
+        grok = getattr(pl_module, "grok_step", None)
+        self._relabel(grok)
+        phase = self.phases.label(step, grok)
+        self.last_seconds = seconds
+        self.total_seconds += seconds
+        self.calls += 1
+        self.write(step, phase, grok, trigger=trigger, **result.fields, seconds=seconds)
         if self.tables and result.table is not None:
             key, columns, rows = result.table
             log_table(
                 trainer, key, ["step", "phase", *columns], [[step, phase, *r] for r in rows], step
             )
-        log_scalars(trainer, pl_module, result.scalars, direct)
+        if direct is None:
+            log_scalars(trainer, pl_module, result.scalars, step=step)
+        else:
+            log_scalars(trainer, pl_module, result.scalars, direct)
 
     @abstractmethod
-    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
-        """Run the analysis on the current weights (network in eval mode)."""
+    def analyse(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
+    ) -> Result | Deferred:
+        """Run the analysis on the current weights (network in eval mode); a
+        :class:`Deferred` for a part that reads nothing of the live run."""
 
     def write(self, step: int, phase: str, grok: int | None, **fields: Any) -> None:
         assert self.analysis_log is not None
@@ -331,7 +436,9 @@ class AnalysisCallback(Callback, ABC):
     # -------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Primitives only (``torch.load(weights_only=True)`` safe)."""
+        """Primitives only (``torch.load(weights_only=True)`` safe). A checkpoint waits
+        for the worker's calls, so that it and ``analyses.jsonl`` agree on them."""
+        self._collect(wait=True)
         return {
             "last_step": self.last_step,
             "grok_done": self.grok_done,

@@ -20,13 +20,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 
-from grokedge.callbacks.common import AnalysisCallback, Result, trace_of
-from grokedge.config_checks import check_bool, check_choice, check_choices, check_int
+from grokedge.callbacks.common import (
+    AnalysisCallback,
+    Deferred,
+    Result,
+    trace_of,
+)
+from grokedge.config_checks import (
+    check_bool,
+    check_bool_or_auto,
+    check_choice,
+    check_choices,
+    check_int,
+)
 from grokedge.functional import TRACE, check_block
 from grokedge.spectral import score_probes
 from grokedge.spectral.probes import (
@@ -35,6 +47,7 @@ from grokedge.spectral.probes import (
     PROTOCOLS,
     QUADRATIC_DTYPES,
     ProbeConfig,
+    ProbeData,
 )
 from grokedge.tasks.probe_targets import (
     check_names_declared,
@@ -81,13 +94,19 @@ class ProbeCallback(AnalysisCallback):
         folds: K of the grouped K-fold (>= 2; capped at the number of strings). The
             default 3 trains each probe on 2/3 of the sequences, close to the paper's 70 %,
             and keeps the quadratic probe (a ridge on 8,384 features, O(n²) in the
-            positions) at ~10 s a call on one CPU thread; 5 folds cost ~2x.
+            positions) at ~4 s a call on one CPU thread; 5 folds cost ~2x.
         seed: seed of the folds, the paper split and the MLP.
         mlp_max_iter: MLP epochs at most (early stopping usually ends sooner).
         quadratic_interaction_only: products x_i x_j only, no squares (the paper's literal
             "interaction features"; default false, see ``grokedge.spectral.probes``).
-        quadratic_dtype: the quadratic ridge's arithmetic, ``float64`` (default) or
-            ``float32`` (~0.6 of the time, ill-conditioned; see ``grokedge.spectral.probes``).
+        quadratic_dtype: products of the quadratic ridge's normal matrix, ``float32``
+            (default; summed in float64, solved in float64) or ``float64`` (~2x the
+            time, the same R² to 1e-7 on Dyck; see ``grokedge.spectral.ridge``).
+        background: fit the probes on a worker thread while training goes on (the
+            forward pass stays on the training thread): ``auto`` (default) when torch
+            leaves a core idle (``torch_threads`` below the cores, one process), ``true``,
+            ``false``. The same numbers; the row and scalars are written when the fits are
+            done, labelled with their own step (docs/benchmarks.md).
         tables, config_key: as ``AblationCallback``.
 
     Logs (``global_step``; kind in ``kinds``):
@@ -118,7 +137,8 @@ class ProbeCallback(AnalysisCallback):
         seed: int = 0,
         mlp_max_iter: int = 200,
         quadratic_interaction_only: bool = False,
-        quadratic_dtype: str = "float64",
+        quadratic_dtype: str = "float32",
+        background: bool | str = "auto",
         config_key: str = PROBE_KEY,
         **schedule: Any,
     ) -> None:
@@ -145,6 +165,7 @@ class ProbeCallback(AnalysisCallback):
         self.quadratic_interaction_only = check_bool(
             f"{key}.quadratic_interaction_only", quadratic_interaction_only
         )
+        self.background = check_bool_or_auto(f"{key}.background", background)
         self.config = ProbeConfig(
             mlp_max_iter=self.mlp_max_iter,
             quadratic_interaction_only=self.quadratic_interaction_only,
@@ -170,45 +191,49 @@ class ProbeCallback(AnalysisCallback):
         check_names_declared(key, list(self.targets), list(declared), task_label(datamodule))
         return list(self.targets)
 
-    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
-        # Imported here: importing scikit-learn costs ~1 s (see grokedge.spectral.probes).
-        from sklearn.exceptions import ConvergenceWarning
-
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Deferred:
+        """The forward pass and the probe samples now; the fits (numpy only) deferred."""
         batch = self.subset(trainer, pl_module)
         trace = trace_of(pl_module, batch)
         hidden = trace.hidden[self.block]
         declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
         primary = next(iter(declared))
+        samples = {
+            name: probe_data(trainer.datamodule, pl_module, batch, hidden, declared[name])
+            for name in self._chosen_targets(declared, trainer.datamodule)
+        }
+        shape = {
+            "n_sequences": float(batch["weight"].sum()),
+            "n_rows": int(batch["labels"].shape[0]),
+        }
+        return Deferred(partial(self._score, samples, primary, shape, step))
+
+    def _score(
+        self, samples: dict[str, ProbeData], primary: str, shape: dict[str, Any], step: int
+    ) -> Result:
         scalars: dict[str, float] = {}
         scores: dict[str, dict] = {}
         rows = []
         n_samples = 0
-        not_converged = 0  # MLP fits stopped by mlp_max_iter (sklearn ConvergenceWarning)
-        for name in self._chosen_targets(declared, trainer.datamodule):
-            data = probe_data(trainer.datamodule, pl_module, batch, hidden, declared[name])
+        not_converged = 0  # MLP fits stopped by mlp_max_iter
+        for name, data in samples.items():
             n_samples = max(n_samples, len(data.targets))
             n_groups = len(np.unique(data.groups))
             folds = min(self.folds, n_groups)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ConvergenceWarning)
-                result = score_probes(
-                    data.features,
-                    data.targets,
-                    data.groups,
-                    kinds=self.kinds,
-                    folds=folds,
-                    seed=self.seed,
-                    protocol=self.protocol,
-                    sample_weight=data.weights,
-                    config=self.config,
-                )
-            for w in caught:
-                if issubclass(w.category, ConvergenceWarning):
-                    not_converged += 1
-                else:  # pass the others on
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            result = score_probes(
+                data.features,
+                data.targets,
+                data.groups,
+                kinds=self.kinds,
+                folds=folds,
+                seed=self.seed,
+                protocol=self.protocol,
+                sample_weight=data.weights,
+                config=self.config,
+            )
             scores[name] = {}
             for kind, score in result.items():
+                not_converged += score.not_converged
                 is_primary = name == primary
                 scalars[probe_metric(name, kind, is_primary)] = score.mean
                 scalars[probe_metric(name, kind, is_primary, "_sd")] = score.sd
@@ -231,8 +256,7 @@ class ProbeCallback(AnalysisCallback):
             "block": self.block,
             "primary": primary,
             "protocol": self.protocol,
-            "n_sequences": float(batch["weight"].sum()),
-            "n_rows": int(batch["labels"].shape[0]),
+            **shape,
             "n_samples": n_samples,
             "mlp_not_converged": not_converged,
             "scores": scores,

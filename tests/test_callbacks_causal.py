@@ -301,6 +301,37 @@ def test_analyses_leave_training_bit_identical(runs: Runs) -> None:
     assert runs.full_dropout.module.net.training
 
 
+def test_probes_on_a_worker_thread_give_the_same_numbers(tmp_path: Path) -> None:
+    """callbacks.probe.background=true against false: the same rows (bar their timings)
+    and the same logged probe scalars at the same steps; the worker did the fits."""
+    probes_only = [
+        "callbacks=gram",
+        "+callbacks@callbacks.probe=probe",
+        *(o for o in SMALL if o.startswith("callbacks.probe.")),
+        "callbacks.probe.every=20",
+        GROK_EARLY,
+        "trainer.max_steps=50",
+    ]
+    rows, metrics = {}, {}
+    for background in (True, False):
+        run_dir = tmp_path / str(background)
+        run = built(run_dir, [*probes_only, f"callbacks.probe.background={background}"])
+        fit_quietly(run)
+        assert _callback(run, ProbeCallback).in_background is background
+        rows[background] = read_analyses(run_dir, ["probe"])
+        metrics[background] = {
+            step: {k: v for k, v in values.items() if k.startswith("probe/")}
+            for step, values in metrics_by_step(run_dir).items()
+        }
+    assert [r["step"] for r in rows[True]] == [20, 40, 50]  # grok (20), cadence, end
+    for worker, inline in zip(rows[True], rows[False], strict=True):
+        assert worker.pop("worker_seconds") > 0 and "worker_seconds" not in inline
+        worker.pop("seconds"), inline.pop("seconds")
+        assert worker == inline
+    assert metrics[True] == metrics[False]
+    assert sum(len(v) for v in metrics[True].values()) > 0
+
+
 def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return a == pytest.approx(b, rel=1e-6, abs=1e-9)
@@ -321,7 +352,8 @@ def test_resumed_run_continues_the_cadences(runs: Runs) -> None:
     assert [r["step"] for r in resumed] == [60, 60, 60]
     for a, b in zip(full, resumed, strict=True):
         a, b = dict(a), dict(b)
-        a.pop("seconds"), b.pop("seconds")
+        for timing in ("seconds", "worker_seconds"):
+            a.pop(timing, None), b.pop(timing, None)
         assert _close(a, b), (a["analysis"], a, b)
     prefixes = ("ablation/", "perturb/", "curvature/", "probe/")
     m_full, m_res = metrics_by_step(runs.root / "full"), metrics_by_step(runs.root / "resumed")
@@ -560,6 +592,7 @@ BAD = [
     (["callbacks.probe.kinds=[linear,cubic]"], ["callbacks.probe.kinds=", "quadratic"]),
     (["callbacks.probe.block=2"], ["callbacks.probe.block=2", "[-2, 1]"]),
     (["callbacks.probe.protocol=loo"], ["callbacks.probe.protocol='loo'", "grouped_kfold"]),
+    (["callbacks.probe.background=maybe"], ["callbacks.probe.background='maybe'", "true, false"]),
     (
         ["callbacks.wd_removal.at_step=5", "callbacks.wd_removal.after_grok=5"],
         ["callbacks.wd_removal.at_step=5", "at most one trigger"],

@@ -218,17 +218,21 @@ def log_table(
 
 
 def log_scalars(
-    trainer: Any, pl_module: Any, values: Mapping[str, float | None], direct: bool = False
+    trainer: Any,
+    pl_module: Any,
+    values: Mapping[str, float | None],
+    direct: bool = False,
+    step: int | None = None,
 ) -> None:
-    """Log the finite ``values`` at ``global_step``: through ``pl_module.log_scalars``
-    (GrokModule) in hooks where Lightning allows ``self.log``, else (``direct``, or a
-    module without it) straight to the trainer's loggers. Undefined read-outs (None,
-    NaN) are left out."""
+    """Log the finite ``values`` at ``step`` (None: ``global_step``): through
+    ``pl_module.log_scalars`` (GrokModule) in hooks where Lightning allows ``self.log``,
+    else (``direct``, an explicit ``step``, or a module without it) straight to the
+    trainer's loggers. Undefined read-outs (None, NaN) are left out."""
     finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
     if not finite:
         return
-    if direct or not hasattr(pl_module, "log_scalars"):
+    if direct or step is not None or not hasattr(pl_module, "log_scalars"):
         for logger in trainer.loggers:
-            logger.log_metrics(finite, step=trainer.global_step)
+            logger.log_metrics(finite, step=trainer.global_step if step is None else step)
     else:
         pl_module.log_scalars(finite)

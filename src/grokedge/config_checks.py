@@ -178,6 +178,16 @@ def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+AUTO = "auto"
+
+
+def check_bool_or_auto(key: str, value: Any) -> bool | str:
+    """``true``, ``false`` or ``"auto"`` (a setting resolved later from the machine)."""
+    if isinstance(value, bool) or value == AUTO:
+        return value
+    raise ConfigError(f"{key}={value!r} is not allowed: one of true, false, auto")
+
+
 def check_choices(key: str, value: Any, choices: Sequence[str]) -> tuple[str, ...]:
     """A non-empty list of distinct entries of ``choices`` (Hydra ListConfig accepted)."""
     if isinstance(value, str):

@@ -9,11 +9,12 @@ state at every labelled position:
   x_i² by default (``ProbeConfig.quadratic_interaction_only = False``) because a
   quadratic probe without them cannot represent even |x|²-type targets; set it True for
   the literal products-only reading. The second scaler puts products on the same scale
-  as the linear terms, so the ridge penalty treats them alike. The ridge runs on those
-  standardised features in ``ProbeConfig.quadratic_dtype``: float64 by default; float32
-  takes ~0.6 of the time on Dyck's 3,522 positions with R² equal to 3e-7, but its solve is
-  ill-conditioned in float32 (LAPACK warns, rcond ~2e-8), so it is not the default
-  (docs/benchmarks.md);
+  as the linear terms, so the ridge penalty treats them alike. The ridge is
+  :class:`~grokedge.spectral.ridge.CholeskyRidge`: scikit-learn's ``Ridge`` solved by a
+  Cholesky factorisation of its n × n dual system (D = 8,384 features > n positions),
+  whose products run in ``ProbeConfig.quadratic_dtype``: float32 by default (blocks
+  summed in float64, float64 solve; R² within 1e-7 of the float64 fit on Dyck, 0.2 of
+  scikit-learn's time per fold, docs/benchmarks.md), float64 on request;
 - ``mlp``: StandardScaler → MLPRegressor(64 hidden, α = 0.01, early stopping).
 
 Each is scored by R² on held-out data. The default protocol (``grouped_kfold``) is K-fold
@@ -58,7 +59,7 @@ PROTOCOLS = (GROUPED_KFOLD, PAPER_SPLIT)
 
 LINEAR, QUADRATIC, MLP = "linear", "quadratic", "mlp"
 PROBE_KINDS = (LINEAR, QUADRATIC, MLP)
-QUADRATIC_DTYPES = ("float32", "float64")
+QUADRATIC_DTYPES = ("float32", "float64")  # products of the quadratic ridge's normal matrix
 
 DEFAULT_FOLDS = 5
 
@@ -72,7 +73,7 @@ class ProbeConfig:
     linear_alpha: float = 1.0
     quadratic_alpha: float = 10.0
     quadratic_interaction_only: bool = False
-    quadratic_dtype: str = "float64"  # the ridge's arithmetic on the standardised features
+    quadratic_dtype: str = "float32"  # products of the ridge's normal matrix (float64 solve)
     mlp_hidden: tuple[int, ...] = (64,)
     mlp_alpha: float = 0.01
     mlp_max_iter: int = 200  # sklearn's default; early stopping usually ends sooner
@@ -86,12 +87,13 @@ class ProbeScore:
     mean: float
     sd: float
     per_fold: tuple[float, ...] = field(default_factory=tuple)
+    not_converged: int = 0  # folds whose iterative fit (the MLP) stopped at its max_iter
 
     @classmethod
-    def from_folds(cls, scores: Sequence[float]) -> ProbeScore:
+    def from_folds(cls, scores: Sequence[float], not_converged: int = 0) -> ProbeScore:
         values = tuple(float(s) for s in scores)
         sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-        return cls(float(np.mean(values)), sd, values)
+        return cls(float(np.mean(values)), sd, values, not_converged)
 
 
 class ProbeData(NamedTuple):
@@ -242,7 +244,9 @@ def make_probe(kind: str, seed: int = 0, config: ProbeConfig = ProbeConfig()) ->
     from sklearn.linear_model import Ridge
     from sklearn.neural_network import MLPRegressor
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import FunctionTransformer, PolynomialFeatures, StandardScaler
+    from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+
+    from grokedge.spectral.ridge import CholeskyRidge
 
     if kind == LINEAR:
         steps = [("scale", StandardScaler()), ("ridge", Ridge(alpha=config.linear_alpha))]
@@ -254,14 +258,12 @@ def make_probe(kind: str, seed: int = 0, config: ProbeConfig = ProbeConfig()) ->
             raise ValueError(
                 f"quadratic_dtype={config.quadratic_dtype!r}; allowed: {QUADRATIC_DTYPES}"
             )
-        # The Gram of ~8,000 standardised features dominates a fit (float32: ~0.6 of it).
-        cast = FunctionTransformer(np.asarray, kw_args={"dtype": config.quadratic_dtype})
+        ridge = CholeskyRidge(alpha=config.quadratic_alpha, gram_dtype=config.quadratic_dtype)
         steps = [
             ("scale", StandardScaler()),
             ("poly", poly),
             ("scale_poly", StandardScaler()),
-            ("cast", cast),
-            ("ridge", Ridge(alpha=config.quadratic_alpha)),
+            ("ridge", ridge),
         ]
     elif kind == MLP:
         mlp = MLPRegressor(
@@ -311,7 +313,12 @@ def probe_splits(
 
 def _fit_score(
     probe: Pipeline, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, split: tuple
-) -> float:
+) -> tuple[float, bool]:
+    """Held-out R² of ``probe`` fitted on ``split``'s training part, and whether an
+    iterative final step (the MLP) stopped at its ``max_iter`` without converging."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import r2_score
     from sklearn.utils.validation import has_fit_parameter
 
@@ -324,9 +331,15 @@ def _fit_score(
             for name, step in probe.steps
             if has_fit_parameter(step, "sample_weight")
         }
-    probe.fit(x[train], y[train], **fit_params)
+    with warnings.catch_warnings():
+        # Counted below instead (ProbeScore.not_converged) and reported by the caller.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(x[train], y[train], **fit_params)
+    final = probe.steps[-1][1]
+    n_iter, max_iter = getattr(final, "n_iter_", None), getattr(final, "max_iter", None)
+    stopped = isinstance(n_iter, int) and isinstance(max_iter, int) and n_iter >= max_iter
     test_weight = None if w is None else w[test]
-    return float(r2_score(y[test], probe.predict(x[test]), sample_weight=test_weight))
+    return float(r2_score(y[test], probe.predict(x[test]), sample_weight=test_weight)), stopped
 
 
 def score_probes(
@@ -352,7 +365,9 @@ def score_probes(
         protocol: ``grouped_kfold`` (default) or ``paper_split``.
         sample_weight: [n] weights (e.g. ``ProbeData.weights``); None: unweighted.
     Returns:
-        kind -> :class:`ProbeScore`. Every kind sees the same splits.
+        kind -> :class:`ProbeScore`. Every kind sees the same splits. scikit-learn's
+        ConvergenceWarning is not raised: an MLP fold stopped by ``mlp_max_iter`` counts
+        in ``ProbeScore.not_converged``.
     """
     x, y = _numpy(features), _numpy(targets)
     if x.ndim != 2 or y.shape != (x.shape[0],):
@@ -364,8 +379,9 @@ def score_probes(
     scores = {}
     for kind in kinds:
         template = make_probe(kind, seed, config)
+        folds_ = [_fit_score(clone(template), x, y, w, split) for split in splits]
         scores[kind] = ProbeScore.from_folds(
-            [_fit_score(clone(template), x, y, w, split) for split in splits]
+            [r2 for r2, _ in folds_], sum(stopped for _, stopped in folds_)
         )
     return scores
 
