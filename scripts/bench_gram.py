@@ -7,9 +7,10 @@
     alternate ``--pairs`` times (medians reported), plus the time measured inside the
     callbacks and the per-step weight-decay hook, which is immune to machine noise.
 (b) Time per captured delta (``GramCallback.capture``: form θ_now − θ_prev, push into the
-    window with its incremental float64 Gram rows, eigendecomposition, EdgeState with the
-    top-4 vectors) for p = 131,072 / 2,359,296 / 25,000,000 at W = 5, against the memory
-    traffic bound: bytes the update must touch / copy bandwidth measured here with a large
+    window with its incremental Gram rows summed in float64 (float32 buffers: float32
+    products per column block), eigendecomposition, EdgeState with the top-4 vectors)
+    for p = 131,072 / 2,359,296 / 25,000,000 at W = 5, against the memory traffic bound:
+    bytes the update must touch / copy bandwidth measured here with a large
     ``Tensor.copy_``. Also the per-step WD accumulation against its own bound. Reported:
     the min over the timed captures (the code's own cost) and the median (what a shared
     machine gave it); the ratio uses the min.
@@ -222,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         wd_bound = 12 * p / bw
         rows.append((p, r, bound, wd_bound))
         print(f"  p={p:,}: capture {r['capture_s'] * 1e3:.2f} ms", flush=True)
-    print("\n(b) one captured delta, W = 5, top-4 vectors, float32 buffers, float64 Gram\n")
+    print(
+        "\n(b) one captured delta, W = 5, top-4 vectors, float32 buffers, Gram rows summed "
+        "in float64\n"
+    )
     print(
         "| p | capture min (median) | traffic bound | × bound (min) | WD step min (median) "
         "| WD bound | × bound (min) |\n|---|---|---|---|---|---|---|"

@@ -89,7 +89,9 @@ class DeltaRecorder:
         allow_inexact_split: with an optimizer whose weight decay is not decoupled,
             record a zero WD part (warned once) instead of raising.
         buffer_dtype: storage of the [2, W, p] window and [top_k, p] vector buffers, a
-            key of :data:`BUFFER_DTYPES`; dot products and W×W algebra are float64.
+            key of :data:`BUFFER_DTYPES`; dot products are summed in float64 (float32
+            buffers: float32 products per column block, see
+            :mod:`grokedge.spectral.window`) and the W×W algebra is float64.
         buffer_device: where those buffers live (``None``: the parameters' device).
         shard_across_ranks: keep only this rank's slice when ``collective`` (or the
             default ``torch.distributed`` group) has several processes; ``False``: the

@@ -58,14 +58,15 @@ MIN_CHUNK = 1 << 12
 F32_BLOCK = 1 << 16
 """Columns per float32 block of ``_row_dots`` on the CPU. The block sets the float32
 error (≲ √b·u relative typically, b = the block length, u = 2⁻²⁴: ≈ 1.5·10⁻⁵ at 2^16
-before the BLAS kernels' own partial sums shrink it; measured < 10⁻⁶) and the per-block
-overhead (n matrix–vector products, n(n + 1)/2 dots and one float64 add: 36 blocks at
-p = 2.4M, 382 at 25M). 2^14 was 1.3× slower (call overhead), 2^17 no faster (2-core
-EPYC, p = 2.4M)."""
+before the BLAS kernels' own partial sums shrink it; measured ≤ 1.3·10⁻⁷ at p = 10⁷) and the
+per-block overhead (n matrix–vector products, n(n + 1)/2 dots and one float64 add: 36
+blocks at p = 2.4M, 382 at 25M). A capture at 2^14 was 1.17× slower (call overhead),
+at 2^17 no faster (2-core EPYC, p = 2.4M, W = 5 and 20)."""
 
 F32_BLOCK_ACCELERATOR = 1 << 22
-"""``F32_BLOCK`` off the CPU: fewer, larger kernels (the error bound grows as √b: ≈ 10⁻⁴
-worst-typical, in practice far less with the GPU's tree-like reductions)."""
+"""``F32_BLOCK`` off the CPU: fewer, larger kernels. The typical error bound grows as √b
+(≈ 10⁻⁴ at 2^22 before the kernels' blocked partial sums shrink it); untested for
+accuracy and speed on a GPU here (none was available)."""
 
 COMBINE_CHUNK = 1 << 16
 """Columns per block of ``UpdateWindow.combine`` on the CPU (the edge vectors)."""
@@ -174,7 +175,7 @@ def _row_dots_blocks(
     Per block: one matrix–vector product of the rows' block with each new vector's block
     (read straight from the buffers: no up-cast copy, no gather) and the new vectors' own
     dots. On a CPU two float32 GEMVs beat one [m, b] × [b, 2] GEMM (MKL's skinny-GEMM path:
-    5.6 vs 8.1 ms at p = 2.4M, W = 5) and a float64 up-cast GEMM (≈ 8 ms).
+    6.4 vs 8.1 ms at p = 2.4M, W = 5) and a float64 up-cast GEMM (13.5 ms).
 
     Args:
         rows: [m, p]; new: n vectors [p], the rows' dtype and device.
