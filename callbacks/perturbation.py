@@ -185,8 +185,12 @@ class PerturbationCallback(AnalysisCallback):
                 ).loss_fn()
                 for dtype in (fd_type, hvp_type)
             )
+            with torch.no_grad():  # L(θ), shared by the directions' central differences
+                center = float(fd_loss(theta.to(fd_type)))
             for k, v in zip(ks, directions, strict=True):
-                fd = finite_difference_curvature(fd_loss, theta.to(fd_type), v, eps=fd_eps)
+                fd = finite_difference_curvature(
+                    fd_loss, theta.to(fd_type), v, eps=fd_eps, center=center
+                )
                 exact = directional_curvature(hvp_loss, theta.to(hvp_type), v)
                 curvatures.append({"k": k, "fd": fd, "hvp": exact})
                 scalars[f"curvature/fd_v{k}"] = fd

@@ -449,8 +449,15 @@ def test_epsilon_sweep_on_a_tiny_model():
     theta = selector.flatten(net)
     directions = random_orthonormal_subspace(2, selector.p, seed=0)
     grid = epsilon_grid(5, 0.5)
-    rows = epsilon_sweep(evaluate, theta, directions, grid, batch)
+    calls = []
+
+    def counted(flat, b):
+        calls.append(1)
+        return evaluate(flat, b)
+
+    rows = epsilon_sweep(counted, theta, directions, grid, batch)
     assert len(rows) == 2 * 5
+    assert len(calls) == 1 + 2 * 4  # the base once; ε = 0 shares it
     assert [r["direction"] for r in rows] == [1] * 5 + [2] * 5
     base_loss, _, base_logits = evaluate(theta, batch)
     base_loss = float(base_loss)
@@ -461,7 +468,8 @@ def test_epsilon_sweep_on_a_tiny_model():
         assert r["delta_loss"] == pytest.approx(float(loss) - base_loss, abs=1e-6)
         kl = kl_divergence(base_logits, logits, labels != IGNORE_INDEX, batch["weight"])
         assert r["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
-        if r["epsilon"] == 0.0:
+        if r["epsilon"] == 0.0:  # the shared base is θ + 0·v's evaluation bit for bit
+            assert (r["loss"], r["acc"]) == (float(loss), float(acc))
             assert r["kl"] == 0.0 and r["delta_loss"] == 0.0 and r["delta_acc"] == 0.0
         else:
             assert r["kl"] > 0

@@ -161,6 +161,11 @@ def test_finite_difference_converges_to_exact(setup):
     for bigger, smaller in zip(errors, errors[1:], strict=False):
         assert smaller < bigger / 5
     assert errors[-1] < FD_RTOL
+    # A center evaluated once and passed in (shared by directions) changes nothing.
+    eps = 1e-3 * scale
+    center = float(flat(s.theta))
+    shared = finite_difference_curvature(flat, s.theta, v, eps=eps, center=center)
+    assert shared == finite_difference_curvature(flat, s.theta, v, eps=eps)
     # The paper's default step (0.001 ‖θ_sel‖), and the dict form via unflatten.
     assert paper_epsilon(s.theta) == pytest.approx(1e-3 * scale)
     default = finite_difference_curvature(s.loss, s.theta, v, unflatten=s.selector.unflatten)

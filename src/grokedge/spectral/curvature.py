@@ -128,6 +128,7 @@ def finite_difference_curvature(
     v: Tensor,
     eps: float | None = None,
     unflatten: Callable[[Tensor], Any] | None = None,
+    center: float | None = None,
 ) -> float:
     """(L(θ+εu) + L(θ−εu) − 2L(θ)) / ε² for the unit u = v/‖v‖: the paper's estimate.
 
@@ -143,6 +144,8 @@ def finite_difference_curvature(
         v: [p] the direction (normalised here).
         eps: the step (parameter units); None: the paper's ``0.001 · ‖θ_sel‖``.
         unflatten: as in :func:`directional_curvature`.
+        center: L(θ) when the caller has it already (one evaluation shared by the
+            directions); None: evaluated here.
     """
     f = _on_flat(loss_fn, unflatten)
     step = paper_epsilon(theta) if eps is None else float(eps)
@@ -153,5 +156,6 @@ def finite_difference_curvature(
     with torch.no_grad():
         plus = float(f((base + step * u).to(theta.dtype)))
         minus = float(f((base - step * u).to(theta.dtype)))
-        center = float(f(theta.detach()))
+        if center is None:
+            center = float(f(theta.detach()))
     return (plus + minus - 2.0 * center) / step**2

@@ -141,7 +141,10 @@ def epsilon_sweep(
         for k, v in enumerate(directions, start=1):
             v = v.to(theta.dtype)
             for eps in grid:
-                loss, acc, logits = evaluate(theta + eps * v, batch)
+                if eps == 0.0:  # θ + 0·v is θ bit for bit: the base evaluation, shared
+                    loss, acc, logits = base_loss, base_acc, base_logits
+                else:
+                    loss, acc, logits = evaluate(theta + eps * v, batch)
                 rows.append(
                     {
                         "direction": k,
