@@ -18,12 +18,11 @@ network's train/eval mode.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table
 from grokedge.analysis_schedule import SCHEDULE_KEYS, AnalysisSchedule
+from grokedge.analysis_worker import AnalysisWorker, free_cores
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
 from grokedge.config_checks import AUTO
@@ -81,15 +81,25 @@ class Result:
 
 @dataclass(frozen=True)
 class Deferred:
-    """The rest of an analysis call, which reads only what it captured (numpy arrays, no
-    model, no trainer, no global random state): ``finish()`` returns its :class:`Result`.
+    """The part of an analysis call that can wait: independent ``jobs`` ``(work, args)``
+    whose ``work(*args)`` reads only what the call captured (numpy arrays and primitives:
+    no model, no trainer, no global random state), and ``complete``, which turns their
+    return values (in job order) into the call's :class:`Result`.
 
-    :meth:`AnalysisCallback.analyse` returns one for work that can wait (the probes'
-    scikit-learn fits): the base class runs it at once or, with ``background`` on, on a
-    worker thread while training goes on. The numbers are the same either way.
+    :meth:`AnalysisCallback.analyse` returns one for the probes' scikit-learn fits: the
+    base class runs the jobs at once or, with ``background`` on, in a worker process
+    (:class:`grokedge.analysis_worker.AnalysisWorker`: each ``work`` must then be a
+    module-level function and its ``args`` picklable) while training goes on; after
+    training has ended (the ``at_end`` call) the first job runs on the training thread
+    beside the worker. ``complete`` always runs on the training thread. The numbers are
+    the same either way.
     """
 
-    finish: Callable[[], Result]
+    jobs: tuple[tuple[Callable[..., Any], tuple], ...]
+    complete: Callable[[list[Any]], Result]
+
+    def finish(self) -> Result:
+        return self.complete([work(*args) for work, args in self.jobs])
 
 
 @dataclass(frozen=True)
@@ -98,22 +108,9 @@ class _Pending:
 
     step: int
     trigger: str
-    seconds: float  # spent in analyse() on the training thread
-    future: Future  # -> (Result, seconds on the worker)
-
-
-def free_cores() -> int:
-    """Cores this process may use beyond torch's intra-op threads (0 when none)."""
-    return max(0, len(os.sched_getaffinity(0)) - torch.get_num_threads())
-
-
-def timed_finish(deferred: Deferred, blas_threads: int) -> tuple[Result, float]:
-    """``deferred.finish()`` on ``blas_threads`` BLAS threads, with its seconds."""
-    start = time.perf_counter()
-    # The worker's numpy/scipy get the free cores only, not the training thread's.
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
-        result = deferred.finish()
-    return result, time.perf_counter() - start
+    seconds: float  # spent in analyse() (and in jobs run there) on the training thread
+    futures: list[Future]  # per job -> (work's return value, seconds in the worker)
+    complete: Callable[[list[Any]], Result]
 
 
 class AnalysisCallback(Callback, ABC):
@@ -132,7 +129,7 @@ class AnalysisCallback(Callback, ABC):
     Subclasses set ``analysis`` (row name in ``analyses.jsonl``), ``needs_edge`` and
     implement :meth:`analyse`. One that returns a :class:`Deferred` and sets
     ``background`` (True, or ``"auto"``: when a core is free, see :meth:`setup`) has its
-    deferred part run on a worker thread: its row and scalars are written when the part
+    deferred part run in a worker process: its row and scalars are written when the part
     is done (at a later step's end, at a checkpoint, at the end of training at the
     latest), labelled with the step of the weights they measured.
     """
@@ -184,7 +181,7 @@ class AnalysisCallback(Callback, ABC):
 
         self.background: bool | str = False  # the setting; resolved in setup
         self.in_background = False
-        self._worker: ThreadPoolExecutor | None = None
+        self._worker: AnalysisWorker | None = None
         self._pending: list[_Pending] = []
         self._attached: tuple[L.Trainer, L.LightningModule] | None = None
 
@@ -253,6 +250,8 @@ class AnalysisCallback(Callback, ABC):
         auto = trainer.world_size == 1 and free_cores() > 0
         self.in_background = self.background is True or (self.background == AUTO and auto)
         self._attached = (trainer, pl_module)
+        if self.in_background and self._worker is None:
+            self._worker = AnalysisWorker(blas_threads=max(1, free_cores()))
         if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
             raise ValueError(
                 f"{self.config_key}: needs evaluation data: a LightningDataModule with "
@@ -309,12 +308,12 @@ class AnalysisCallback(Callback, ABC):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        # A failed run writes no more rows; the worker's running part is left to finish.
+        # A failed run writes no more rows; the worker's running job is left to finish.
         self._pending.clear()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._worker is not None:
-            self._worker.shutdown(wait=True, cancel_futures=True)
+            self._worker.shutdown()
             self._worker = None
 
     # ------------------------------------------------------------------ the mechanics
@@ -373,20 +372,33 @@ class AnalysisCallback(Callback, ABC):
         seconds = time.perf_counter() - start
         self.last_step = step
         if isinstance(result, Deferred):
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix=self.analysis)
-            future = self._worker.submit(timed_finish, result, max(1, free_cores()))
-            self._pending.append(_Pending(step, trigger, seconds, future))
+            assert self._worker is not None
+            jobs = list(result.jobs)
+            # After training (direct) the training thread is idle: it takes the first job.
+            here = jobs.pop(0) if direct and len(jobs) > 1 else None
+            futures = [self._worker.submit(work, args) for work, args in jobs]
+            if here is not None:
+                start_here = time.perf_counter()
+                done: Future = Future()
+                # The worker's BLAS budget, so that the job's numbers are the worker's.
+                with threadpool_limits(limits=self._worker.blas_threads, user_api="blas"):
+                    done.set_result((here[0](*here[1]), 0.0))
+                futures.insert(0, done)
+                seconds += time.perf_counter() - start_here
+            self._pending.append(_Pending(step, trigger, seconds, futures, result.complete))
+            if direct:
+                self._collect(wait=True)
             return
         self._record(step, trigger, result, seconds, direct)
 
     def _collect(self, wait: bool) -> None:
         """Record the worker's finished calls, in call order (all of them with ``wait``).
         A worker's exception is raised here, on the training thread."""
-        while self._pending and (wait or self._pending[0].future.done()):
+        while self._pending and (wait or all(f.done() for f in self._pending[0].futures)):
             pending = self._pending.pop(0)
-            result, worker_seconds = pending.future.result()
-            result.fields["worker_seconds"] = worker_seconds
+            outputs = [future.result() for future in pending.futures]
+            result = pending.complete([output for output, _ in outputs])
+            result.fields["worker_seconds"] = sum(seconds for _, seconds in outputs)
             self._record(pending.step, pending.trigger, result, pending.seconds)
 
     def _record(

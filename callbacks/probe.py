@@ -24,7 +24,6 @@ from functools import partial
 from typing import Any, ClassVar
 
 import lightning as L
-import numpy as np
 
 from grokedge.callbacks.common import (
     AnalysisCallback,
@@ -40,14 +39,15 @@ from grokedge.config_checks import (
     check_int,
 )
 from grokedge.functional import TRACE, check_block
-from grokedge.spectral import score_probes
 from grokedge.spectral.probes import (
     GROUPED_KFOLD,
+    MLP,
     PROBE_KINDS,
     PROTOCOLS,
     QUADRATIC_DTYPES,
     ProbeConfig,
-    ProbeData,
+    ProbeScore,
+    score_targets,
 )
 from grokedge.tasks.probe_targets import (
     check_names_declared,
@@ -102,7 +102,7 @@ class ProbeCallback(AnalysisCallback):
         quadratic_dtype: products of the quadratic ridge's normal matrix, ``float32``
             (default; summed in float64, solved in float64) or ``float64`` (~2x the
             time, the same R² to 1e-7 on Dyck; see ``grokedge.spectral.ridge``).
-        background: fit the probes on a worker thread while training goes on (the
+        background: fit the probes in a worker process while training goes on (the
             forward pass stays on the training thread): ``auto`` (default) when torch
             leaves a core idle (``torch_threads`` below the cores, one process), ``true``,
             ``false``. The same numbers; the row and scalars are written when the fits are
@@ -205,34 +205,34 @@ class ProbeCallback(AnalysisCallback):
         shape = {
             "n_sequences": float(batch["weight"].sum()),
             "n_rows": int(batch["labels"].shape[0]),
+            "n_samples": max(len(data.targets) for data in samples.values()),
         }
-        return Deferred(partial(self._score, samples, primary, shape, step))
+        # Two independent jobs, the MLP apart (each about half the work): after training
+        # they run side by side, on the training thread and the worker.
+        split = [[k for k in self.kinds if k != MLP], [k for k in self.kinds if k == MLP]]
+        jobs = tuple(
+            (score_targets, (samples, kinds, self.folds, self.seed, self.protocol, self.config))
+            for kinds in split
+            if kinds
+        )
+        return Deferred(jobs, partial(self._result, primary, shape, step))
 
-    def _score(
-        self, samples: dict[str, ProbeData], primary: str, shape: dict[str, Any], step: int
+    def _result(
+        self,
+        primary: str,
+        shape: dict[str, Any],
+        step: int,
+        job_scores: list[dict[str, dict[str, ProbeScore]]],
     ) -> Result:
         scalars: dict[str, float] = {}
         scores: dict[str, dict] = {}
         rows = []
-        n_samples = 0
         not_converged = 0  # MLP fits stopped by mlp_max_iter
-        for name, data in samples.items():
-            n_samples = max(n_samples, len(data.targets))
-            n_groups = len(np.unique(data.groups))
-            folds = min(self.folds, n_groups)
-            result = score_probes(
-                data.features,
-                data.targets,
-                data.groups,
-                kinds=self.kinds,
-                folds=folds,
-                seed=self.seed,
-                protocol=self.protocol,
-                sample_weight=data.weights,
-                config=self.config,
-            )
+        for name in job_scores[0]:
+            by_kind = {kind: s for job in job_scores for kind, s in job[name].items()}
             scores[name] = {}
-            for kind, score in result.items():
+            for kind in self.kinds:
+                score = by_kind[kind]
                 not_converged += score.not_converged
                 is_primary = name == primary
                 scalars[probe_metric(name, kind, is_primary)] = score.mean
@@ -243,7 +243,7 @@ class ProbeCallback(AnalysisCallback):
                     "per_fold": list(score.per_fold),
                 }
                 rows.append([name, kind, score.mean, score.sd, len(score.per_fold)])
-        scalars["probe/n_samples"] = float(n_samples)
+        scalars["probe/n_samples"] = float(shape["n_samples"])
         if not_converged:
             warnings.warn(
                 f"{self.config_key}: {not_converged} MLP probe fit(s) stopped at "
@@ -257,7 +257,6 @@ class ProbeCallback(AnalysisCallback):
             "primary": primary,
             "protocol": self.protocol,
             **shape,
-            "n_samples": n_samples,
             "mlp_not_converged": not_converged,
             "scores": scores,
         }

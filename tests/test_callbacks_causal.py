@@ -301,9 +301,11 @@ def test_analyses_leave_training_bit_identical(runs: Runs) -> None:
     assert runs.full_dropout.module.net.training
 
 
-def test_probes_on_a_worker_thread_give_the_same_numbers(tmp_path: Path) -> None:
+def test_probes_in_a_worker_process_give_the_same_numbers(tmp_path: Path) -> None:
     """callbacks.probe.background=true against false: the same rows (bar their timings)
-    and the same logged probe scalars at the same steps; the worker did the fits."""
+    and the same logged probe scalars at the same steps; the worker did the fits. "The
+    same" to 1e-12 relative, not bit for bit: the worker fits copies of the arrays, and
+    BLAS's summation order can follow their memory alignment (seen: ~1e-14)."""
     probes_only = [
         "callbacks=gram",
         "+callbacks@callbacks.probe=probe",
@@ -327,18 +329,18 @@ def test_probes_on_a_worker_thread_give_the_same_numbers(tmp_path: Path) -> None
     for worker, inline in zip(rows[True], rows[False], strict=True):
         assert worker.pop("worker_seconds") > 0 and "worker_seconds" not in inline
         worker.pop("seconds"), inline.pop("seconds")
-        assert worker == inline
-    assert metrics[True] == metrics[False]
+        assert _close(worker, inline, rel=1e-12, abs_=1e-15), (worker, inline)
+    assert _close(metrics[True], metrics[False], rel=1e-12, abs_=1e-15)
     assert sum(len(v) for v in metrics[True].values()) > 0
 
 
-def _close(a, b) -> bool:
+def _close(a, b, rel: float = 1e-6, abs_: float = 1e-9) -> bool:
     if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+        return a == pytest.approx(b, rel=rel, abs=abs_)
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel, abs_) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_close(x, y, rel, abs_) for x, y in zip(a, b, strict=True))
     return a == b
 
 

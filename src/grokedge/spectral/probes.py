@@ -37,7 +37,7 @@ passed to every fit and to R² as sample weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -384,6 +384,36 @@ def score_probes(
             [r2 for r2, _ in folds_], sum(stopped for _, stopped in folds_)
         )
     return scores
+
+
+def score_targets(
+    samples: Mapping[str, ProbeData],
+    kinds: Sequence[str] = PROBE_KINDS,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    protocol: str = GROUPED_KFOLD,
+    config: ProbeConfig = ProbeConfig(),
+) -> dict[str, dict[str, ProbeScore]]:
+    """:func:`score_probes` of every target: target name -> kind -> :class:`ProbeScore`.
+
+    ``folds`` is capped at each target's number of groups (strings). Module-level and
+    numpy-only, so that it can run in a worker process
+    (:class:`grokedge.analysis_worker.AnalysisWorker`).
+    """
+    return {
+        name: score_probes(
+            data.features,
+            data.targets,
+            data.groups,
+            kinds=kinds,
+            folds=min(folds, len(np.unique(data.groups))),
+            seed=seed,
+            protocol=protocol,
+            sample_weight=data.weights,
+            config=config,
+        )
+        for name, data in samples.items()
+    }
 
 
 def functional_r2(
