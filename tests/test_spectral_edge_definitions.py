@@ -177,3 +177,54 @@ def test_window_spans_round_trip_through_the_state() -> None:
     other = UpdateWindow(W, P, dtype=torch.float64)
     other.load_state_dict(window.state_dict())
     assert other.spans() == window.spans() == [(i * N, (i + 1) * N) for i in range(2, 7)]
+
+
+@pytest.mark.parametrize("start_step", [0, N, 3 * N, 100 * N])
+def test_edge_from_all_spectra_equals_definition_edge_bit_for_bit(start_step: int) -> None:
+    """The recorder's shortcuts change no bit: the edge built from its definition's
+    spectrum (no second eigendecomposition), ``burn_in`` sharing the ``paper`` spectrum
+    once it keeps every row, and T = I skipping the products T M Tᵀ."""
+    from grokedge.spectral.edge import window_spectrum
+    from grokedge.spectral.edge_definitions import (
+        all_spectra,
+        definition_rows,
+        mapped_matrices,
+        mapped_spans,
+        spectrum_edge,
+    )
+
+    total, wd = _deltas(7, n=W + 2, shared=0.5)
+    total[3] = 0.0  # a zero delta: a zero row of normalized's T
+    window = _window(total, wd)
+    g, c, w = window.gram(), window.cross_gram(), window.wd_gram()
+    spans = window.spans()
+    spectra = all_spectra(g, c, w, spans, 3, W * N, start_step)
+    fields = ("sigma", "eigvecs", "grad_proj", "wd_proj", "gram", "cross_gram", "wd_gram")
+    for definition in (PAPER, BURN_IN, NORMALIZED):
+        expected = definition_edge(definition, g, c, w, window, spans, 3, W * N, start_step)
+        got = spectrum_edge(spectra[definition], g, spans, window, start_step)
+        if expected is None:
+            assert got is None and spectra[definition] is None
+            continue
+        assert got is not None
+        for name in (*fields, "vectors"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (definition, name)
+        assert (got.spans, got.count, got.definition) == (
+            expected.spans,
+            expected.count,
+            expected.definition,
+        )
+        # The spectra against the plain products T M Tᵀ (no shortcut).
+        rows = definition_rows(definition, g, spans, start_step)
+        plain = window_spectrum(
+            *(rows @ m @ rows.T for m in (g, c, w)),
+            3,
+            W * N,
+            mapped_spans(rows, spans),
+            definition,
+        )
+        for name in fields:
+            assert torch.equal(getattr(spectra[definition], name), getattr(plain, name))
+        batched = mapped_matrices(rows, g, c, w)
+        for m, b in zip((g, c, w), batched, strict=True):
+            assert torch.equal(b, rows @ m @ rows.T)

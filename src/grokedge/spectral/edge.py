@@ -130,6 +130,22 @@ def _checked(gram: Tensor, cross_gram: Tensor, wd_gram: Tensor) -> tuple[Tensor,
     )
 
 
+def _top(sigma: Tensor, u: Tensor, top_k: int) -> tuple[int, Tensor, Tensor, Tensor]:
+    """k' = min(top_k, W'), u_1..u_k', σ_1..σ_k' and 1/σ (0 where σ = 0)."""
+    k_avail = min(top_k, u.shape[0])
+    u_k, s_k = u[:, :k_avail], sigma[:k_avail]
+    nonzero = s_k > 0
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, s_k, torch.ones_like(s_k)), 0.0)
+    return k_avail, u_k, s_k, inv
+
+
+def _coeffs(u_k: Tensor, inv: Tensor, top_k: int) -> Tensor:
+    """[top_k, W'] float64: v_k = Σ_i (u_k[i] / σ_k) δ_i (zero rows beyond k')."""
+    coeffs = torch.zeros(top_k, u_k.shape[0], dtype=torch.float64)
+    coeffs[: u_k.shape[1]] = (u_k * inv).T
+    return coeffs
+
+
 def _decompose(
     gram: Tensor, cross_gram: Tensor, top_k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -139,17 +155,23 @@ def _decompose(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     n = gram.shape[0]
     sigma, u = spectrum(gram)
-    k_avail = min(top_k, n)
-    u_k, s_k = u[:, :k_avail], sigma[:k_avail]
-    nonzero = s_k > 0
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, s_k, torch.ones_like(s_k)), 0.0)
-    coeffs = torch.zeros(top_k, n, dtype=torch.float64)
-    coeffs[:k_avail] = (u_k * inv).T  # v_k = Σ_i (u_k[i] / σ_k) δ_i
+    k_avail, u_k, s_k, inv = _top(sigma, u, top_k)
+    coeffs = _coeffs(u_k, inv, top_k)
     total_proj = torch.zeros(n, top_k, dtype=torch.float64)
     wd_proj = torch.zeros(n, top_k, dtype=torch.float64)
     total_proj[:, :k_avail] = u_k * s_k  # zero where σ_k = 0
     wd_proj[:, :k_avail] = (cross_gram @ u_k) * inv
     return sigma, u, coeffs, total_proj, wd_proj
+
+
+def _vectors(coeffs: Tensor, deltas: Tensor | DeltaSource, n: int, out: Tensor | None) -> Tensor:
+    """``coeffs @ X`` from the deltas (a tensor [W', p] or a ``DeltaSource``)."""
+    if isinstance(deltas, Tensor):
+        if deltas.ndim != 2 or deltas.shape[0] != n:
+            raise ValueError(f"deltas must be [{n}, p], got {list(deltas.shape)}")
+        return torch.matmul(coeffs.to(deltas.device, deltas.dtype), deltas, out=out)
+    # ``out`` only for sources that take it (UpdateWindow does).
+    return deltas.combine(coeffs) if out is None else deltas.combine(coeffs, out=out)
 
 
 def window_spectrum(
@@ -211,14 +233,7 @@ def compute_edge(
     gram, cross_gram, wd_gram = _checked(gram, cross_gram, wd_gram)
     n = gram.shape[0]
     sigma, u, coeffs, total_proj, wd_proj = _decompose(gram, cross_gram, top_k)
-    if isinstance(deltas, Tensor):
-        if deltas.ndim != 2 or deltas.shape[0] != n:
-            raise ValueError(f"deltas must be [{n}, p], got {list(deltas.shape)}")
-        vectors = torch.matmul(coeffs.to(deltas.device, deltas.dtype), deltas, out=out)
-    else:
-        # ``out`` only for sources that take it (UpdateWindow does).
-        vectors = deltas.combine(coeffs) if out is None else deltas.combine(coeffs, out=out)
-
+    vectors = _vectors(coeffs, deltas, n, out)
     return EdgeState(
         step=int(step),
         sigma=sigma,
@@ -232,6 +247,31 @@ def compute_edge(
         wd_gram=wd_gram,
         spans=list(spans or []),
         definition=definition,
+    )
+
+
+def edge_from_spectrum(
+    spec: WindowSpectrum, deltas: Tensor | DeltaSource, out: Tensor | None = None
+) -> EdgeState:
+    """:func:`compute_edge` of a window whose spectrum is already known: the same state
+    (the spectrum's tensors, shared, not copied) with its top-k vectors materialised from
+    ``deltas`` (the rows the spectrum was computed of), without a second
+    eigendecomposition. ``out`` as in :func:`compute_edge`."""
+    _, u_k, _, inv = _top(spec.sigma, spec.eigvecs, spec.top_k)
+    vectors = _vectors(_coeffs(u_k, inv, spec.top_k), deltas, spec.count, out)
+    return EdgeState(
+        step=spec.step,
+        sigma=spec.sigma,
+        eigvecs=spec.eigvecs,
+        vectors=vectors,
+        grad_proj=spec.grad_proj,
+        wd_proj=spec.wd_proj,
+        count=spec.count,
+        gram=spec.gram,
+        cross_gram=spec.cross_gram,
+        wd_gram=spec.wd_gram,
+        spans=list(spec.spans),
+        definition=spec.definition,
     )
 
 

@@ -41,7 +41,7 @@ from grokedge.spectral.edge_definitions import (
     NORMALIZED,
     PAPER,
     all_spectra,
-    definition_edge,
+    spectrum_edge,
 )
 from grokedge.spectral.geometry import g23, gaps, kstar_ratio, kstar_weighted, spectral_ratio
 from grokedge.spectral.memory import window_memory_bytes
@@ -372,15 +372,13 @@ class DeltaRecorder:
         self.spectra = all_spectra(g, c, w, spans, self.top_k, step, self.start_step)
         paper = self.spectra[PAPER]
         self.provenance = None if paper is None else window_provenance(paper, self.start_step)
-        self.edge = definition_edge(
-            self.edge_definition,
+        # The edge from its definition's spectrum, just computed: no second
+        # eigendecomposition (same state as ``definition_edge``).
+        self.edge = spectrum_edge(
+            self.spectra[self.edge_definition],
             g,
-            c,
-            w,
-            self.window,
             spans,
-            self.top_k,
-            step,
+            self.window,
             self.start_step,
             out=self._free_buffer(),
         )

@@ -229,10 +229,10 @@ def reduced_window_matrices(
         (gram, cross_gram, wd_gram) [W', W'] float64 CPU, chronological, and the summed
         evicted dot (``None`` when the latest push evicted nothing).
     """
-    mats = [window.gram(), window.cross_gram(), window.wd_gram()]
-    n = mats[0].shape[0]
+    mats = window.matrices()  # G, C, X_wd X_wdᵀ: one read-out
+    n = mats.shape[1]
     evicted = window.last_evicted_dot
-    parts = [m.reshape(-1) for m in mats]
+    parts = [mats.reshape(-1)]
     if evicted is not None:
         parts.append(evicted.detach().to("cpu", torch.float64).reshape(1))
     packed = torch.cat(parts)
