@@ -36,17 +36,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
-from grokedge.batch import IGNORE_INDEX
-from grokedge.callbacks.common import AnalysisCallback, Result
+from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.callbacks.common import AnalysisCallback, Deferred, Result
 from grokedge.config_checks import check_int
 from grokedge.functional import analysed_module
 from grokedge.spectral.ablation import edge_basis
 from grokedge.spectral.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
+from grokedge.spectral.selection import ParameterSelector
 from grokedge.spectral.sharding import (
     Shard,
     sharded_ablation_experiment,
@@ -84,6 +87,58 @@ def _shrink_fields(result: dict[str, Any], prefix: str) -> dict[str, Any]:
     """A shrink control's entry of the ``ablation`` row, from the experiment's
     ``<prefix>_*`` keys (``prefix``: ``shrink`` or ``shrink_norm``)."""
     return {name: result[f"{prefix}_{name}"] for name in SHRINK_FIELDS}
+
+
+@dataclass(frozen=True)
+class AblationSettings:
+    """What an ablation call measures (the callback's knobs; see its docstring)."""
+
+    buckets: int
+    n_random: int
+    seed: int
+
+
+def ablation_measurements(
+    pl_module: Any,
+    selector: ParameterSelector,
+    theta: torch.Tensor,
+    vectors: torch.Tensor,
+    sigma: torch.Tensor,
+    batch: Batch,
+    shard: Shard,
+    settings: AblationSettings,
+) -> tuple[dict[str, Any], dict[str, dict[str, float]], float, int]:
+    """The ablation experiment on ``theta`` [n_local] with the edge ``vectors`` [k, n_local]
+    and ``sigma`` [k]: the experiment's result (base, edge removal, random and norm-matched
+    controls, shrinks), the v1 and bulk removals, the edge removal's accuracy change on
+    unseen rows and the edge's dimension. Reads nothing of a live run (single process: a
+    copy of the module in a worker process can run it; module-level for that reason)."""
+    net = analysed_module(pl_module)
+    evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, settings.buckets)
+    whole = shard.gather  # slices -> the whole vector the model needs (collective)
+    with torch.no_grad():
+        basis = edge_basis(vectors, sigma, EDGE_INDICES)
+        result = sharded_ablation_experiment(
+            evaluate, theta, basis, batch, shard, n_random=settings.n_random, seed=settings.seed
+        )
+        base_loss, base_acc = result["base_loss"], result["base_acc"]
+        _, _, base_logits = evaluate(whole(theta), batch)
+        edge_theta = whole(sharded_remove_subspace(theta, basis, shard))
+        _, _, edge_logits = evaluate(edge_theta, batch)
+        unseen_dacc = _unseen_accuracy(edge_logits, batch) - _unseen_accuracy(base_logits, batch)
+        removals: dict[str, dict[str, float]] = {}
+        for name, indices in (("v1", V1_INDICES), ("bulk", BULK_INDICES)):
+            sub = edge_basis(vectors, sigma, indices)
+            if sub.shape[0] == 0:  # σ_k = 0 (early windows) or top_k too small
+                removals[name] = {"dacc": math.nan, "dloss": math.nan, "dim": 0}
+                continue
+            loss, acc, _ = evaluate(whole(sharded_remove_subspace(theta, sub, shard)), batch)
+            removals[name] = {
+                "dacc": float(acc) - base_acc,
+                "dloss": float(loss) - base_loss,
+                "dim": int(sub.shape[0]),
+            }
+    return result, removals, unseen_dacc, int(basis.shape[0])
 
 
 class AblationCallback(AnalysisCallback):
@@ -143,6 +198,7 @@ class AblationCallback(AnalysisCallback):
     """
 
     analysis = ABLATION
+    supports_background = True
     needs_edge = True
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 1000}
@@ -171,7 +227,9 @@ class AblationCallback(AnalysisCallback):
                 f"span(v_1, v_2)), got {self.gram.top_k}"
             )
 
-    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Deferred:
+        """θ and the edge now; the evaluations deferred (a worker process evaluates a copy
+        of the module)."""
         assert self.gram is not None and self.gram.edge is not None
         assert self.gram.selector is not None
         edge = self.gram.edge
@@ -180,37 +238,23 @@ class AblationCallback(AnalysisCallback):
         shard = self.gram.shard if self.gram.shard is not None else Shard.of(selector.p)
         net = analysed_module(pl_module)
         batch = self.subset(trainer, pl_module)
-        evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, self.buckets)
         theta = selector.flatten(net, shard.start, shard.stop)  # [n_local]
         vectors = edge.vectors.to(theta.dtype)  # [k, n_local]
-        sigma = edge.sigma
-        whole = shard.gather  # slices -> the whole vector the model needs (collective)
+        args = (
+            pl_module, selector, theta, vectors, edge.sigma, batch, shard,
+            AblationSettings(self.buckets, self.n_random, self.seed),
+        )  # fmt: skip
+        shape = {
+            "edge_step": edge.step,
+            "sigma": edge.sigma[:4].tolist(),
+            "n_sequences": float(batch["weight"].sum()),
+            "n_rows": int(batch["labels"].shape[0]),
+        }
+        return Deferred(((ablation_measurements, args),), partial(self._result, shape))
 
-        with torch.no_grad():
-            basis = edge_basis(vectors, sigma, EDGE_INDICES)
-            result = sharded_ablation_experiment(
-                evaluate, theta, basis, batch, shard, n_random=self.n_random, seed=self.seed
-            )
-            base_loss, base_acc = result["base_loss"], result["base_acc"]
-            _, _, base_logits = evaluate(whole(theta), batch)
-            edge_theta = whole(sharded_remove_subspace(theta, basis, shard))
-            _, _, edge_logits = evaluate(edge_theta, batch)
-            unseen_dacc = _unseen_accuracy(edge_logits, batch) - _unseen_accuracy(
-                base_logits, batch
-            )
-            removals: dict[str, dict[str, float]] = {}
-            for name, indices in (("v1", V1_INDICES), ("bulk", BULK_INDICES)):
-                sub = edge_basis(vectors, sigma, indices)
-                if sub.shape[0] == 0:  # σ_k = 0 (early windows) or top_k too small
-                    removals[name] = {"dacc": math.nan, "dloss": math.nan, "dim": 0}
-                    continue
-                loss, acc, _ = evaluate(whole(sharded_remove_subspace(theta, sub, shard)), batch)
-                removals[name] = {
-                    "dacc": float(acc) - base_acc,
-                    "dloss": float(loss) - base_loss,
-                    "dim": int(sub.shape[0]),
-                }
-
+    def _result(self, shape: dict[str, Any], outputs: list[Any]) -> Result:
+        ((result, removals, unseen_dacc, edge_dim),) = outputs
+        base_loss, base_acc = result["base_loss"], result["base_acc"]
         d_acc = result["edge_acc"] - base_acc
         d_loss = result["edge_loss"] - base_loss
         acc_r, acc_m = result["acc_random"], result["acc_matched"]
@@ -243,11 +287,8 @@ class AblationCallback(AnalysisCallback):
             "ablation/edge_dacc_unseen": unseen_dacc,
         }
         fields = {
-            "edge_step": edge.step,
-            "sigma": sigma[:4].tolist(),
-            "n_sequences": float(batch["weight"].sum()),
-            "n_rows": int(batch["labels"].shape[0]),
-            "edge_dim": int(basis.shape[0]),
+            **shape,
+            "edge_dim": edge_dim,
             "base_acc": base_acc,
             "base_loss": base_loss,
             "edge": {

@@ -18,6 +18,7 @@ network's train/eval mode.
 
 from __future__ import annotations
 
+import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -37,7 +38,7 @@ from grokedge.analysis_schedule import SCHEDULE_KEYS, AnalysisSchedule
 from grokedge.analysis_worker import AnalysisWorker, free_cores
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
-from grokedge.config_checks import AUTO
+from grokedge.config_checks import AUTO, ConfigError, check_bool_or_auto
 from grokedge.functional import (
     EVALUATE,
     TRACE,
@@ -145,9 +146,24 @@ class AnalysisCallback(Callback, ABC):
     fixed_schedule: ClassVar[Mapping[str, Any]] = {}
     """Schedule keys this analysis fixes (not accepted as arguments)."""
 
-    def __init__(self, *, config_key: str, **schedule: Any) -> None:
+    supports_background: ClassVar[bool] = False
+    """Whether :meth:`analyse` returns a :class:`Deferred` (accepts ``background``)."""
+    background_needs_cpu: ClassVar[bool] = True
+    """Whether the deferred jobs evaluate the module (then only a CPU run may defer them:
+    the worker is a CPU process)."""
+
+    def __init__(
+        self, *, config_key: str, background: bool | str | None = None, **schedule: Any
+    ) -> None:
         super().__init__()
         self.config_key = config_key
+        if background is not None and not self.supports_background:
+            raise TypeError(
+                f"{type(self).__name__}.__init__() got an unexpected keyword argument 'background'"
+            )
+        if background is None:  # the default: use an idle core where there is one
+            background = AUTO if self.supports_background else False
+        self.background = check_bool_or_auto(f"{config_key}.background", background)
         for name in schedule:
             if name not in SCHEDULE_KEYS or name in self.fixed_schedule:
                 raise TypeError(
@@ -179,8 +195,7 @@ class AnalysisCallback(Callback, ABC):
         self._subset: Batch | None = None
         self._relabelled_for: int | None = None
 
-        self.background: bool | str = False  # the setting; resolved in setup
-        self.in_background = False
+        self.in_background = False  # self.background resolved in setup
         self._worker: AnalysisWorker | None = None
         self._pending: list[_Pending] = []
         self._attached: tuple[L.Trainer, L.LightningModule] | None = None
@@ -245,9 +260,22 @@ class AnalysisCallback(Callback, ABC):
         gram = self.gram
         self.phases = gram.phases if gram is not None else Phases.around(FALLBACK_INTERVAL)
         self.analysis_log = AnalysisLog(trainer.default_root_dir, enabled=trainer.is_global_zero)
-        # "auto": a worker only where it takes a core training leaves idle (one process,
-        # torch threads < the cores it may use); elsewhere it would slow training down.
-        auto = trainer.world_size == 1 and free_cores() > 0
+        # The worker is one CPU process: jobs that evaluate the module need the run to be
+        # one process on the CPU (a sharded edge needs collectives, a GPU other numbers).
+        deferrable = trainer.world_size == 1 and (
+            not self.background_needs_cpu or trainer.strategy.root_device.type == "cpu"
+        )
+        if self.background is True and not deferrable:
+            raise ConfigError(
+                f"{self.config_key}.background=true is not allowed here: it needs one "
+                "process"
+                + (" on the CPU" if self.background_needs_cpu else "")
+                + f" (world size {trainer.world_size}, "
+                f"{trainer.strategy.root_device.type}); use auto or false"
+            )
+        # "auto": a worker only where it takes a core training leaves idle (torch threads
+        # < the cores this process may use); elsewhere it would slow training down.
+        auto = deferrable and free_cores() > 0
         self.in_background = self.background is True or (self.background == AUTO and auto)
         self._attached = (trainer, pl_module)
         if self.in_background and self._worker is None:
@@ -365,31 +393,50 @@ class AnalysisCallback(Callback, ABC):
                 preserved_random_state(pl_module.device),
             ):
                 result = self.analyse(trainer, pl_module, step)
-                if isinstance(result, Deferred) and not self.in_background:
-                    result = result.finish()
+                if isinstance(result, Deferred):
+                    result = self._defer(result, after_training=direct)
         finally:
             net.train(was_training)
         seconds = time.perf_counter() - start
         self.last_step = step
-        if isinstance(result, Deferred):
-            assert self._worker is not None
-            jobs = list(result.jobs)
-            # After training (direct) the training thread is idle: it takes the first job.
-            here = jobs.pop(0) if direct and len(jobs) > 1 else None
-            futures = [self._worker.submit(work, args) for work, args in jobs]
-            if here is not None:
-                start_here = time.perf_counter()
-                done: Future = Future()
-                # The worker's BLAS budget, so that the job's numbers are the worker's.
-                with threadpool_limits(limits=self._worker.blas_threads, user_api="blas"):
-                    done.set_result((here[0](*here[1]), 0.0))
-                futures.insert(0, done)
-                seconds += time.perf_counter() - start_here
-            self._pending.append(_Pending(step, trigger, seconds, futures, result.complete))
-            if direct:
-                self._collect(wait=True)
+        if isinstance(result, Result):
+            self._record(step, trigger, result, seconds, direct)
             return
-        self._record(step, trigger, result, seconds, direct)
+        deferred, futures = result
+        self._pending.append(_Pending(step, trigger, seconds, futures, deferred.complete))
+        if direct:
+            self._collect(wait=True)
+
+    def _defer(
+        self, deferred: Deferred, after_training: bool
+    ) -> Result | tuple[Deferred, list[Future]]:
+        """Run ``deferred`` now, or queue its jobs on the worker (the jobs' futures). After
+        training the training thread is idle: it runs the first job beside the worker."""
+        if not self.in_background:
+            return deferred.finish()
+        assert self._worker is not None
+        jobs = list(deferred.jobs)
+        here = jobs.pop(0) if after_training and len(jobs) > 1 else None
+        try:
+            futures = [self._worker.submit(work, args) for work, args in jobs]
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            # A module the worker cannot receive (e.g. a class defined in a script):
+            # nothing was queued; this call and the next run on the training thread.
+            warnings.warn(
+                f"{self.config_key}.background: the analysis cannot be sent to the worker "
+                f"process ({e}); it runs on the training thread from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.in_background = False
+            return deferred.finish()
+        if here is not None:
+            done: Future = Future()
+            # The worker's BLAS budget, so that the job's numbers are the worker's.
+            with threadpool_limits(limits=self._worker.blas_threads, user_api="blas"):
+                done.set_result((here[0](*here[1]), 0.0))
+            futures.insert(0, done)
+        return deferred, futures
 
     def _collect(self, wait: bool) -> None:
         """Record the worker's finished calls, in call order (all of them with ``wait``).

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
-from grokedge.callbacks.common import AnalysisCallback, Result
+from grokedge.batch import Batch
+from grokedge.callbacks.common import AnalysisCallback, Deferred, Result
 from grokedge.config_checks import check_choice, check_float, check_int
 from grokedge.functional import analysed_module
 from grokedge.spectral import (
@@ -43,6 +46,7 @@ from grokedge.spectral import (
     sweep_extremes,
 )
 from grokedge.spectral.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
+from grokedge.spectral.selection import ParameterSelector
 
 PERTURBATION_KEY = "callbacks.perturbation"
 PERTURBATION = "perturbation"
@@ -50,6 +54,57 @@ PERTURBATION = "perturbation"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 TABLE_COLUMNS = ["direction", "epsilon", "loss", "acc", "kl", "delta_loss"]
+
+
+@dataclass(frozen=True)
+class PerturbationSettings:
+    """What a perturbation call measures (the callback's knobs; see its docstring)."""
+
+    grid: list[float]
+    buckets: int
+    curvature: bool
+    fd_eps_fraction: float
+    fd_dtype: str
+    hvp_dtype: str
+
+
+def perturbation_measurements(
+    pl_module: Any,
+    selector: ParameterSelector,
+    theta: torch.Tensor,
+    directions: torch.Tensor,
+    batch: Batch,
+    settings: PerturbationSettings,
+) -> tuple[list[dict[str, float]], list[tuple[float, float]], float | None]:
+    """The ε-sweep rows along ``directions`` [n, p] (numbered 1..n) around ``theta`` [p],
+    and per direction (central difference, exact HVP) of the subset's loss with the
+    finite-difference step (None without curvature). Reads nothing of a live run: it can
+    run on a copy of the module in a worker process (module-level for that reason)."""
+    net = analysed_module(pl_module)
+    evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, settings.buckets)
+    if len(directions) == 0:
+        return [], [], None
+    sweep = epsilon_sweep(evaluate, theta, directions, settings.grid, batch)
+    if not settings.curvature:
+        return sweep, [], None
+    fd_eps = settings.fd_eps_fraction * float(torch.linalg.vector_norm(theta.double()))
+    fd_type, hvp_type = DTYPES[settings.fd_dtype], DTYPES[settings.hvp_dtype]
+    fd_loss, hvp_loss = (
+        BucketedEvaluate(
+            pl_module.evaluate, selector, net, batch, settings.buckets, dtype
+        ).loss_fn()
+        for dtype in (fd_type, hvp_type)
+    )
+    with torch.no_grad():  # L(θ), shared by the directions' central differences
+        center = float(fd_loss(theta.to(fd_type)))
+    curvatures = [
+        (
+            finite_difference_curvature(fd_loss, theta.to(fd_type), v, eps=fd_eps, center=center),
+            directional_curvature(hvp_loss, theta.to(hvp_type), v),
+        )
+        for v in directions
+    ]
+    return sweep, curvatures, fd_eps
 
 
 class PerturbationCallback(AnalysisCallback):
@@ -93,6 +148,7 @@ class PerturbationCallback(AnalysisCallback):
     """
 
     analysis = PERTURBATION
+    supports_background = True
     needs_edge = True
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 2000, "n_sequences": 200}
@@ -137,7 +193,9 @@ class PerturbationCallback(AnalysisCallback):
                 f"callbacks.gram.top_k ({self.gram.top_k})"
             )
 
-    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Result:
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Deferred:
+        """The directions and θ now; the sweep and curvatures deferred (a worker process
+        evaluates a copy of the module at θ)."""
         assert self.gram is not None and self.gram.edge is not None
         assert self.gram.selector is not None
         edge, selector = self.gram.edge, self.gram.selector
@@ -151,9 +209,22 @@ class PerturbationCallback(AnalysisCallback):
             # θ + εv and the HVP along v need whole directions: one all-gather of k rows.
             directions = self.gram.gather_vectors(directions)
         directions = directions.to(theta.dtype)
+        settings = PerturbationSettings(
+            self.grid, self.buckets, self.curvature, self.fd_eps_fraction,
+            self.fd_dtype, self.hvp_dtype,
+        )  # fmt: skip
+        args = (pl_module, selector, theta, directions, batch, settings)
+        shape = {
+            "edge_step": edge.step,
+            "sigma": sigma[: self.n_directions],
+            "n_sequences": float(batch["weight"].sum()),
+            "n_rows": int(batch["labels"].shape[0]),
+        }
+        return Deferred(((perturbation_measurements, args),), partial(self._result, ks, shape))
 
-        evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, self.buckets)
-        sweep = epsilon_sweep(evaluate, theta, directions, self.grid, batch) if ks else []
+    def _result(self, ks: list[int], shape: dict[str, Any], outputs: list[Any]) -> Result:
+        ((sweep, curvature_rows, fd_eps),) = outputs
+        sigma = shape["sigma"]
         for row in sweep:  # epsilon_sweep numbers the directions it was given 1..n
             row["direction"] = ks[row["direction"] - 1]
         extremes = sweep_extremes(sweep)
@@ -175,32 +246,15 @@ class PerturbationCallback(AnalysisCallback):
             scalars[f"perturb/path_dloss_v{k}"] = path
 
         curvatures: list[dict[str, Any]] = []
-        if self.curvature and ks:
-            fd_eps = self.fd_eps_fraction * float(torch.linalg.vector_norm(theta.double()))
+        if fd_eps is not None:
             scalars["curvature/fd_eps"] = fd_eps
-            fd_type, hvp_type = DTYPES[self.fd_dtype], DTYPES[self.hvp_dtype]
-            fd_loss, hvp_loss = (
-                BucketedEvaluate(
-                    pl_module.evaluate, selector, net, batch, self.buckets, dtype
-                ).loss_fn()
-                for dtype in (fd_type, hvp_type)
-            )
-            with torch.no_grad():  # L(θ), shared by the directions' central differences
-                center = float(fd_loss(theta.to(fd_type)))
-            for k, v in zip(ks, directions, strict=True):
-                fd = finite_difference_curvature(
-                    fd_loss, theta.to(fd_type), v, eps=fd_eps, center=center
-                )
-                exact = directional_curvature(hvp_loss, theta.to(hvp_type), v)
-                curvatures.append({"k": k, "fd": fd, "hvp": exact})
-                scalars[f"curvature/fd_v{k}"] = fd
-                scalars[f"curvature/hvp_v{k}"] = exact
+        for k, (fd, exact) in zip(ks, curvature_rows, strict=True):
+            curvatures.append({"k": k, "fd": fd, "hvp": exact})
+            scalars[f"curvature/fd_v{k}"] = fd
+            scalars[f"curvature/hvp_v{k}"] = exact
 
         fields = {
-            "edge_step": edge.step,
-            "sigma": sigma[: self.n_directions],
-            "n_sequences": float(batch["weight"].sum()),
-            "n_rows": int(batch["labels"].shape[0]),
+            **shape,
             "grid": self.grid,
             "sweep": sweep,
             "extremes": {str(k): v for k, v in extremes.items()},

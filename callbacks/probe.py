@@ -33,7 +33,6 @@ from grokedge.callbacks.common import (
 )
 from grokedge.config_checks import (
     check_bool,
-    check_bool_or_auto,
     check_choice,
     check_choices,
     check_int,
@@ -122,6 +121,8 @@ class ProbeCallback(AnalysisCallback):
     """
 
     analysis = PROBE
+    supports_background = True
+    background_needs_cpu = False  # the fits read numpy arrays only
     needs_edge = False
     requires = (TRACE,)
 
@@ -138,7 +139,6 @@ class ProbeCallback(AnalysisCallback):
         mlp_max_iter: int = 200,
         quadratic_interaction_only: bool = False,
         quadratic_dtype: str = "float32",
-        background: bool | str = "auto",
         config_key: str = PROBE_KEY,
         **schedule: Any,
     ) -> None:
@@ -165,7 +165,6 @@ class ProbeCallback(AnalysisCallback):
         self.quadratic_interaction_only = check_bool(
             f"{key}.quadratic_interaction_only", quadratic_interaction_only
         )
-        self.background = check_bool_or_auto(f"{key}.background", background)
         self.config = ProbeConfig(
             mlp_max_iter=self.mlp_max_iter,
             quadratic_interaction_only=self.quadratic_interaction_only,

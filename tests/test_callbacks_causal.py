@@ -301,37 +301,47 @@ def test_analyses_leave_training_bit_identical(runs: Runs) -> None:
     assert runs.full_dropout.module.net.training
 
 
-def test_probes_in_a_worker_process_give_the_same_numbers(tmp_path: Path) -> None:
-    """callbacks.probe.background=true against false: the same rows (bar their timings)
-    and the same logged probe scalars at the same steps; the worker did the fits. "The
-    same" to 1e-12 relative, not bit for bit: the worker fits copies of the arrays, and
-    BLAS's summation order can follow their memory alignment (seen: ~1e-14)."""
-    probes_only = [
-        "callbacks=gram",
-        "+callbacks@callbacks.probe=probe",
-        *(o for o in SMALL if o.startswith("callbacks.probe.")),
-        "callbacks.probe.every=20",
-        GROK_EARLY,
-        "trainer.max_steps=50",
-    ]
+def test_analyses_in_a_worker_process_give_the_same_numbers(tmp_path: Path) -> None:
+    """background=true against false for the ablation, the perturbation and the probes:
+    the same rows (bar their timings) and the same logged scalars at the same steps; the
+    worker did the work. The ablation's and perturbation's evaluations run on a copy of
+    the module, bit for bit; the probes' fits "the same" to 1e-12 relative: the worker
+    fits copies of the arrays, and BLAS's summation order can follow their memory
+    alignment (seen: ~1e-14)."""
+    kinds = ("ablation", "perturbation", "probe")
     rows, metrics = {}, {}
     for background in (True, False):
         run_dir = tmp_path / str(background)
-        run = built(run_dir, [*probes_only, f"callbacks.probe.background={background}"])
+        overrides = [f"callbacks.{kind}.background={background}" for kind in kinds]
+        run = built(
+            run_dir, ["callbacks=full", *SMALL, *CADENCES, "trainer.max_steps=50", *overrides]
+        )
         fit_quietly(run)
-        assert _callback(run, ProbeCallback).in_background is background
-        rows[background] = read_analyses(run_dir, ["probe"])
+        for kind in (AblationCallback, PerturbationCallback, ProbeCallback):
+            assert _callback(run, kind).in_background is background
+        rows[background] = read_analyses(run_dir, list(kinds))
         metrics[background] = {
-            step: {k: v for k, v in values.items() if k.startswith("probe/")}
+            step: {k: v for k, v in values.items() if k.startswith(ANALYSIS_PREFIXES)}
             for step, values in metrics_by_step(run_dir).items()
         }
-    assert [r["step"] for r in rows[True]] == [20, 40, 50]  # grok (20), cadence, end
-    for worker, inline in zip(rows[True], rows[False], strict=True):
+    worker_rows = sorted(rows[True], key=lambda r: (r["step"], r["analysis"]))
+    inline_rows = sorted(rows[False], key=lambda r: (r["step"], r["analysis"]))
+    assert [(r["analysis"], r["step"]) for r in inline_rows] == [
+        (r["analysis"], r["step"]) for r in worker_rows
+    ]
+    assert {r["step"] for r in inline_rows} == {20, 30, 50}  # grok, cadence; the probe at end
+    for worker, inline in zip(worker_rows, inline_rows, strict=True):
         assert worker.pop("worker_seconds") > 0 and "worker_seconds" not in inline
         worker.pop("seconds"), inline.pop("seconds")
-        assert _close(worker, inline, rel=1e-12, abs_=1e-15), (worker, inline)
+        if worker["analysis"] == "probe":
+            assert _close(worker, inline, rel=1e-12, abs_=1e-15), (worker, inline)
+        else:
+            assert worker == inline
     assert _close(metrics[True], metrics[False], rel=1e-12, abs_=1e-15)
     assert sum(len(v) for v in metrics[True].values()) > 0
+
+
+ANALYSIS_PREFIXES = ("ablation/", "perturb/", "curvature/", "probe/")
 
 
 def _close(a, b, rel: float = 1e-6, abs_: float = 1e-9) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -44,8 +45,9 @@ def _initialise(blas_threads: int) -> None:
     import sklearn.neural_network  # noqa: F401
 
 
-def timed_call(work: Callable[..., Any], args: tuple) -> tuple[Any, float]:
-    """``work(*args)`` and its wall seconds (in the worker)."""
+def run_pickled(job: bytes) -> tuple[Any, float]:
+    """``work(*args)`` of a pickled ``(work, args)`` and its wall seconds (in the worker)."""
+    work, args = pickle.loads(job)
     start = time.perf_counter()
     out = work(*args)
     return out, time.perf_counter() - start
@@ -55,8 +57,10 @@ class AnalysisWorker:
     """One spawned worker process; :meth:`submit` queues ``work(*args)`` on it.
 
     ``work`` must be a module-level function and ``args`` picklable (numpy arrays,
-    dataclasses of primitives). The future's result is ``(work's return, seconds)``; an
-    exception in ``work`` is raised by ``future.result()``.
+    tensors, a LightningModule without its trainer). They are pickled in :meth:`submit`,
+    on the caller's thread: the job sees the values they had then, whatever training
+    does to the live tensors afterwards. The future's result is ``(work's return,
+    seconds)``; an exception in ``work`` is raised by ``future.result()``.
 
     Example:
         >>> worker = AnalysisWorker(blas_threads=1)  # doctest: +SKIP
@@ -78,7 +82,9 @@ class AnalysisWorker:
         self._pool.submit(int)
 
     def submit(self, work: Callable[..., Any], args: tuple) -> Future:
-        return self._pool.submit(timed_call, work, args)
+        """Queue ``work(*args)``; raises what pickling them raises (nothing is queued)."""
+        job = pickle.dumps((work, args), protocol=pickle.HIGHEST_PROTOCOL)
+        return self._pool.submit(run_pickled, job)
 
     def shutdown(self) -> None:
         """Wait for the queued jobs and stop the process."""
