@@ -35,7 +35,12 @@ from torch import Tensor, nn
 
 from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table
 from grokedge.analysis_schedule import SCHEDULE_KEYS, AnalysisSchedule
-from grokedge.analysis_worker import AnalysisWorker, free_cores
+from grokedge.analysis_worker import (
+    AnalysisWorker,
+    acquire_shared_worker,
+    free_cores,
+    release_shared_worker,
+)
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
 from grokedge.config_checks import AUTO, ConfigError, check_bool_or_auto
@@ -279,7 +284,7 @@ class AnalysisCallback(Callback, ABC):
         self.in_background = self.background is True or (self.background == AUTO and auto)
         self._attached = (trainer, pl_module)
         if self.in_background and self._worker is None:
-            self._worker = AnalysisWorker(blas_threads=max(1, free_cores()))
+            self._worker = acquire_shared_worker(blas_threads=max(1, free_cores()))
         if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
             raise ValueError(
                 f"{self.config_key}: needs evaluation data: a LightningDataModule with "
@@ -341,8 +346,8 @@ class AnalysisCallback(Callback, ABC):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._worker is not None:
-            self._worker.shutdown()
             self._worker = None
+            release_shared_worker()
 
     # ------------------------------------------------------------------ the mechanics
 

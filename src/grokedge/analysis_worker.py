@@ -11,7 +11,9 @@ scikit-learn while training starts, and runs one job at a time with ``blas_threa
 BLAS threads: the numbers are those of the same function called in the training process
 with the same thread budget.
 
-Lightning-free; :class:`grokedge.callbacks.common.AnalysisCallback` owns one per callback.
+Lightning-free. The analyses share one per process (:func:`acquire_shared_worker`), so
+that their jobs take the idle core in turn; :class:`grokedge.callbacks.common.AnalysisCallback`
+acquires it in ``setup`` and releases it in ``teardown``.
 """
 
 from __future__ import annotations
@@ -89,3 +91,26 @@ class AnalysisWorker:
     def shutdown(self) -> None:
         """Wait for the queued jobs and stop the process."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_shared: AnalysisWorker | None = None
+_users = 0
+
+
+def acquire_shared_worker(blas_threads: int) -> AnalysisWorker:
+    """The process's one worker (started by the first user): every analysis queues on
+    it, so that their jobs take the one idle core in turn instead of competing for it."""
+    global _shared, _users
+    if _shared is None:
+        _shared = AnalysisWorker(blas_threads)
+    _users += 1
+    return _shared
+
+
+def release_shared_worker() -> None:
+    """One user done; the last one stops the worker (after its queued jobs)."""
+    global _shared, _users
+    _users = max(0, _users - 1)
+    if _users == 0 and _shared is not None:
+        _shared.shutdown()
+        _shared = None
