@@ -13,9 +13,12 @@ O(k·W·p), on the deltas' device. Under slicing (docs/design.md, Scale) every r
 on every rank, and each gets its slice of v_k.
 
 Sign convention: u_k (hence v_k) is flipped so that its largest-magnitude entry is
-positive (the first one on exact ties): the delta with the largest projection on v_k
-projects positively, δ_i · v_k > 0. The sign is thus a function of G alone, identical on
-every rank.
+positive: the delta with the largest projection on v_k projects positively,
+δ_i · v_k > 0. Entries within ``SIGN_TIE_RTOL`` of the largest count as tied, and the
+first of them decides: the Gram's float32 products (grokedge.spectral.window) are exact
+to ~1e-7 of its scale only, so a closer margin is round-off, which two runs of the same
+window (one process, or slices summed across ranks) may order differently. The sign is
+thus a function of G alone, identical on every rank.
 
 Rank: eigenvalues below ``RANK_RTOL · W' · λ_max`` are round-off of a rank-deficient G
 (fewer independent deltas than W', or zero updates); their σ is reported as 0, their
@@ -34,6 +37,9 @@ from grokedge.spectral.window import UpdateWindow
 
 RANK_RTOL = 10 * torch.finfo(torch.float64).eps
 """Relative eigenvalue threshold (per row of G) below which a mode counts as zero."""
+SIGN_TIE_RTOL = 1e-5
+"""Entries of u_k within this fraction of its largest magnitude tie for its sign: well
+above the float32 Gram products' ~1e-7 (grokedge.spectral.window), far below a real gap."""
 
 
 @runtime_checkable
@@ -110,7 +116,9 @@ def spectrum(gram: Tensor) -> tuple[Tensor, Tensor]:
     if evals.numel():
         tol = RANK_RTOL * evals.numel() * max(float(evals[0]), 0.0)
         evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
-    lead = evecs.abs().argmax(dim=0)
+    magnitude = evecs.abs()
+    tied = magnitude >= magnitude.amax(dim=0) * (1.0 - SIGN_TIE_RTOL)
+    lead = tied.to(torch.int8).argmax(dim=0)  # the first entry tied with the largest
     signs = torch.sign(evecs[lead, torch.arange(evecs.shape[1])])
     evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
     return evals.sqrt(), evecs
