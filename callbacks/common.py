@@ -43,7 +43,7 @@ from grokedge.analysis_worker import (
 )
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
-from grokedge.config_checks import AUTO, ConfigError, check_bool_or_auto
+from grokedge.config_checks import AUTO, ConfigError, check_bool_or_auto, check_int
 from grokedge.functional import (
     EVALUATE,
     TRACE,
@@ -58,6 +58,10 @@ from grokedge.tasks.subsets import fixed_subset, loader_batches
 
 CADENCE, GROK, END = "cadence", "grok", "end"
 """What triggered an analysis call (the ``trigger`` field of its rows)."""
+
+DEFAULT_BACKGROUND_STEPS = 500
+"""Steps training runs ahead of a call in the worker before its results are written
+(conf/callbacks/*.yaml ``background_steps``)."""
 
 FALLBACK_INTERVAL = 100
 """Phase widths without a GramCallback: the defaults of a 100-step Gram interval."""
@@ -135,9 +139,10 @@ class AnalysisCallback(Callback, ABC):
     Subclasses set ``analysis`` (row name in ``analyses.jsonl``), ``needs_edge`` and
     implement :meth:`analyse`. One that returns a :class:`Deferred` and sets
     ``background`` (True, or ``"auto"``: when a core is free, see :meth:`setup`) has its
-    deferred part run in a worker process: its row and scalars are written when the part
-    is done (at a later step's end, at a checkpoint, at the end of training at the
-    latest), labelled with the step of the weights they measured.
+    deferred part run in a worker process: its row and scalars are written
+    ``background_steps`` steps after the call (before a checkpoint, at the end of training
+    at the latest; the training thread waits there if the worker is not done), labelled
+    with the step of the weights they measured.
     """
 
     analysis = "analysis"
@@ -158,7 +163,12 @@ class AnalysisCallback(Callback, ABC):
     the worker is a CPU process)."""
 
     def __init__(
-        self, *, config_key: str, background: bool | str | None = None, **schedule: Any
+        self,
+        *,
+        config_key: str,
+        background: bool | str | None = None,
+        background_steps: int = DEFAULT_BACKGROUND_STEPS,
+        **schedule: Any,
     ) -> None:
         super().__init__()
         self.config_key = config_key
@@ -169,6 +179,7 @@ class AnalysisCallback(Callback, ABC):
         if background is None:  # the default: use an idle core where there is one
             background = AUTO if self.supports_background else False
         self.background = check_bool_or_auto(f"{config_key}.background", background)
+        self.background_steps = check_int(f"{config_key}.background_steps", background_steps, 1)
         for name in schedule:
             if name not in SCHEDULE_KEYS or name in self.fixed_schedule:
                 raise TypeError(
@@ -314,7 +325,7 @@ class AnalysisCallback(Callback, ABC):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
         if self._pending:
-            self._collect(wait=False)
+            self._collect(until=trainer.global_step - self.background_steps)
         step = trainer.global_step
         if self.every is None or step <= 0 or step % self.every or step == self.last_step:
             return
@@ -335,7 +346,7 @@ class AnalysisCallback(Callback, ABC):
             self._run(trainer, pl_module, GROK, direct=True)
         if self.at_end and trainer.global_step != self.last_step:
             self._run(trainer, pl_module, END, direct=True)
-        self._collect(wait=True)
+        self._collect()
         self._relabel(getattr(pl_module, "grok_step", None))
 
     def on_exception(
@@ -410,7 +421,7 @@ class AnalysisCallback(Callback, ABC):
         deferred, futures = result
         self._pending.append(_Pending(step, trigger, seconds, futures, deferred.complete))
         if direct:
-            self._collect(wait=True)
+            self._collect()
 
     def _defer(
         self, deferred: Deferred, after_training: bool
@@ -443,10 +454,13 @@ class AnalysisCallback(Callback, ABC):
             futures.insert(0, done)
         return deferred, futures
 
-    def _collect(self, wait: bool) -> None:
-        """Record the worker's finished calls, in call order (all of them with ``wait``).
-        A worker's exception is raised here, on the training thread."""
-        while self._pending and (wait or all(f.done() for f in self._pending[0].futures)):
+    def _collect(self, until: int | None = None) -> None:
+        """Record the worker's calls of steps <= ``until`` (None: all), in call order,
+        waiting for them if need be. Results are written at these fixed points (a fixed
+        number of steps after their call, before a checkpoint, at the end), never when
+        the worker happens to finish, so that a run's files do not depend on timing. A
+        worker's exception is raised here, on the training thread."""
+        while self._pending and (until is None or self._pending[0].step <= until):
             pending = self._pending.pop(0)
             outputs = [future.result() for future in pending.futures]
             result = pending.complete([output for output, _ in outputs])
@@ -502,7 +516,7 @@ class AnalysisCallback(Callback, ABC):
     def state_dict(self) -> dict[str, Any]:
         """Primitives only (``torch.load(weights_only=True)`` safe). A checkpoint waits
         for the worker's calls, so that it and ``analyses.jsonl`` agree on them."""
-        self._collect(wait=True)
+        self._collect()
         return {
             "last_step": self.last_step,
             "grok_done": self.grok_done,

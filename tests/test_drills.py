@@ -81,12 +81,16 @@ def _rows_after(rows: list[dict], step: int) -> list[dict]:
     return [r for r in rows if r["step"] > step]
 
 
+WALL_TIME_FIELDS = ("seconds", "worker_seconds")
+
+
 def _untimed(rows: list[dict]) -> list[dict]:
-    """``rows`` without their wall-time fields (``seconds``, at any depth)."""
+    """``rows`` without their wall-time fields (``seconds``, ``worker_seconds``: at any
+    depth)."""
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k != "seconds"}
+            return {k: strip(v) for k, v in value.items() if k not in WALL_TIME_FIELDS}
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value
