@@ -164,6 +164,11 @@ class AblationCallback(AnalysisCallback):
         buckets: evaluate the subset in this many length buckets (less padding, same
             numbers; see ``BucketedEvaluate``).
         tables: log a W&B table per call (no-op without W&B).
+        background: evaluate in a worker process, on a copy of the module at the call's
+            θ, while training goes on: ``auto`` (default: one CPU process whose torch
+            threads leave a core idle), ``true``, ``false``; the same numbers.
+        background_steps: steps after a call in the worker at which its row and scalars
+            are written (``AnalysisCallback``; docs/design.md).
         config_key: config path named in error messages.
 
     Logs (``global_step``; Δ = ablated − base, accuracy in [0, 1], loss in nats):

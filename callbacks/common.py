@@ -92,12 +92,14 @@ class Result:
 @dataclass(frozen=True)
 class Deferred:
     """The part of an analysis call that can wait: independent ``jobs`` ``(work, args)``
-    whose ``work(*args)`` reads only what the call captured (numpy arrays and primitives:
-    no model, no trainer, no global random state), and ``complete``, which turns their
-    return values (in job order) into the call's :class:`Result`.
+    whose ``work(*args)`` reads only what the call captured (θ, the edge, the subset, the
+    module itself or numpy arrays: nothing of the live run, no global random state), and
+    ``complete``, which turns their return values (in job order) into the call's
+    :class:`Result`.
 
-    :meth:`AnalysisCallback.analyse` returns one for the probes' scikit-learn fits: the
-    base class runs the jobs at once or, with ``background`` on, in a worker process
+    The ablation, the perturbation and the probes return one from
+    :meth:`AnalysisCallback.analyse`: the base class runs the jobs at once or, with
+    ``background`` on, in a worker process
     (:class:`grokedge.analysis_worker.AnalysisWorker`: each ``work`` must then be a
     module-level function and its ``args`` picklable) while training goes on; after
     training has ended (the ``at_end`` call) the first job runs on the training thread
@@ -291,11 +293,12 @@ class AnalysisCallback(Callback, ABC):
             )
         # "auto": a worker only where it takes a core training leaves idle (torch threads
         # < the cores this process may use); elsewhere it would slow training down.
-        auto = deferrable and free_cores() > 0
+        idle = free_cores()
+        auto = deferrable and idle > 0
         self.in_background = self.background is True or (self.background == AUTO and auto)
         self._attached = (trainer, pl_module)
         if self.in_background and self._worker is None:
-            self._worker = acquire_shared_worker(blas_threads=max(1, free_cores()))
+            self._worker = acquire_shared_worker(blas_threads=max(1, idle))
         if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
             raise ValueError(
                 f"{self.config_key}: needs evaluation data: a LightningDataModule with "
@@ -488,10 +491,9 @@ class AnalysisCallback(Callback, ABC):
             log_table(
                 trainer, key, ["step", "phase", *columns], [[step, phase, *r] for r in rows], step
             )
-        if direct is None:
-            log_scalars(trainer, pl_module, result.scalars, step=step)
-        else:
-            log_scalars(trainer, pl_module, result.scalars, direct)
+        # A call finished on the worker is logged at its own step, past the live one.
+        log_step = step if direct is None else None
+        log_scalars(trainer, pl_module, result.scalars, bool(direct), step=log_step)
 
     @abstractmethod
     def analyse(

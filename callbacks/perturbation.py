@@ -80,10 +80,10 @@ def perturbation_measurements(
     and per direction (central difference, exact HVP) of the subset's loss with the
     finite-difference step (None without curvature). Reads nothing of a live run: it can
     run on a copy of the module in a worker process (module-level for that reason)."""
-    net = analysed_module(pl_module)
-    evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, settings.buckets)
     if len(directions) == 0:
         return [], [], None
+    net = analysed_module(pl_module)
+    evaluate = BucketedEvaluate(pl_module.evaluate, selector, net, batch, settings.buckets)
     sweep = epsilon_sweep(evaluate, theta, directions, settings.grid, batch)
     if not settings.curvature:
         return sweep, [], None
@@ -131,7 +131,7 @@ class PerturbationCallback(AnalysisCallback):
             significant digits (docs/benchmarks.md), far below the central
             difference's own error.
         buckets: evaluate the subset in this many length buckets (see ``AblationCallback``).
-        tables, config_key: as ``AblationCallback``.
+        tables, background, background_steps, config_key: as ``AblationCallback``.
 
     Logs (``global_step``; k = 1..n_directions):
         ``perturb/max_kl_v{k}`` (nats), ``perturb/max_dloss_v{k}`` (max |ΔL| over the

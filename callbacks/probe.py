@@ -25,18 +25,8 @@ from typing import Any, ClassVar
 
 import lightning as L
 
-from grokedge.callbacks.common import (
-    AnalysisCallback,
-    Deferred,
-    Result,
-    trace_of,
-)
-from grokedge.config_checks import (
-    check_bool,
-    check_choice,
-    check_choices,
-    check_int,
-)
+from grokedge.callbacks.common import AnalysisCallback, Deferred, Result, trace_of
+from grokedge.config_checks import check_bool, check_choice, check_choices, check_int
 from grokedge.functional import TRACE, check_block
 from grokedge.spectral.probes import (
     GROUPED_KFOLD,
@@ -104,9 +94,10 @@ class ProbeCallback(AnalysisCallback):
         background: fit the probes in a worker process while training goes on (the
             forward pass stays on the training thread): ``auto`` (default) when torch
             leaves a core idle (``torch_threads`` below the cores, one process), ``true``,
-            ``false``. The same numbers; the row and scalars are written when the fits are
-            done, labelled with their own step (docs/benchmarks.md).
-        tables, config_key: as ``AblationCallback``.
+            ``false``. The same numbers; the row and scalars are written
+            ``background_steps`` steps later, labelled with their own step
+            (``AnalysisCallback``; docs/design.md).
+        tables, background_steps, config_key: as ``AblationCallback``.
 
     Logs (``global_step``; kind in ``kinds``):
         ``probe/{kind}_r2`` and ``probe/{kind}_r2_sd`` for the primary target (Dyck:

@@ -89,7 +89,8 @@ class AnalysisWorker:
         return self._pool.submit(run_pickled, job)
 
     def shutdown(self) -> None:
-        """Wait for the queued jobs and stop the process."""
+        """Stop the process once its running job ends (jobs not yet started are cancelled:
+        every caller has collected its results by then)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -108,7 +109,7 @@ def acquire_shared_worker(blas_threads: int) -> AnalysisWorker:
 
 
 def release_shared_worker() -> None:
-    """One user done; the last one stops the worker (after its queued jobs)."""
+    """One user done; the last one stops the worker (:meth:`AnalysisWorker.shutdown`)."""
     global _shared, _users
     _users = max(0, _users - 1)
     if _users == 0 and _shared is not None:

@@ -288,9 +288,7 @@ def edge_from_window(
 ) -> EdgeState:
     """``compute_edge`` on a single (unsliced) window: no reduction of the W×W matrices."""
     return compute_edge(
-        window.gram(),
-        window.cross_gram(),
-        window.wd_gram(),
+        *window.matrices(),
         window,
         top_k,
         step,

@@ -13,8 +13,8 @@ state at every labelled position:
   :class:`~grokedge.spectral.ridge.CholeskyRidge`: scikit-learn's ``Ridge`` solved by a
   Cholesky factorisation of its n × n dual system (D = 8,384 features > n positions),
   whose products run in ``ProbeConfig.quadratic_dtype``: float32 by default (blocks
-  summed in float64, float64 solve; R² within 1e-7 of the float64 fit on Dyck, 0.2 of
-  scikit-learn's time per fold, docs/benchmarks.md), float64 on request;
+  summed in float64, float64 solve; R² within 1e-7 of scikit-learn's on Dyck at 0.67 of
+  its time, docs/benchmarks.md), float64 on request;
 - ``mlp``: StandardScaler → MLPRegressor(64 hidden, α = 0.01, early stopping).
 
 Each is scored by R² on held-out data. The default protocol (``grouped_kfold``) is K-fold

@@ -108,18 +108,14 @@ class CholeskyRidge(RegressorMixin, BaseEstimator):
         x_scaled = (x - x_mean) * root_w[:, None]
         y_scaled = root_w * (y - y_mean)
         n, dim = x_scaled.shape
-        if dim > n:  # dual: coef = X̃ᵀ (X̃X̃ᵀ + αI)⁻¹ ỹ
-            normal = gram_rows(x_scaled, self.gram_dtype, self.block)
-            normal.flat[:: n + 1] += self.alpha
-            self.coef_ = (
-                cho_solve(cho_factor(normal, lower=True, overwrite_a=True), y_scaled) @ x_scaled
-            )
-        else:  # primal: coef = (X̃ᵀX̃ + αI)⁻¹ X̃ᵀ ỹ
-            normal = gram_rows(x_scaled.T, self.gram_dtype, self.block)
-            normal.flat[:: dim + 1] += self.alpha
-            self.coef_ = cho_solve(
-                cho_factor(normal, lower=True, overwrite_a=True), y_scaled @ x_scaled
-            )
+        dual = dim > n  # dual: coef = X̃ᵀ (X̃X̃ᵀ + αI)⁻¹ ỹ; primal: (X̃ᵀX̃ + αI)⁻¹ X̃ᵀ ỹ
+        normal = gram_rows(x_scaled if dual else x_scaled.T, self.gram_dtype, self.block)
+        normal.flat[:: normal.shape[0] + 1] += self.alpha
+        factor = cho_factor(normal, lower=True, overwrite_a=True)
+        if dual:
+            self.coef_ = cho_solve(factor, y_scaled) @ x_scaled
+        else:
+            self.coef_ = cho_solve(factor, y_scaled @ x_scaled)
         self.intercept_ = y_mean - float(x_mean @ self.coef_)
         return self
 

@@ -373,16 +373,16 @@ class UpdateWindow:
         return [self._spans[i] for i in self.order()]
 
     def _chronological(self, mat: Tensor) -> Tensor:
+        """``mat`` [..., W, W] with its last two dimensions in chronological order, as
+        float64 on the CPU."""
         idx = torch.tensor(self.order(), dtype=torch.long, device=mat.device)
-        return mat.index_select(0, idx).index_select(1, idx).to("cpu", torch.float64)
+        return mat.index_select(-2, idx).index_select(-1, idx).to("cpu", torch.float64)
 
     def matrices(self) -> Tensor:
         """[3, count, count] float64 CPU, chronological: G, C = X_wd Xᵀ and X_wd X_wdᵀ
         (``gram()``, ``cross_gram()``, ``wd_gram()`` in one read-out: one index and one
         host copy instead of three)."""
-        idx = torch.tensor(self.order(), dtype=torch.long, device=self.device)
-        mats = self._mats.index_select(1, idx).index_select(2, idx)
-        return mats.to("cpu", torch.float64)
+        return self._chronological(self._mats)
 
     def gram(self) -> Tensor:
         """G = X Xᵀ, [count, count] float64 on the CPU, chronological."""
