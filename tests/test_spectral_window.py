@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
 
-from grokedge.spectral import UpdateWindow, slice_bounds
+from grokedge.spectral import UpdateWindow, fused_dots, slice_bounds
 from grokedge.spectral import window as window_module
 
 W = 5
@@ -79,13 +80,74 @@ def scaled_errors(got: torch.Tensor, want: torch.Tensor, diag_a, diag_b) -> torc
     return (got - want).abs() / torch.sqrt(torch.outer(diag_a, diag_b))
 
 
-def test_float32_blocks_within_their_rounding_bound(monkeypatch):
-    """float32 buffers: float32 GEMMs per block, float64 across blocks. Each entry's error
-    is within the rigorous bound b·u·Σ|x_i y_i| (b = block length), which the float64
-    brute force of the stored values checks entry by entry, and far below 10⁻¹⁰-exactness
-    would need: the path is really float32 (a float64 path would be ~10⁻¹⁶)."""
+@pytest.fixture(params=["fused", "torch"])
+def float32_path(request, monkeypatch) -> str:
+    """Each float32-block path of the push's dot products on the CPU: the fused one-pass
+    kernel (``grokedge.spectral.fused_dots``) and the two-GEMV torch path, each with
+    64-column blocks so that P = 257 spans several."""
+    if request.param == "fused":
+        monkeypatch.setattr(fused_dots, "FUSED_BLOCK", 64)
+    else:
+        monkeypatch.setattr(window_module, "_fused_dots", lambda: None)
+        monkeypatch.setattr(window_module, "F32_BLOCK", 64)
+    return request.param
+
+
+def test_the_fused_kernel_is_the_default_cpu_path(monkeypatch):
+    """numba is a dependency: a float32 CPU push takes the fused kernel, not the fallback."""
+    assert window_module._fused_dots() is fused_dots
+    calls = []
+    monkeypatch.setattr(fused_dots, "fused_row_dots", lambda *a: calls.append(1) or REAL_FUSED(*a))
+    win = UpdateWindow(W, P)
+    win.push(torch.randn(P), torch.randn(P))
+    assert calls == [1]
+
+
+REAL_FUSED = fused_dots.fused_row_dots
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10])
+def test_fused_row_dots_against_float64_brute_force(rows):
+    """Odd and even row counts (the kernel takes rows in pairs), several blocks and a
+    ragged last one: every dot within b·u·Σ|x_i y_i| of the float64 dot."""
+    block, p = fused_dots.FUSED_BLOCK, 2 * fused_dots.FUSED_BLOCK + 123
+    gen = torch.Generator().manual_seed(rows)
+    mat = 1.0 + torch.randn(rows, p, generator=gen)
+    t, w = torch.randn(p, generator=gen), 1.0 + torch.randn(p, generator=gen)
+    dots, own = fused_dots.fused_row_dots(mat, (t, w))
+    new = torch.stack([t, w]).double()
+    for got, a in ((dots, mat.double()), (own, new)):
+        want, abs_sum = a @ new.T, a.abs() @ new.abs().T
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        assert ((got - want).abs() <= block * U32 * abs_sum).all()
+        assert (got - want).abs().max() > 0  # float32 products, not float64
+    assert own[0, 1] == own[1, 0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("part", ["total", "wd"])
+def test_a_non_finite_delta_leaves_the_window_unchanged(float32_path, bad, part):
+    """The push's own dots detect NaN/inf on either float32 path (the kernel is compiled
+    without no-NaN/no-inf assumptions)."""
+    totals, wds = random_deltas(W + 2, P, seed=3, dtype=torch.float32)
+    win = UpdateWindow(W, P)
+    for t, w in zip(totals, wds, strict=True):
+        assert win.push(t, w, check_finite=True)
+    before = (win.matrices().clone(), win.deltas().clone(), win.pushes)
+    total, wd = torch.randn(P), torch.randn(P)
+    (total if part == "total" else wd)[P // 2] = bad
+    assert not win.push(total, wd, check_finite=True)
+    assert torch.equal(win.matrices(), before[0]) and torch.equal(win.deltas(), before[1])
+    assert win.pushes == before[2]
+
+
+def test_float32_blocks_within_their_rounding_bound(float32_path):
+    """float32 buffers: float32 products per block, float64 across blocks, on either CPU
+    path. Each entry's error is within the rigorous bound b·u·Σ|x_i y_i| (b = block
+    length), which the float64 brute force of the stored values checks entry by entry,
+    and far below 10⁻¹⁰-exactness would need: the path is really float32 (a float64 path
+    would be ~10⁻¹⁶)."""
     block = 64
-    monkeypatch.setattr(window_module, "F32_BLOCK", block)  # several blocks (P = 257)
     totals, wds = random_deltas(12, P, seed=1, dtype=torch.float32)
     win = UpdateWindow(W, P)
     for t, w in zip(totals, wds, strict=True):
@@ -118,11 +180,14 @@ def test_upcast_path_accumulates_exactly_in_float64(monkeypatch, matmul_precisio
         assert rel_err(got, want) <= REL_TOL
 
 
-def test_float32_gram_at_ten_million_against_float64_brute_force():
+@pytest.mark.parametrize("path", ["fused", "torch"])
+def test_float32_gram_at_ten_million_against_float64_brute_force(monkeypatch, path):
     """p = 10⁷, float32 buffers at the default block: every entry of G, C = X_wd Xᵀ and
     X_wd X_wdᵀ within 10⁻⁵ of the float64 dot of the same stored rows, relative to
     √(G_ii G_jj). The deltas share a common direction with a non-zero mean (all-positive
     products: the worst case for round-off), and the window wraps once."""
+    if path == "torch":
+        monkeypatch.setattr(window_module, "_fused_dots", lambda: None)
     gen = torch.Generator().manual_seed(7)
     common = 1.0 + torch.randn(BIG_P, generator=gen)
     win = UpdateWindow(BIG_W, BIG_P)
