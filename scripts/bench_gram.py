@@ -15,9 +15,10 @@
     the min over the timed captures (the code's own cost) and the median (what a shared
     machine gave it); the ratio uses the min.
 (c) The same capture as W goes 5 -> 10 -> 20.
-(d) ``--compare-paths``: the capture at p = 2.4M and 25M, W = 5, with the push's dot
-    products through the fused one-pass kernel (``grokedge.spectral.fused_dots``, the
-    default on a CPU) and through the two-GEMV torch path it replaced, alternating.
+(d) ``--compare-paths``: the capture at p = 2.4M and 25M, W = 5, with the window's float32
+    passes (the push's dot products, the edge vectors' combination) through the numba
+    kernels of ``grokedge.spectral.window_kernels`` (the default on a CPU) and through the
+    torch path they replaced (two GEMVs per block, a blocked GEMM), alternating.
 
 Bytes a capture must touch (float32 buffers, k = 4 vectors), in units of p·4 B:
 form the delta (read θ and θ_prev, write δ into the ring, write θ_prev): 4; store the WD
@@ -199,25 +200,25 @@ def bench_capture(p: int, window: int, reps: int) -> dict:
 
 
 @contextmanager
-def torch_dot_path():
-    """The push's float32 dot products through the torch two-GEMV path (the fused
-    kernel's fallback), for the side-by-side comparison (d)."""
-    saved = window_module._fused_dots
-    window_module._fused_dots = lambda: None
+def torch_window_path():
+    """The window's float32 passes through torch (the kernels' fallback), for the
+    side-by-side comparison (d)."""
+    saved = window_module._window_kernels
+    window_module._window_kernels = lambda: None
     try:
         yield
     finally:
-        window_module._fused_dots = saved
+        window_module._window_kernels = saved
 
 
 def compare_paths(reps: int, bw: float, rounds: int = 2) -> list[dict]:
     """(d): min capture time of each path over ``rounds`` alternating measurements."""
     rows = []
     for p in SIZES[1:]:
-        best = {"fused": math.inf, "torch": math.inf}
+        best = {"kernels": math.inf, "torch": math.inf}
         for i in range(rounds):
-            for path in ("fused", "torch") if i % 2 == 0 else ("torch", "fused"):
-                with torch_dot_path() if path == "torch" else nullcontext():
+            for path in ("kernels", "torch") if i % 2 == 0 else ("torch", "kernels"):
+                with torch_window_path() if path == "torch" else nullcontext():
                     best[path] = min(best[path], bench_capture(p, 5, reps)["capture_s"])
         bound = capture_bytes(p, 5) / bw
         rows.append({"p": p, "bound_s": bound, **{f"{k}_s": v for k, v in best.items()}})
@@ -233,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="(a): optimizer steps per run")
     parser.add_argument("--reps", type=int, default=7, help="(b, c): timed captures per size")
     parser.add_argument("--skip-runs", action="store_true", help="skip (a)")
-    parser.add_argument(
-        "--compare-paths", action="store_true", help="(d): fused kernel vs torch GEMVs"
-    )
+    parser.add_argument("--compare-paths", action="store_true", help="(d): numba kernels vs torch")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -292,14 +291,14 @@ def main(argv: list[str] | None = None) -> int:
             results["capture_by_w"].append({"p": p, "W": w, **r, "bound_s": bound})
 
     if args.compare_paths:
-        print("\n(d) capture, W = 5: fused one-pass dot products vs the torch two-GEMV path\n")
+        print("\n(d) capture, W = 5: numba window kernels vs the torch path\n")
         print(
-            "| p | fused min | torch GEMVs min | torch / fused | traffic bound "
-            "| fused × bound | torch × bound |\n|---|---|---|---|---|---|---|"
+            "| p | kernels min | torch min | torch / kernels | traffic bound "
+            "| kernels × bound | torch × bound |\n|---|---|---|---|---|---|---|"
         )
         results["compare_paths"] = compare_paths(args.reps, bw)
         for r in results["compare_paths"]:
-            f, t, b = r["fused_s"], r["torch_s"], r["bound_s"]
+            f, t, b = r["kernels_s"], r["torch_s"], r["bound_s"]
             print(
                 f"| {r['p']:,} | {f * 1e3:.2f} ms | {t * 1e3:.2f} ms | {t / f:.2f} | "
                 f"{b * 1e3:.2f} ms | {f / b:.2f} | {t / b:.2f} |",

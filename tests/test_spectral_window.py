@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grokedge.spectral import UpdateWindow, fused_dots, slice_bounds
+from grokedge.spectral import UpdateWindow, slice_bounds, window_kernels
 from grokedge.spectral import window as window_module
 
 W = 5
@@ -83,38 +83,40 @@ def scaled_errors(got: torch.Tensor, want: torch.Tensor, diag_a, diag_b) -> torc
 @pytest.fixture(params=["fused", "torch"])
 def float32_path(request, monkeypatch) -> str:
     """Each float32-block path of the push's dot products on the CPU: the fused one-pass
-    kernel (``grokedge.spectral.fused_dots``) and the two-GEMV torch path, each with
+    kernel (``grokedge.spectral.window_kernels``) and the two-GEMV torch path, each with
     64-column blocks so that P = 257 spans several."""
     if request.param == "fused":
-        monkeypatch.setattr(fused_dots, "FUSED_BLOCK", 64)
+        monkeypatch.setattr(window_kernels, "FUSED_BLOCK", 64)
     else:
-        monkeypatch.setattr(window_module, "_fused_dots", lambda: None)
+        monkeypatch.setattr(window_module, "_window_kernels", lambda: None)
         monkeypatch.setattr(window_module, "F32_BLOCK", 64)
     return request.param
 
 
 def test_the_fused_kernel_is_the_default_cpu_path(monkeypatch):
     """numba is a dependency: a float32 CPU push takes the fused kernel, not the fallback."""
-    assert window_module._fused_dots() is fused_dots
+    assert window_module._window_kernels() is window_kernels
     calls = []
-    monkeypatch.setattr(fused_dots, "fused_row_dots", lambda *a: calls.append(1) or REAL_FUSED(*a))
+    monkeypatch.setattr(
+        window_kernels, "fused_row_dots", lambda *a: calls.append(1) or REAL_FUSED(*a)
+    )
     win = UpdateWindow(W, P)
     win.push(torch.randn(P), torch.randn(P))
     assert calls == [1]
 
 
-REAL_FUSED = fused_dots.fused_row_dots
+REAL_FUSED = window_kernels.fused_row_dots
 
 
 @pytest.mark.parametrize("rows", [1, 3, 10])
 def test_fused_row_dots_against_float64_brute_force(rows):
     """Odd and even row counts (the kernel takes rows in pairs), several blocks and a
     ragged last one: every dot within b·u·Σ|x_i y_i| of the float64 dot."""
-    block, p = fused_dots.FUSED_BLOCK, 2 * fused_dots.FUSED_BLOCK + 123
+    block, p = window_kernels.FUSED_BLOCK, 2 * window_kernels.FUSED_BLOCK + 123
     gen = torch.Generator().manual_seed(rows)
     mat = 1.0 + torch.randn(rows, p, generator=gen)
     t, w = torch.randn(p, generator=gen), 1.0 + torch.randn(p, generator=gen)
-    dots, own = fused_dots.fused_row_dots(mat, (t, w))
+    dots, own = window_kernels.fused_row_dots(mat, (t, w))
     new = torch.stack([t, w]).double()
     for got, a in ((dots, mat.double()), (own, new)):
         want, abs_sum = a @ new.T, a.abs() @ new.abs().T
@@ -187,7 +189,7 @@ def test_float32_gram_at_ten_million_against_float64_brute_force(monkeypatch, pa
     √(G_ii G_jj). The deltas share a common direction with a non-zero mean (all-positive
     products: the worst case for round-off), and the window wraps once."""
     if path == "torch":
-        monkeypatch.setattr(window_module, "_fused_dots", lambda: None)
+        monkeypatch.setattr(window_module, "_window_kernels", lambda: None)
     gen = torch.Generator().manual_seed(7)
     common = 1.0 + torch.randn(BIG_P, generator=gen)
     win = UpdateWindow(BIG_W, BIG_P)
@@ -233,6 +235,31 @@ def test_combine_equals_coefficients_times_chronological_deltas():
     coeffs = torch.randn(3, W, dtype=torch.float64)
     assert torch.allclose(win.combine(coeffs), coeffs @ totals[-W:])
     assert torch.allclose(win.combine(coeffs, wd=True), coeffs @ wds[-W:])
+
+
+@pytest.mark.parametrize("path", ["fused", "torch"])
+@pytest.mark.parametrize(("size", "k"), [(2, 1), (5, 4), (7, 3), (12, 2)])
+def test_float32_combine_against_float64_brute_force(monkeypatch, path, size, k):
+    """float32 windows on the CPU: the numba combination (window sizes that are not a
+    multiple of its 5-row group, odd k, several blocks and a ragged last one, a ring that
+    has wrapped) and the torch GEMM, within float32 round-off of the float64 product of
+    the stored rows."""
+    if path == "fused":
+        monkeypatch.setattr(window_kernels, "COMBINE_BLOCK", 64)
+    else:
+        monkeypatch.setattr(window_module, "_window_kernels", lambda: None)
+    totals, wds = random_deltas(2 * size + 1, P, seed=size, dtype=torch.float32)
+    win = UpdateWindow(size + 1, P)
+    for t, w in zip(totals, wds, strict=True):
+        win.push(t, w)
+    coeffs = torch.randn(k, size + 1)
+    out = torch.full((k, P), math.nan)
+    for part, rows in ((False, win.deltas()), (True, win.wd_deltas())):
+        got = win.combine(coeffs, wd=part, out=out)
+        want = coeffs.double() @ rows.double()
+        scale = coeffs.double().abs() @ rows.double().abs()
+        assert got is out and torch.isfinite(got).all()
+        assert ((got.double() - want).abs() <= (size + 2) * U32 * scale).all()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -21,7 +21,7 @@ vectors, and summed in ``accum_dtype`` (float64 by default):
 - float32 buffers (the default): float32 products over column blocks, read in place
   (no up-cast copy), each block's [2W + 2, 2] result added into a float64 accumulator.
   On the CPU one fused pass reads every stored row once for both new parts
-  (``grokedge.spectral.fused_dots``, blocks of ``FUSED_BLOCK`` = 2^14 columns; a numba
+  (``grokedge.spectral.window_kernels``, blocks of ``FUSED_BLOCK`` = 2^14 columns; a numba
   kernel); elsewhere, or without numba, two matrix–vector products per block of
   ``F32_BLOCK`` columns. The float32 rounding of a block's inner product of length b is
   at most ≈ b·u·Σ|x_i y_i| and typically ≈ √b·u·Σ|x_i y_i| (u = 2⁻²⁴ ≈ 6·10⁻⁸; the
@@ -75,7 +75,8 @@ F32_BLOCK_ACCELERATOR = 1 << 22
 accuracy and speed on a GPU here (none was available)."""
 
 COMBINE_CHUNK = 1 << 16
-"""Columns per block of ``UpdateWindow.combine`` on the CPU (the edge vectors)."""
+"""Columns per block of ``UpdateWindow.combine``'s torch GEMM on the CPU (the edge vectors;
+float32 windows take ``window_kernels.combine_rows`` instead, when numba is present)."""
 
 ACCUM_CHUNK_ACCELERATOR = 1 << 22
 """``ACCUM_CHUNK`` off the CPU: fewer, larger kernels."""
@@ -157,7 +158,7 @@ def _row_dots(
         stacked = torch.stack(new)
         return rows @ stacked.T, stacked @ stacked.T
     if uses_float32_blocks(rows.dtype, accum_dtype, rows.device):
-        fused = _fused_dots()
+        fused = _window_kernels()
         if accum_dtype == torch.float64 and fused is not None and fused.supports(rows, new):
             return fused.fused_row_dots(rows, new)  # one pass over the rows (CPU)
         return _row_dots_blocks(rows, new, accum_dtype)
@@ -176,18 +177,18 @@ def _row_dots(
 
 
 @functools.cache
-def _fused_dots() -> ModuleType | None:
-    """``grokedge.spectral.fused_dots`` if its kernel can run here, else ``None``.
+def _window_kernels() -> ModuleType | None:
+    """``grokedge.spectral.window_kernels`` if its kernels can run here, else ``None``.
     Imported on the first push rather than with this module: numba takes ≈ 0.2 s to
     import, which runs that need no capture (or only on an accelerator) should not pay."""
-    from grokedge.spectral import fused_dots
+    from grokedge.spectral import window_kernels
 
-    if fused_dots.available():
-        return fused_dots
+    if window_kernels.available():
+        return window_kernels
     warnings.warn(
-        "numba cannot be imported: the Gram window's float32 dot products take the "
-        "two-pass torch path on the CPU (same precision contract, ≈ 1.3× slower captures "
-        "at p ≥ 2.4M); reinstall grokedge's dependencies to get the fused kernel back",
+        "numba cannot be imported: the Gram window's float32 dot products and edge "
+        "vectors take the torch path on the CPU (same precision contract, ≈ 1.4× slower "
+        "captures at p ≥ 2.4M); reinstall grokedge's dependencies to get the kernels back",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -465,6 +466,9 @@ class UpdateWindow:
         idx = torch.tensor(self.order(), dtype=torch.long, device=self.device)
         ring[:, idx] = coeffs.to(self.device, self.dtype)
         src = self._buf[WD if wd else TOTAL]
+        kernels = _window_kernels() if self.device.type == "cpu" else None
+        if kernels is not None and kernels.supports_combine(ring, src, out):
+            return kernels.combine_rows(ring, src, out)  # one pass (CPU, float32)
         if self.device.type != "cpu":
             return torch.matmul(ring, src, out=out)
         # On the CPU a [m, W] @ [W, p] GEMM is slower than the same product taken in
