@@ -86,6 +86,7 @@ def float32_path(request, monkeypatch) -> str:
     kernel (``grokedge.spectral.window_kernels``) and the two-GEMV torch path, each with
     64-column blocks so that P = 257 spans several."""
     if request.param == "fused":
+        monkeypatch.setattr(window_module, "KERNEL_MIN_P", 1)
         monkeypatch.setattr(window_kernels, "FUSED_BLOCK", 64)
     else:
         monkeypatch.setattr(window_module, "_window_kernels", lambda: None)
@@ -93,19 +94,23 @@ def float32_path(request, monkeypatch) -> str:
     return request.param
 
 
-def test_the_fused_kernel_is_the_default_cpu_path(monkeypatch):
-    """numba is a dependency: a float32 CPU push takes the fused kernel, not the fallback."""
+@pytest.mark.parametrize("p", [P, window_module.KERNEL_MIN_P])
+def test_the_kernels_are_the_default_cpu_path_from_kernel_min_p(monkeypatch, p):
+    """numba is a dependency: a float32 CPU window of p ≥ KERNEL_MIN_P takes the kernels
+    (not the fallback) for its dot products and its combinations; a shorter one takes
+    the torch path, which costs it less than loading them."""
     assert window_module._window_kernels() is window_kernels
     calls = []
-    monkeypatch.setattr(
-        window_kernels, "fused_row_dots", lambda *a: calls.append(1) or REAL_FUSED(*a)
-    )
-    win = UpdateWindow(W, P)
-    win.push(torch.randn(P), torch.randn(P))
-    assert calls == [1]
-
-
-REAL_FUSED = window_kernels.fused_row_dots
+    for name in ("fused_row_dots", "combine_rows"):
+        real = getattr(window_kernels, name)
+        monkeypatch.setattr(
+            window_kernels, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a)
+        )
+    win = UpdateWindow(W, p)
+    win.push(torch.randn(p), torch.randn(p))
+    win.combine(torch.ones(1, 1))
+    want = ["fused_row_dots", "combine_rows"] if p >= window_module.KERNEL_MIN_P else []
+    assert calls == want
 
 
 @pytest.mark.parametrize("rows", [1, 3, 10])
@@ -245,6 +250,7 @@ def test_float32_combine_against_float64_brute_force(monkeypatch, path, size, k)
     has wrapped) and the torch GEMM, within float32 round-off of the float64 product of
     the stored rows."""
     if path == "fused":
+        monkeypatch.setattr(window_module, "KERNEL_MIN_P", 1)
         monkeypatch.setattr(window_kernels, "COMBINE_BLOCK", 64)
     else:
         monkeypatch.setattr(window_module, "_window_kernels", lambda: None)

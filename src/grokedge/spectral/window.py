@@ -20,16 +20,17 @@ vectors, and summed in ``accum_dtype`` (float64 by default):
 - float64 buffers: float64 products, exact to float64 round-off;
 - float32 buffers (the default): float32 products over column blocks, read in place
   (no up-cast copy), each block's [2W + 2, 2] result added into a float64 accumulator.
-  On the CPU one fused pass reads every stored row once for both new parts
-  (``grokedge.spectral.window_kernels``, blocks of ``FUSED_BLOCK`` = 2^14 columns; a numba
-  kernel); elsewhere, or without numba, two matrix–vector products per block of
-  ``F32_BLOCK`` columns. The float32 rounding of a block's inner product of length b is
-  at most ≈ b·u·Σ|x_i y_i| and typically ≈ √b·u·Σ|x_i y_i| (u = 2⁻²⁴ ≈ 6·10⁻⁸; the
-  BLAS kernels' vectorised partial sums make it smaller still); the float64 sum over
-  blocks adds nothing measurable, and independent block errors partly cancel. Relative
-  to the natural scale √(G_ii G_jj) ≥ Σ|x_i y_i| the error measured at p = 10⁷ is below
-  10⁻⁶ (tests/test_spectral_window.py; docs/benchmarks.md, Cost of ``callbacks=gram``,
-  (d));
+  On the CPU from p = ``KERNEL_MIN_P`` (2^20) on, one fused pass reads every stored row
+  once for both new parts (``grokedge.spectral.window_kernels``, blocks of
+  ``FUSED_BLOCK`` = 2^14 columns; a numba kernel); elsewhere, or without numba, two
+  matrix–vector products per block of ``F32_BLOCK`` columns. The float32 rounding of a
+  block's inner product of length b is at most ≈ b·u·Σ|x_i y_i| (in any summation
+  order) and typically ≈ √b·u·Σ|x_i y_i| (u = 2⁻²⁴ ≈ 6·10⁻⁸; vectorised partial sums
+  make it smaller still); the float64 sum over blocks adds nothing measurable, and
+  independent block errors partly cancel. Relative to the natural scale √(G_ii G_jj) ≥
+  Σ|x_i y_i| the error measured at p = 10⁷ is below 10⁻⁶ on either path
+  (tests/test_spectral_window.py; docs/benchmarks.md, Cost of ``callbacks=gram``, (d)
+  and (g));
 - other buffers (bfloat16, float16), or float32 when the global float32 matmul
   precision allows reduced-precision GEMMs (TF32, bfloat16 passes): up-cast to
   ``accum_dtype`` in cache-sized chunks, as exact as float64 buffers.
@@ -73,6 +74,14 @@ F32_BLOCK_ACCELERATOR = 1 << 22
 """``F32_BLOCK`` off the CPU: fewer, larger kernels. The typical error bound grows as √b
 (≈ 10⁻⁴ at 2^22 before the kernels' blocked partial sums shrink it); untested for
 accuracy and speed on a GPU here (none was available)."""
+
+KERNEL_MIN_P = 1 << 20
+"""Shortest rows (p) for which a float32 CPU window uses the numba kernels of
+``window_kernels``. Their first use in a process costs ≈ 0.5 s (numba's import and
+loading the compiled kernels from its cache; ≈ 1.6 s to compile them in a fresh
+checkout), and they save ≈ 2 ns per element and capture (4.8 ms at p = 2.4M, W = 5):
+from 2^20 on, a few hundred captures pay for the load; below it the torch path costs the
+run less (0.15 ms a capture at p = 131,072)."""
 
 COMBINE_CHUNK = 1 << 16
 """Columns per block of ``UpdateWindow.combine``'s torch GEMM on the CPU (the edge vectors;
@@ -158,7 +167,7 @@ def _row_dots(
         stacked = torch.stack(new)
         return rows @ stacked.T, stacked @ stacked.T
     if uses_float32_blocks(rows.dtype, accum_dtype, rows.device):
-        fused = _window_kernels()
+        fused = _window_kernels() if p >= KERNEL_MIN_P else None
         if accum_dtype == torch.float64 and fused is not None and fused.supports(rows, new):
             return fused.fused_row_dots(rows, new)  # one pass over the rows (CPU)
         return _row_dots_blocks(rows, new, accum_dtype)
@@ -466,7 +475,9 @@ class UpdateWindow:
         idx = torch.tensor(self.order(), dtype=torch.long, device=self.device)
         ring[:, idx] = coeffs.to(self.device, self.dtype)
         src = self._buf[WD if wd else TOTAL]
-        kernels = _window_kernels() if self.device.type == "cpu" else None
+        kernels = (
+            _window_kernels() if self.device.type == "cpu" and self.p >= KERNEL_MIN_P else None
+        )
         if kernels is not None and kernels.supports_combine(ring, src, out):
             return kernels.combine_rows(ring, src, out)  # one pass (CPU, float32)
         if self.device.type != "cpu":

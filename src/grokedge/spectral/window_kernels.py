@@ -33,13 +33,14 @@ FUSED_BLOCK = 1 << 14
 """Columns per float32 partial sum. Sets the rounding bound (b·u ≈ 10⁻³ worst case,
 ≈ √b·u ≈ 8·10⁻⁶ typically, before the vectorised partial sums shrink it) and keeps the
 two new parts' blocks (2 · 64 KiB) in L2 while every row pair streams past them.
-Measured at p = 2.4M, W = 5 (one thread, 2-core EPYC): 2^10 4.3 ms, 2^12 4.1, 2^14 3.6,
-2^16 3.6 (docs/benchmarks.md, issue 13's fused row dots)."""
+Measured at p = 2.4M, W = 5 (one thread, 2-core EPYC): 2^10 4.4 ms, 2^12 3.7, 2^14 3.5,
+2^16 3.8, against 6.7 for torch's GEMVs (scripts/bench_window_kernels.py;
+docs/benchmarks.md, Cost of ``callbacks=gram``, (g))."""
 
 COMBINE_BLOCK = 1 << 14
 """Columns per step of ``combine_rows``: the W input and two output blocks stay in L2.
-Measured at p = 2.4M, W = 5, k = 4 (one thread): 2^10 3.7 ms, 2^12 2.9, 2^14 2.7,
-against 4.5 for the blocked torch GEMM."""
+Measured at p = 2.4M, W = 5, k = 4 (one thread): 2^10 3.5 ms, 2^12 2.8, 2^14 2.5,
+2^16 3.1, against 4.5 for the blocked torch GEMM (scripts/bench_window_kernels.py)."""
 
 COMBINE_GROUP = 5
 """Input rows per pass of ``combine_rows`` (the default window, W = 5, in one pass; a
