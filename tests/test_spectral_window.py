@@ -113,6 +113,18 @@ def test_the_kernels_are_the_default_cpu_path_from_kernel_min_p(monkeypatch, p):
     assert calls == want
 
 
+def test_kernels_that_cannot_be_built_fall_back_with_one_warning(monkeypatch):
+    """A platform where numba cannot compile or cache the kernels: the window warns and
+    takes the torch path (checked when the kernels are first wanted, not mid-push)."""
+
+    def broken() -> None:
+        raise RuntimeError("no cache locator")
+
+    monkeypatch.setattr(window_kernels, "warm_up", broken)
+    with pytest.warns(RuntimeWarning, match="could not build its kernels.*torch path"):
+        assert window_module._window_kernels.__wrapped__() is None
+
+
 @pytest.mark.parametrize("rows", [1, 3, 10])
 def test_fused_row_dots_against_float64_brute_force(rows):
     """Odd and even row counts (the kernel takes rows in pairs), several blocks and a

@@ -187,17 +187,23 @@ def _row_dots(
 
 @functools.cache
 def _window_kernels() -> ModuleType | None:
-    """``grokedge.spectral.window_kernels`` if its kernels can run here, else ``None``.
-    Imported on the first push rather than with this module: numba takes ≈ 0.2 s to
-    import, which runs that need no capture (or only on an accelerator) should not pay."""
-    from grokedge.spectral import window_kernels
+    """``grokedge.spectral.window_kernels`` if its kernels run here, else ``None`` (with
+    one warning). Imported on the first push of a long enough window rather than with this
+    module (numba takes ≈ 0.2 s to import), and run once on tiny inputs, so that a
+    platform where numba cannot compile or cache them falls back here, not mid-push."""
+    try:
+        from grokedge.spectral import window_kernels
 
-    if window_kernels.available():
-        return window_kernels
+        if window_kernels.available():
+            window_kernels.warm_up()
+            return window_kernels
+        reason = "numba cannot be imported"
+    except Exception as error:  # any failure to build them: the fallback
+        reason = f"numba could not build its kernels ({type(error).__name__}: {error})"
     warnings.warn(
-        "numba cannot be imported: the Gram window's float32 dot products and edge "
-        "vectors take the torch path on the CPU (same precision contract, ≈ 1.4× slower "
-        "captures at p ≥ 2.4M); reinstall grokedge's dependencies to get the kernels back",
+        f"{reason}: the Gram window's float32 dot products and edge vectors take the "
+        "torch path on the CPU (same precision contract, ≈ 1.5× slower captures at "
+        "p ≥ 2.4M); reinstall grokedge's dependencies to get the kernels back",
         RuntimeWarning,
         stacklevel=3,
     )

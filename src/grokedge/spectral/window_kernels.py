@@ -155,6 +155,14 @@ if numba is not None:
             out[m + 1, 1] += wb
 
 
+def warm_up() -> None:
+    """Run both kernels once on tiny inputs: compiles them (or loads them from numba's
+    cache) now, and raises here if this platform cannot."""
+    rows = torch.zeros(3, 4)
+    fused_row_dots(rows, (rows[0], rows[1]))
+    combine_rows(torch.zeros(1, 3), rows, torch.empty(1, 4))
+
+
 def supports(rows: Tensor, new: tuple[Tensor, ...]) -> bool:
     """Whether ``fused_row_dots`` takes these operands: numba present, a contiguous
     float32 [m, p] CPU matrix and two contiguous float32 [p] CPU vectors."""
