@@ -167,9 +167,9 @@ def _row_dots(
         stacked = torch.stack(new)
         return rows @ stacked.T, stacked @ stacked.T
     if uses_float32_blocks(rows.dtype, accum_dtype, rows.device):
-        fused = _window_kernels() if p >= KERNEL_MIN_P else None
-        if accum_dtype == torch.float64 and fused is not None and fused.supports(rows, new):
-            return fused.fused_row_dots(rows, new)  # one pass over the rows (CPU)
+        kernels = _kernels_for(rows.device, p)
+        if accum_dtype == torch.float64 and kernels is not None and kernels.supports(rows, new):
+            return kernels.fused_row_dots(rows, new)  # one pass over the rows (CPU)
         return _row_dots_blocks(rows, new, accum_dtype)
     out = torch.zeros(m + n, n, dtype=accum_dtype, device=rows.device)
     if scratch is None:
@@ -208,6 +208,15 @@ def _window_kernels() -> ModuleType | None:
         stacklevel=3,
     )
     return None
+
+
+def _kernels_for(device: torch.device, p: int) -> ModuleType | None:
+    """The numba kernels for a window of rows of length ``p`` on ``device``: only on the
+    CPU (numba is not imported for an accelerator's window) and from ``KERNEL_MIN_P`` on;
+    ``None`` otherwise or where they cannot run."""
+    if device.type != "cpu" or p < KERNEL_MIN_P:
+        return None
+    return _window_kernels()
 
 
 def _row_dots_blocks(
@@ -481,9 +490,7 @@ class UpdateWindow:
         idx = torch.tensor(self.order(), dtype=torch.long, device=self.device)
         ring[:, idx] = coeffs.to(self.device, self.dtype)
         src = self._buf[WD if wd else TOTAL]
-        kernels = (
-            _window_kernels() if self.device.type == "cpu" and self.p >= KERNEL_MIN_P else None
-        )
+        kernels = _kernels_for(self.device, self.p)
         if kernels is not None and kernels.supports_combine(ring, src, out):
             return kernels.combine_rows(ring, src, out)  # one pass (CPU, float32)
         if self.device.type != "cpu":

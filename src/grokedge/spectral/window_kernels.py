@@ -163,19 +163,19 @@ def warm_up() -> None:
     combine_rows(torch.zeros(1, 3), rows, torch.empty(1, 4))
 
 
-def supports(rows: Tensor, new: tuple[Tensor, ...]) -> bool:
-    """Whether ``fused_row_dots`` takes these operands: numba present, a contiguous
-    float32 [m, p] CPU matrix and two contiguous float32 [p] CPU vectors."""
-    return (
-        available()
-        and len(new) == 2
-        and rows.device.type == "cpu"
-        and rows.dtype == torch.float32
-        and rows.is_contiguous()
-        and all(
-            v.device.type == "cpu" and v.dtype == torch.float32 and v.is_contiguous() for v in new
-        )
+def _cpu_float32(*tensors: Tensor) -> bool:
+    """Whether every tensor is a contiguous float32 CPU tensor (what the kernels read
+    through ``Tensor.numpy()``)."""
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
     )
+
+
+def supports(rows: Tensor, new: tuple[Tensor, ...]) -> bool:
+    """Whether ``fused_row_dots`` takes these operands: a contiguous float32 [m, p] CPU
+    matrix and two contiguous float32 [p] CPU vectors (numba's presence is
+    ``available()``)."""
+    return len(new) == 2 and _cpu_float32(rows, *new)
 
 
 def fused_row_dots(rows: Tensor, new: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -197,14 +197,10 @@ def fused_row_dots(rows: Tensor, new: tuple[Tensor, Tensor]) -> tuple[Tensor, Te
 
 
 def supports_combine(coeffs: Tensor, rows: Tensor, out: Tensor) -> bool:
-    """Whether ``combine_rows`` takes these operands: numba present, float32 contiguous
-    CPU tensors of matching shapes."""
+    """Whether ``combine_rows`` takes these operands: contiguous float32 CPU tensors of
+    matching shapes."""
     return (
-        available()
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-            for t in (coeffs, rows, out)
-        )
+        _cpu_float32(coeffs, rows, out)
         and coeffs.shape[1] == rows.shape[0]
         and out.shape == (coeffs.shape[0], rows.shape[1])
     )
