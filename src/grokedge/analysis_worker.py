@@ -9,7 +9,9 @@ the fits cost (docs/benchmarks.md, "Cost of callbacks=full"). The process is sta
 with ``spawn`` (a fork of a process with torch's thread pools running is unsafe), loads
 scikit-learn while training starts, and runs one job at a time with ``blas_threads``
 BLAS threads: the numbers are those of the same function called in the training process
-with the same thread budget.
+with the same thread budget. It dies with the training process, however that dies
+(SIGKILL included), and so does multiprocessing's resource tracker
+(:func:`_die_with_parent`; tests/test_worker_lifetime.py).
 
 Lightning-free. The analyses share one per process (:func:`acquire_shared_worker`), so
 that their jobs take the idle core in turn; :class:`grokedge.callbacks.common.AnalysisCallback`
@@ -18,9 +20,14 @@ acquires it in ``setup`` and releases it in ``teardown``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -30,15 +37,82 @@ import torch
 
 _LIMITS: Any = None  # the worker's threadpool limits, kept alive for its lifetime
 
+PARENT_CHECK_SECONDS = 1.0
+"""Seconds between the worker's checks that its parent is alive. The check is the fallback
+(where the parent-death signal is not available or not armed, see :func:`_die_with_parent`),
+so a second is soon enough; it costs the worker one ``getppid`` call a second and training
+nothing."""
+
+ORPHAN_EXIT_CODE = 1
+"""Exit status of a worker that found its parent gone (nobody is left to read it)."""
+
+_PR_SET_PDEATHSIG = 1  # prctl option number, from <linux/prctl.h>
+
 
 def free_cores() -> int:
     """Cores this process may use beyond torch's intra-op threads (0 when none)."""
     return max(0, len(os.sched_getaffinity(0)) - torch.get_num_threads())
 
 
-def _initialise(blas_threads: int) -> None:
-    """In the worker: one torch thread, ``blas_threads`` BLAS threads, scikit-learn loaded."""
+def _arm_parent_death_signal() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent dies; False elsewhere
+    (or when ``prctl`` cannot be called), leaving the polling of :func:`_watch_parent`."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc found, or one without prctl
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit the process as soon as its parent is no longer ``parent_pid`` (checked every
+    :data:`PARENT_CHECK_SECONDS`)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    # os._exit, not sys.exit: this is not the main thread, and nothing here needs cleaning
+    # up (a job's result has nobody to go to; the resource tracker removes the pool's
+    # semaphores once this process, the last holder of its pipe, is gone).
+    os._exit(ORPHAN_EXIT_CODE)
+
+
+def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+    """In the worker: end this process within about :data:`PARENT_CHECK_SECONDS` of its
+    parent's death, however the parent died (SIGKILL included: nothing runs in it then).
+
+    Without this an orphaned worker lives on: it waits for jobs on the pool's call queue,
+    whose pipe it holds both ends of, so it never sees an end of file; and it holds the
+    write end of multiprocessing's resource tracker's pipe, so the tracker lives on too.
+
+    Two mechanisms. (1) A daemon thread compares ``os.getppid()`` with ``parent_pid``,
+    the parent's PID read *in the parent*: an orphan is re-parented to init or a
+    subreaper, which was alive all along and so can never have the dead parent's PID,
+    so a reused PID cannot fool the check (it compares this process's own parent
+    link, it does not ask whether some process with that PID exists). It also covers a
+    parent that died before this runs. (2) On Linux, ``PR_SET_PDEATHSIG``: the kernel
+    kills this process at once when its parent dies. The kernel sends it when the
+    parent *thread* that created this process exits, not the parent process, so it is
+    armed only when ``pdeathsig`` says that thread was the parent's main thread (which
+    lives as long as the process). With the ``spawn`` context ProcessPoolExecutor starts
+    its process from ``submit`` on the caller's thread (its management thread starts
+    one only to replace a worker after ``max_tasks_per_child`` jobs, unused here), and
+    :class:`AnalysisWorker` submits from its constructor, so that thread is the one
+    that created the worker; were it a short-lived thread, the signal would kill a
+    worker whose parent is alive.
+    """
+    if pdeathsig:
+        _arm_parent_death_signal()
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True
+    ).start()
+
+
+def _initialise(blas_threads: int, parent_pid: int, pdeathsig: bool) -> None:
+    """In the worker: dies with its parent (:func:`_die_with_parent`), one torch thread,
+    ``blas_threads`` BLAS threads, scikit-learn loaded."""
     global _LIMITS
+    _die_with_parent(parent_pid, pdeathsig)  # first: the imports below take seconds
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
@@ -74,11 +148,13 @@ class AnalysisWorker:
         if blas_threads < 1:
             raise ValueError(f"blas_threads={blas_threads}; must be >= 1")
         self.blas_threads = blas_threads
+        # The submit below starts the process on this thread (see _die_with_parent).
+        on_main_thread = threading.current_thread() is threading.main_thread()
         self._pool = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_initialise,
-            initargs=(blas_threads,),
+            initargs=(blas_threads, os.getpid(), on_main_thread),
         )
         # Start the process (and its imports) now, while training starts.
         self._pool.submit(int)
