@@ -91,10 +91,13 @@ timeout -k 10 "$T_BF16" python3 scripts/bench_scale.py --device "$DEVICE" --p "$
 # going on 10,500 steps past its grok step (N = 500: post = 5,000 steps, then 10 late
 # windows). About 7 minutes a run on one H200 (166 s per 6,000 steps measured): six runs
 # need a device session of their own. Report: python -m grokedge.report "$OUT/scan_classes".
+# The paper's Table 2 classes, so the paper's edge (raw deltas; the project's default is the
+# normalized one), as experiment=scan_paper and experiment=classes pin it too.
 if [ "${CLASSES:-0}" = 1 ]; then
   stage "(c) SCAN classes: experiment=scan_paper, seeds ${CLASS_SEEDS:-42,137,2024}, ω 0,1"
   timeout -k 10 "${T_CLASSES:-3000}" python3 -m grokedge.train -m experiment=scan_paper \
-    callbacks=gram +callbacks@callbacks.gap_flow=gap_flow +callbacks@callbacks.classes=classes \
+    callbacks=gram callbacks.gram.edge_definition=paper \
+    +callbacks@callbacks.gap_flow=gap_flow +callbacks@callbacks.classes=classes \
     callbacks.gap_flow.every='${task.gram_interval}' callbacks.gap_flow.n_sequences=512 \
     task.stop_after_grok=10500 trainer.max_steps=15000 trainer="$TRAINER" logger=csv \
     seed="${CLASS_SEEDS:-42,137,2024}" optimizer.weight_decay=0,1 progress_bar.refresh_rate=500 \

@@ -86,7 +86,8 @@ stage() {  # stage NAME ARGS...: one sweep into $OUT/NAME, unless already finish
 
 # The paper's edge (the raw window; grokedge's default is the normalized one): the
 # numbers set beside the paper's are then measured the way the paper measures them.
-# Every run also records the other definitions (docs/edge_definitions.md).
+# Every run also records the other definitions (docs/edge_definitions.md). Every stage
+# passes it, also where its preset pins it already (tests/test_paper_presets.py checks both).
 PAPER_EDGE=callbacks.gram.edge_definition=paper
 
 # 1. Dyck, 3 seeds × ω ∈ {0, 1}. Checkpoints kept at every 1,000 steps (the fork's source).
@@ -105,7 +106,7 @@ if [[ -z $CKPT ]]; then
   echo "reproduce_paper.sh: no checkpoint at step $FORK_AT of Dyck seed 42, ω = 1 in $OUT/dyck" >&2
   exit 1
 fi
-stage wd_intervention experiment=wd_intervention "init_from='$(realpath "$CKPT")'" \
+stage wd_intervention experiment=wd_intervention "$PAPER_EDGE" "init_from='$(realpath "$CKPT")'" \
   "optimizer.weight_decay=0,0.5,1,2" "task.max_steps=$FORK_STEPS" "${EXTRA[@]}" \
   "${FORK_EXTRA[@]}"
 

@@ -81,6 +81,22 @@ BAD = [
         ["task=scan", "task.datamodule.split=nosuch"],
         ["task.datamodule.split", "nosuch", "addprim_jump"],
     ),
+    (["torch_threads=0"], ["torch_threads=0 is not allowed", "integer >= 1"]),
+    (["torch_threads=-1"], ["torch_threads=-1 is not allowed", "integer >= 1"]),
+    (["torch_threads=abc"], ["torch_threads='abc' is not allowed", "integer >= 1"]),
+    (["torch_threads=1.5"], ["torch_threads=1.5 is not allowed", "integer >= 1"]),
+    (
+        ["task.grok.alternatives.thresholds=[0.9,1.5]"],
+        ["task.grok.alternatives.thresholds=[0.9, 1.5]", "(0, 1]"],
+    ),
+    (
+        ["task.grok.alternatives.thresholds=[0.955]"],
+        ["task.grok.alternatives.thresholds=[0.955]", "at most two decimals"],
+    ),
+    (
+        ["task.grok.alternatives.patiences=[1,0]"],
+        ["task.grok.alternatives.patiences=[1, 0]", "integers >= 1"],
+    ),
 ]
 
 
@@ -94,6 +110,44 @@ def test_bad_values_fail_before_training(cli, tmp_path: Path, overrides, needles
         assert needle in message, message[-2000:]
     assert "Traceback" not in message
     assert not run_dir.exists(), "a failed start must not leave a run directory"
+
+
+@pytest.mark.parametrize(
+    "value,expected", [(None, None), ("1", 1), ("12", 12), ("0", None), ("-2", None), ("x", None)]
+)
+def test_torch_threads_from_the_environment(monkeypatch, value, expected) -> None:
+    """GROKEDGE_TORCH_THREADS (the default's source; the local launcher sets "1") reaches
+    the config as a string: its digits count as the number, anything else is refused by
+    name. Unset, torch_threads is null: torch's own default, left alone."""
+    from grokedge.config_checks import ConfigError, torch_threads
+
+    if value is None:
+        monkeypatch.delenv("GROKEDGE_TORCH_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("GROKEDGE_TORCH_THREADS", value)
+    cfg = compose_cfg([])
+    if value is None or expected is not None:
+        assert torch_threads(cfg) == expected
+    else:
+        with pytest.raises(ConfigError, match=f"torch_threads='{value}' is not allowed"):
+            torch_threads(cfg)
+
+
+def test_torch_threads_null_leaves_torchs_default(tmp_path: Path, monkeypatch) -> None:
+    """torch_threads=null builds a run without touching torch's thread count."""
+    import torch
+
+    from grokedge.train import build, compose
+
+    monkeypatch.delenv("GROKEDGE_TORCH_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # not what torch would choose itself on a multi-core machine
+    try:
+        cfg = compose(["torch_threads=null", "callbacks=none", "logger=none"], tmp_path)
+        build(cfg, tmp_path)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

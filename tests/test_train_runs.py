@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -42,6 +43,10 @@ def test_short_run_writes_its_files(tmp_path: Path, overrides: list[str]) -> Non
     assert on_disk == summary
     for key in ("grok_step", "steps", "wall_s", "n_params", "test/acc", "train/acc"):
         assert key in on_disk
+    # The configured alternatives (conf/task/*.yaml), one key each: threshold/patience.
+    assert sorted(on_disk["grok_steps"]) == [
+        f"{t}/{p}" for t in ("0.90", "0.95", "0.99") for p in (1, 3)
+    ]
     assert on_disk["steps"] == 40 and on_disk["n_params"] > 0
     rows = read_metrics(run_dir)
     evals = [r["step"] for r in rows if "test/acc" in r]
@@ -57,13 +62,19 @@ def test_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path: Path) -> None
         "task.eval_every=20",
         "checkpoint.every_n_train_steps=30",
         "task.datamodule.ood_sequences=0",
+        # 0.01 is met at the first evaluation (step 20), before the checkpoint at 30: the
+        # resumed run's metrics.jsonl starts at 40, so only the history its checkpoint
+        # carries gives it the same grok_steps.
+        "task.grok.alternatives.thresholds=[0.01,0.99]",
     ]
-    full_dir, _ = run_in_process(tmp_path, [*common, "trainer.max_steps=60"], "full")
+    full_dir, full_summary = run_in_process(tmp_path, [*common, "trainer.max_steps=60"], "full")
     part_dir, _ = run_in_process(tmp_path, [*common, "trainer.max_steps=30"], "part")
     ckpt = part_dir / "checkpoints" / "last.ckpt"
-    resumed_dir, _ = run_in_process(
+    resumed_dir, resumed_summary = run_in_process(
         tmp_path, [*common, "trainer.max_steps=60", f"resume={ckpt}"], "resumed"
     )
+    assert full_summary["grok_steps"]["0.01/1"] == full_summary["grok_steps"]["0.01/3"] == 20
+    assert resumed_summary["grok_steps"] == full_summary["grok_steps"]
 
     def evals(run_dir: Path) -> dict[int, float]:
         return {r["step"]: r["test/loss"] for r in read_metrics(run_dir) if "test/loss" in r}
@@ -91,6 +102,46 @@ def test_grok_step_and_stop_after_grok(tmp_path: Path) -> None:
     first = next(r["step"] for r in rows if r.get("test/acc", 0) >= 0.6)
     assert summary["grok_step"] == first == summary["grok/step"]
     assert summary["steps"] == first + 40 < 400
+
+
+def recomputed_grok_step(
+    rows: list[dict], metric: str, threshold: float, patience: int
+) -> int | None:
+    """From metrics.jsonl alone: the first step starting ``patience`` consecutive
+    evaluations of ``metric`` at or above ``threshold`` (float32, as the metric is)."""
+    evals = [(int(r["step"]), np.float32(r[metric])) for r in rows if metric in r]
+    for i in range(len(evals) - patience + 1):
+        if all(v >= np.float32(threshold) for _, v in evals[i : i + patience]):
+            return evals[i][0]
+    return None
+
+
+def test_grok_steps_agree_with_the_metric_history(tmp_path: Path) -> None:
+    """summary.json's grok_steps, recomputed from the test/acc rows of metrics.jsonl; the
+    run's own criterion (0.95, patience 1) gives its grok_step."""
+    thresholds, patiences = (0.5, 0.9, 0.95), (1, 3)
+    run_dir, summary = run_in_process(
+        tmp_path,
+        [
+            "task=dyck",
+            "callbacks=none",
+            "trainer.max_steps=160",
+            "task.eval_every=20",
+            "task.datamodule.ood_sequences=0",
+            f"task.grok.alternatives.thresholds=[{','.join(map(str, thresholds))}]",
+            f"task.grok.alternatives.patiences=[{','.join(map(str, patiences))}]",
+        ],
+    )
+    rows = read_metrics(run_dir)
+    expected = {
+        f"{t:.2f}/{p}": recomputed_grok_step(rows, "test/acc", t, p)
+        for t in thresholds
+        for p in patiences
+    }
+    on_disk = json.loads((run_dir / "summary.json").read_text())["grok_steps"]
+    assert on_disk == summary["grok_steps"] == expected
+    assert expected["0.50/1"] is not None  # the rule was exercised on a reached threshold
+    assert summary["grok_step"] == expected["0.95/1"]
 
 
 def test_main_job_from_another_directory(cli, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def check_config(cfg: DictConfig) -> None:
         cfg, "task.grok.threshold", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"
     )
     _require(cfg, "task.grok.patience", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    grok_alternatives(cfg)
     _require(
         cfg,
         "task.stop_after_grok",
@@ -58,9 +60,81 @@ def check_config(cfg: DictConfig) -> None:
     _check_burn_in(cfg)
     _require(cfg, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     _require(cfg, "seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    torch_threads(cfg)
     _check_module(cfg)
     for key in ("resume", "init_from"):
         _require_file(cfg, key)
+
+
+TORCH_THREADS_KEY = "torch_threads"
+
+
+def torch_threads(cfg: DictConfig) -> int | None:
+    """``torch_threads`` as ``torch.set_num_threads`` takes it: ``None`` (torch's own
+    default, left alone) or an integer >= 1.
+
+    Its default comes from the environment (``GROKEDGE_TORCH_THREADS``, which the local
+    launcher sets to "1" for each job), so a string of decimal digits counts as its number.
+    Anything else (0, -1, ``abc``, 1.5, true, an empty string) is a ConfigError.
+    """
+    value = OmegaConf.select(cfg, TORCH_THREADS_KEY, throw_on_missing=False)
+    if value is None:
+        return None
+    number = int(value) if isinstance(value, str) and re.fullmatch(r"[0-9]+", value) else value
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ConfigError(
+            f"{TORCH_THREADS_KEY}={value!r} is not allowed: null (torch's default) or an "
+            "integer >= 1 (also from the environment variable GROKEDGE_TORCH_THREADS)"
+        )
+    return number
+
+
+GROK_ALTERNATIVES_KEY = "task.grok.alternatives"
+
+
+def grok_alternatives(cfg: DictConfig) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """``task.grok.alternatives``: the thresholds and patiences of ``summary.json``'s
+    ``grok_steps`` (every threshold × patience over the grok metric's evaluations).
+
+    Thresholds: a non-empty list of distinct numbers in (0, 1] with at most two decimals
+    (each is named by its key ``f"{t:.2f}"``, which must say exactly which threshold it is);
+    patiences: a non-empty list of distinct integers >= 1.
+    """
+    key_t, key_p = f"{GROK_ALTERNATIVES_KEY}.thresholds", f"{GROK_ALTERNATIVES_KEY}.patiences"
+    thresholds = OmegaConf.select(cfg, key_t, throw_on_missing=False)
+    patiences = OmegaConf.select(cfg, key_p, throw_on_missing=False)
+    allowed_t = (
+        "a non-empty list of distinct numbers in (0, 1] with at most two decimals "
+        "(named by them in summary.json's grok_steps, e.g. [0.90, 0.95, 0.99])"
+    )
+    allowed_p = "a non-empty list of distinct integers >= 1 (e.g. [1, 3])"
+    items_t = _as_list(thresholds)
+    if (
+        not items_t
+        or any(not (_is_number(t) and 0 < t <= 1 and float(f"{t:.2f}") == t) for t in items_t)
+        or len(set(items_t)) != len(items_t)
+    ):
+        raise ConfigError(f"{key_t}={_plain(thresholds)!r} is not allowed: {allowed_t}")
+    items_p = _as_list(patiences)
+    if (
+        not items_p
+        or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in items_p)
+        or len(set(items_p)) != len(items_p)
+    ):
+        raise ConfigError(f"{key_p}={_plain(patiences)!r} is not allowed: {allowed_p}")
+    return tuple(float(t) for t in items_t), tuple(items_p)
+
+
+def _as_list(value: Any) -> list[Any]:
+    """The items of a list (plain or OmegaConf); ``[]`` for anything else."""
+    if OmegaConf.is_list(value):
+        return list(OmegaConf.to_container(value, resolve=True))
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _plain(value: Any) -> Any:
+    """A value as the user wrote it (an OmegaConf list as a plain list), for messages."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 # GrokModule's knobs (conf/module/) that a run cannot go on with, as (key, ok, allowed).

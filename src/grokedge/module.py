@@ -97,6 +97,12 @@ class GrokModule(L.LightningModule):
             ``{name: steps}`` (e.g. ``{"ood": 1000}``); the others run at every one.
         log_every_n_steps: cadence of ``train/batch_loss``.
 
+    Attributes:
+        grok_step: the run's grok step (``None``: not grokked yet).
+        grok_history: ``(step, value)`` of ``grok_metric`` at every evaluation, in step
+            order, checkpointed with the grok state; :meth:`grok_steps` reads the grok step
+            under other thresholds and patiences from it.
+
     Example:
         >>> from functools import partial
         >>> from grokedge.models import CausalTransformer
@@ -136,6 +142,11 @@ class GrokModule(L.LightningModule):
         self.grok_step: int | None = None
         self._streak_start: int | None = None
         self._streak = 0
+        # (step, value) of the grok metric at every evaluation that measured it, in step
+        # order: the run's grok step under other thresholds and patiences is read from it
+        # at the end (grok_steps). Kept in the checkpoint, so a resumed run (whose own
+        # metrics.jsonl starts at the resume) still has the evaluations before the resume.
+        self.grok_history: list[tuple[int, float]] = []
 
     # -- model ------------------------------------------------------------------------
     def forward(self, batch: Batch) -> Tensor:
@@ -268,9 +279,12 @@ class GrokModule(L.LightningModule):
         self._stop_if_done()
 
     def _detect_grok(self, values: Mapping[str, Tensor], step: int) -> None:
-        if self.grok_step is not None or self.grok_metric not in values:
+        if self.grok_metric not in values:
             return
         value = values[self.grok_metric]
+        self._record_grok_metric(step, float(value))
+        if self.grok_step is not None:
+            return
         # Compare in the metric's own precision: a float32 accuracy of 475/500 is
         # 0.949999988, which the float64 0.95 would refuse although it is exactly 95 %.
         threshold = torch.as_tensor(self.grok_threshold, dtype=value.dtype, device=value.device)
@@ -283,6 +297,20 @@ class GrokModule(L.LightningModule):
         if self._streak >= self.grok_patience:
             self.grok_step = self._streak_start
             self.log_scalars({"grok/step": float(self.grok_step)})
+
+    def _record_grok_metric(self, step: int, value: float) -> None:
+        # An evaluation at a step already recorded (one repeated after a resume from a
+        # checkpoint written after it) replaces the earlier record and what followed it.
+        while self.grok_history and self.grok_history[-1][0] >= step:
+            self.grok_history.pop()
+        self.grok_history.append((int(step), value))
+
+    def grok_steps(
+        self, thresholds: Sequence[float], patiences: Sequence[int]
+    ) -> dict[str, int | None]:
+        """The grok step under each threshold × patience, over this run's evaluations of
+        ``grok_metric`` (see :func:`grok_steps`)."""
+        return grok_steps(self.grok_history, thresholds, patiences)
 
     def log_scalars(self, values: Mapping[str, Tensor | float]) -> None:
         """Log scalars at ``global_step``, the number of optimizer steps taken so far.
@@ -306,6 +334,7 @@ class GrokModule(L.LightningModule):
             "step": self.grok_step,
             "streak": self._streak,
             "streak_start": self._streak_start,
+            "history": [[step, value] for step, value in self.grok_history],
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -313,6 +342,51 @@ class GrokModule(L.LightningModule):
         self.grok_step = grok.get("step")
         self._streak = grok.get("streak", 0)
         self._streak_start = grok.get("streak_start")
+        # A checkpoint written before the history was kept has none: grok_steps then see
+        # only the evaluations after the resume.
+        self.grok_history = [(int(step), float(value)) for step, value in grok.get("history", [])]
+
+
+def grok_step_of(
+    history: Sequence[tuple[int, float]], threshold: float, patience: int
+) -> int | None:
+    """The first step of the first ``patience`` consecutive evaluations whose metric is at
+    or above ``threshold`` (``None``: no such run of evaluations) — GrokModule's rule.
+
+    Args:
+        history: ``(step, value)`` of each evaluation, in step order (values are the
+            metric's float32 numbers, as logged).
+        threshold: the value to reach, compared in float32 as the metric is computed (a
+            float32 accuracy of 475/500 is 0.949999988: exactly 95 %, so it meets 0.95).
+        patience: evaluations in a row (>= 1).
+    """
+    if patience < 1:
+        raise ValueError(f"patience={patience!r} is not allowed: an integer >= 1")
+    bar = torch.tensor(threshold, dtype=torch.float32)
+    streak, start = 0, None
+    for step, value in history:
+        if bool(torch.tensor(value, dtype=torch.float32) >= bar):
+            if streak == 0:
+                start = step
+            streak += 1
+            if streak >= patience:
+                return start
+        else:
+            streak, start = 0, None
+    return None
+
+
+def grok_step_key(threshold: float, patience: int) -> str:
+    """``summary.json``'s ``grok_steps`` key of a threshold and patience, e.g. ``"0.95/3"``."""
+    return f"{threshold:.2f}/{patience}"
+
+
+def grok_steps(
+    history: Sequence[tuple[int, float]], thresholds: Sequence[float], patiences: Sequence[int]
+) -> dict[str, int | None]:
+    """``{grok_step_key(t, p): grok_step_of(history, t, p)}`` for every threshold × patience
+    (thresholds outer, patiences inner, in the given order)."""
+    return {grok_step_key(t, p): grok_step_of(history, t, p) for t in thresholds for p in patiences}
 
 
 def _key(metric_name: str) -> str:

@@ -2,8 +2,10 @@
 
 - ``metrics.jsonl``: the full history, one ``{"step": s, "<metric>": value, ...}`` a line;
 - ``summary.json``: ``status`` (``"ok"`` or ``"failed"``, then with ``error``:
-  ``"<ExceptionType>: <message>"``), ``grok_step``, ``steps``, ``wall_s``, ``n_params`` and
-  the last value of every logged scalar under its metric name.
+  ``"<ExceptionType>: <message>"``), ``grok_step``, ``grok_steps`` (the grok step under each
+  threshold × patience of ``task.grok.alternatives``, keyed ``"0.95/3"``; ``null`` where the
+  metric never held), ``steps``, ``wall_s``, ``n_params`` and the last value of every logged
+  scalar under its metric name.
 
 Also the guards around a run's files and its health: :class:`OutputDirCheck` and
 :class:`SweepStatus` (Hydra callbacks: an unwritable output directory fails before Hydra

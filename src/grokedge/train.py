@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from grokedge.config_checks import ConfigError, check_config
+from grokedge.config_checks import ConfigError, check_config, grok_alternatives, torch_threads
 
 # Lightning (with torch, torchmetrics, scipy.signal and matplotlib behind it: ~3 s on 2
 # cores), W&B, the model and the callbacks are imported where a run needs them, so that
@@ -155,8 +155,9 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     from grokedge.wandb_setup import WandbDashboardCallback
 
     _lightning_logs_on_stderr()
-    if cfg.torch_threads is not None:
-        torch.set_num_threads(int(cfg.torch_threads))
+    threads = torch_threads(cfg)  # checked above: None (torch's default) or an int >= 1
+    if threads is not None:
+        torch.set_num_threads(threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: GrokDataModule = _instantiate(cfg.task.datamodule)
     net = _instantiate(cfg.model, **datamodule.model_dims())
@@ -170,7 +171,11 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         eval_names=datamodule.eval_names,
     )
     check_resume(cfg, module)
-    callbacks = [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    callbacks = [
+        _instantiate(node)
+        for name, node in (cfg.get("callbacks") or {}).items()
+        if _is_callback_node(f"callbacks.{name}", node)
+    ]
     init_from = cfg.get("init_from")
     if init_from is not None and "init_from" not in (cfg.get("callbacks") or {}):
         # init_from=<ckpt> works with any callbacks set (experiment=wd_intervention also
@@ -199,6 +204,23 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     loggers = _loggers(cfg, run_dir)
     trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return Run(cfg, run_dir, datamodule, module, trainer, loggers[0])
+
+
+def _is_callback_node(key: str, node: Any) -> bool:
+    """Whether ``node`` builds a callback (it has a ``_target_``).
+
+    A paper preset pins a knob of the Gram callback (``callbacks.gram.edge_definition``);
+    with a callbacks set that has no Gram callback (``callbacks=none``) that knob is all
+    that is left of the node. It configures nothing the run has, so it is skipped, and said.
+    """
+    if not isinstance(node, DictConfig) or "_target_" in node:
+        return True
+    knobs = ", ".join(f"{key}.{k}" for k in node)
+    print(
+        f"grokedge: {knobs} ignored: the callbacks set has no {key} callback to configure",
+        file=sys.stderr,
+    )
+    return False
 
 
 def fit(run: Run) -> dict[str, Any]:
@@ -233,6 +255,10 @@ def fit(run: Run) -> dict[str, Any]:
             "status": STATUS_OK if error is None else STATUS_FAILED,
             **({} if error is None else {"error": error_text(error)}),
             "grok_step": run.module.grok_step,
+            # The grok step under other thresholds × patiences (task.grok.alternatives),
+            # from the grok metric's evaluations, which the module keeps in its
+            # checkpoints: a resumed run's metrics.jsonl starts at the resume.
+            "grok_steps": run.module.grok_steps(*grok_alternatives(run.cfg)),
             "steps": run.trainer.global_step,
             "wall_s": round(wall_s, 3),
             "n_params": n_params,
