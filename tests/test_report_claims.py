@@ -13,6 +13,7 @@ import pytest
 
 from grokedge.report import main as report_main
 from grokedge.reporting import claims as C
+from grokedge.reporting import edge_series as S
 from grokedge.reporting.discover import Collection, RunData
 from tests.real_runs import train
 
@@ -102,8 +103,10 @@ def _run(
     interval: int = 100,
     analyses: list[dict[str, Any]] | None = None,
     task: str = "dyck",
+    edge_definition: str | None = "paper",
     **summary: Any,
 ) -> RunData:
+    gram = {} if edge_definition is None else {"gram": {"edge_definition": edge_definition}}
     return RunData(
         path=tmp / name,
         name=name,
@@ -111,6 +114,7 @@ def _run(
             "seed": seed,
             "optimizer": {"weight_decay": omega},
             "task": {"gram_interval": interval},
+            "callbacks": gram,
         },
         summary={"task": task, "status": "ok", "grok_step": grok, **summary},
         analyses=analyses or [],
@@ -195,7 +199,31 @@ def test_align_control_says_omega_zero_alignment_is_zero(tmp_path: Path) -> None
 
 
 def _spectrum(values: dict[int, float]) -> list[dict[str, Any]]:
+    """Rows from before the definitions: the analysed edge's g_23 only."""
     return [{"analysis": "gram_spectrum", "step": s, "g23": v} for s, v in values.items()]
+
+
+def _sigma(g23: float) -> list[float]:
+    """σ_1 ≥ σ_2 ≥ σ_3 = 1 with σ_2² − σ_3² = g23."""
+    return [math.sqrt(g23 + 1) + 1, math.sqrt(g23 + 1), 1.0]
+
+
+def _windows(by_definition: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
+    """``edge_directions`` rows whose σ under each definition give these g_23 by step."""
+    steps = sorted({s for values in by_definition.values() for s in values})
+    return [
+        {
+            "analysis": "edge_directions",
+            "step": s,
+            "directions": [],
+            "definitions": {
+                d: {"sigma": _sigma(values[s])}
+                for d, values in by_definition.items()
+                if s in values
+            },
+        }
+        for s in steps
+    ]
 
 
 G23 = {100: 2.0, 200: 9.0, 300: 3.0, 400: 0.5, 500: 0.1}
@@ -203,11 +231,42 @@ G23 = {100: 2.0, 200: 9.0, 300: 3.0, 400: 0.5, 500: 0.1}
 
 def test_g23_compression_matches_the_hand_computation() -> None:
     # Up to step 300: windows 100, 200, 300 -> max 9.0 over the last (300) 3.0 = 3.
-    assert C.g23_compression(_spectrum(G23), 300) == pytest.approx(3.0)
+    assert S.g23_compression(_spectrum(G23), 300) == pytest.approx(3.0)
     # Up to 450: 9.0 / 0.5; the reference falls between windows.
-    assert C.g23_compression(_spectrum(G23), 450) == pytest.approx(18.0)
-    assert C.g23_compression(_spectrum(G23), 50) is None
-    assert C.g23_compression(_spectrum({100: 1.0, 200: 0.0}), 250) == math.inf
+    assert S.g23_compression(_spectrum(G23), 450) == pytest.approx(18.0)
+    assert S.g23_compression(_spectrum(G23), 50) is None
+    assert S.g23_compression(_spectrum({100: 1.0, 200: 0.0}), 250) == math.inf
+
+
+def test_definition_g23_is_sigma2_squared_minus_sigma3_squared(tmp_path: Path) -> None:
+    rows = _windows({"paper": G23, "normalized": {300: 0.25}})
+    rows[0]["definitions"]["burn_in"] = {"sigma": [2.0, 1.0]}  # two σ: no g_23
+    run = _run(tmp_path, "r", grok=300, analyses=rows)
+    paper = S.definition_g23(run, "paper")
+    assert [r["step"] for r in paper] == sorted(G23)
+    assert [r["g23"] for r in paper] == pytest.approx([G23[s] for s in sorted(G23)])
+    assert S.definition_g23(run, "burn_in") == []
+    assert C.definition_compression(run, "paper") == pytest.approx(3.0)
+    assert C.definition_compression(run, "normalized") == pytest.approx(1.0)
+    # Rows from before the definitions stand for the analysed edge only.
+    old = _run(tmp_path, "o", grok=300, analyses=_spectrum(G23))
+    assert C.definition_compression(old, "paper") is None  # its rows carry no σ
+    old.analyses = [
+        {"analysis": "gram_spectrum", "step": s, "sigma": _sigma(v), "edge_definition": "paper"}
+        for s, v in G23.items()
+    ]
+    assert C.definition_compression(old, "paper") == pytest.approx(3.0)
+    assert C.definition_compression(old, "normalized") is None
+
+
+def _treated_g23(tmp: Path, name: str, paper: float, other: float, **kw: Any) -> RunData:
+    """A run grokked at 300 compressing ``paper``× under the paper's definition and
+    ``other``× under normalized (its analysed edge, whose value summary.json holds)."""
+    rows = _windows(
+        {"paper": {100: paper, 200: 1.0, 300: 1.0}, "normalized": {100: other, 300: 1.0}}
+    )
+    rows += kw.pop("analyses", [])
+    return _run(tmp, name, grok=300, analyses=rows, **{"gram/g23_compression": other}, **kw)
 
 
 @pytest.mark.parametrize(
@@ -217,13 +276,30 @@ def test_g23_compression_matches_the_hand_computation() -> None:
 def test_g23_claim_against_the_omega_zero_run_at_the_paired_grok_step(
     tmp_path: Path, grokked: float, expected: str
 ) -> None:
-    treated = _run(tmp_path, "t", grok=300, **{"gram/g23_compression": grokked})
+    # The normalized compression would give another verdict: the paper's decides.
+    other = 1.1 if grokked > 10 else 31.0
+    treated = _treated_g23(tmp_path, "t", grokked, other)
     # The control's own grok step (500) must not be used: the paired run's (300) is.
-    control = _run(tmp_path, "c", omega=0.0, grok=500, analyses=_spectrum(G23))
-    other_seed = _run(tmp_path, "o", omega=0.0, seed=2, analyses=_spectrum({100: 90.0, 200: 1.0}))
+    control = _run(
+        tmp_path, "c", omega=0.0, grok=500, analyses=_windows({"paper": G23, "normalized": {}})
+    )
+    other_seed = _run(tmp_path, "o", omega=0.0, seed=2, analyses=_windows({"paper": {100: 90.0}}))
     claim = C.g23_claim(Collection(tmp_path, [treated, control, other_seed], is_sweep=True))
     assert claim.verdict == expected, claim
-    assert "3.0×" in claim.control  # 9.0 / 3.0
+    assert claim.definition == "paper"
+    assert "paper 3.00×" in claim.control  # 9.0 / 3.0
+    assert claim.grokedge.startswith(f"paper {grokked:.2f}× (1 run")
+    assert f"normalized {other:.2f}×" in claim.grokedge
+
+
+def _peak_summary(peak_on_change: bool) -> dict[str, Any]:
+    summary = _edge_summary(100, None)
+    summary["coincidence_windows"] = 1
+    # The paper peak is at step 100: a dominant delta leaving there (or far away).
+    summary["dominant_changes"] = [
+        {"step": 100 if peak_on_change else 1000, "kind": "left", "begin": 0, "end": 100}
+    ]
+    return summary
 
 
 @pytest.mark.parametrize(("flagged", "expected"), [(2, C.WINDOW_ARTIFACT), (1, C.HOLDS)])
@@ -231,42 +307,31 @@ def test_g23_claim_is_a_window_artifact_when_most_peaks_sit_on_a_dominant_delta(
     tmp_path: Path, flagged: int, expected: str
 ) -> None:
     """Three grokked runs that compress 30x (10x their controls): 'holds', unless the
-    g_23 peak of more than half of them coincides with a dominant delta's entry/exit."""
+    paper-definition g_23 peak of more than half of them lies at a dominant delta's
+    entry/exit."""
     runs = []
     for seed in range(3):
-        summary = _edge_summary(100, None)
-        summary["events"] = [
-            {
-                "event": "g23_peak",
-                "definition": "paper",
-                "step": 500,
-                "coinciding": [],
-                "window_artifact": seed < flagged,
-            }
-        ]
-        treated = [*_spectrum(G23), summary]
-        runs.append(
-            _run(
-                tmp_path,
-                f"t{seed}",
-                seed=seed,
-                grok=300,
-                analyses=treated,
-                **{"gram/g23_compression": 30.0},
-            )
-        )
-        runs.append(_run(tmp_path, f"c{seed}", omega=0.0, seed=seed, analyses=_spectrum(G23)))
+        summary = _peak_summary(seed < flagged)
+        runs.append(_treated_g23(tmp_path, f"t{seed}", 30.0, 30.0, seed=seed, analyses=[summary]))
+        ctrl = _windows({"paper": G23})
+        runs.append(_run(tmp_path, f"c{seed}", omega=0.0, seed=seed, analyses=ctrl))
     claim = C.g23_claim(Collection(tmp_path, runs, is_sweep=True))
     assert claim.verdict == expected, claim
     if expected == C.WINDOW_ARTIFACT:
-        assert f"{flagged}/3 grokked runs" in claim.why
+        assert f"{flagged}/3 runs" in claim.why
 
 
-def test_g23_claim_without_a_control_is_inconclusive(tmp_path: Path) -> None:
-    treated = _run(tmp_path, "t", **{"gram/g23_compression": 30.0})
-    other_n = _run(tmp_path, "c", omega=0.0, interval=50, analyses=_spectrum(G23))
+def test_g23_claim_without_a_control_is_inconclusive_and_says_why(tmp_path: Path) -> None:
+    treated = _treated_g23(tmp_path, "t", 30.0, 2.0, analyses=[_peak_summary(False)])
+    other_n = _run(tmp_path, "c", omega=0.0, interval=50, analyses=_windows({"paper": G23}))
     claim = C.g23_claim(Collection(tmp_path, [treated, other_n], is_sweep=True))
-    assert claim.verdict == C.INCONCLUSIVE and "30.0×" in claim.grokedge
+    assert claim.verdict == C.INCONCLUSIVE and "paper 30.00×" in claim.grokedge
+    assert "paper 30.00× > 1 + 0.25" in claim.why and "0/1 runs" in claim.why
+    # One run that does not compress under the paper's definition: not reproduced, even
+    # though its analysed (normalized) edge compresses 31x.
+    flat = _treated_g23(tmp_path, "f", 1.1, 31.0)
+    claim = C.g23_claim(Collection(tmp_path, [flat], is_sweep=False))
+    assert claim.verdict == C.NOT_REPRODUCED and "paper 1.10× ≤ 1 + 0.25" in claim.why
 
 
 # ------------------------------------------------------------------------- ablation
@@ -306,6 +371,34 @@ def test_ablation_claims_name_what_is_missing(tmp_path: Path) -> None:
     assert claim.verdict == C.NOT_TESTED and "without shrink" in claim.why
     bare = Collection(tmp_path, [_run(tmp_path, "b")], is_sweep=False)
     assert "callbacks=full" in C.ablation_claim(bare, "random").why
+
+
+def test_analysed_edge_claims_name_their_definition_and_never_mix_two(tmp_path: Path) -> None:
+    rows = [_ablation("at", -0.3, 1e-5, -1e-3), _ablation("late", -0.5, 0.0, -1e-3)]
+    normalized = _run(tmp_path, "n", analyses=rows, edge_definition="normalized")
+    alone = Collection(tmp_path, [normalized], is_sweep=False)
+    claim = C.ablation_claim(alone, "random")
+    assert claim.definition == "normalized" and claim.verdict == C.HOLDS
+    assert claim.why.startswith("judged under normalized, not the paper's definition")
+    # A run that analysed the paper's edge is judged instead; the other is left out.
+    weak = [_ablation("at", -0.3, -0.1, -1e-3), _ablation("late", -0.5, -0.1, -1e-3)]
+    paper = _run(tmp_path, "p", seed=2, analyses=weak)
+    claim = C.ablation_claim(Collection(tmp_path, [normalized, paper], is_sweep=True), "random")
+    assert claim.definition == "paper" and claim.verdict == C.NOT_REPRODUCED  # 0.3 / 0.1 = 3
+    assert "(1 runs)" in claim.grokedge and "1 runs analysed another definition" in claim.why
+    assert not claim.why.startswith("judged under")
+    # Not tested: the row still names the edge the runs analysed; 9 and 10 read no edge.
+    assert C.flatness_claim(alone).definition == "normalized"
+    assert C.probe_claim(alone).definition == C.NO_EDGE_DEFINITION
+    assert C.wd_claim(alone).definition == C.NO_EDGE_DEFINITION
+
+
+def test_curvature_control_must_share_the_definition(tmp_path: Path) -> None:
+    grokked = _run(tmp_path, "a", analyses=[_perturbation("late", 4e-4, {1: 0.05})])
+    other = _run(tmp_path, "c", omega=0.0, grok=None, edge_definition="normalized")
+    other.analyses = [_perturbation("pre", 1e-2, {1: 0.1, 3: 1.0, 4: 0.2})]
+    claim = C.curvature_claim(Collection(tmp_path, [grokked, other], is_sweep=True))
+    assert claim.verdict == C.INCONCLUSIVE and "under paper" in claim.why
 
 
 # --------------------------------------------------- flatness, curvature, probes, wd

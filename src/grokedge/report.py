@@ -254,11 +254,12 @@ def events_section(collection: Collection, out: Path, base: Path, s: Section) ->
     fits = E.timing_fits(events)
     s.markdown.append(
         "### Events of the edge: grokking or the window?\n\n"
-        "Each event's step across the grokked runs, fitted on the grok step and on the "
-        "step (W + 1)·N at which the first delta leaves the window "
-        "(docs/edge_definitions.md).\n"
+        "Per training trajectory, whether each event's step moves with the Gram interval N "
+        "(window-driven) or stays put; across trajectories, the steps that stay put fitted "
+        "on the grok step (docs/edge_definitions.md).\n"
     )
     s.table(E.timing_fit_table(fits))
+    s.table(E.sensitivity_table(E.grok_sensitivity(events)))
     s.figure(
         "flip_vs_grok",
         EF.flip_scatter_figure(events, fits, out / "flip_vs_grok.png"),

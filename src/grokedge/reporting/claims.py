@@ -16,7 +16,6 @@ says what is missing). "Treated" runs are the grokked runs with ω ≠ 0; "contr
 from __future__ import annotations
 
 import math
-import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +24,14 @@ from typing import Any
 
 from grokedge.reporting import events as E
 from grokedge.reporting.discover import Collection, RunData
+from grokedge.reporting.edge_series import (
+    UNRECORDED,
+    analysed_definition,
+    definition_compression,
+    definition_g23,
+    g23_compression,
+    g23_peak_step,
+)
 from grokedge.reporting.paper import mean_sd, paper_values
 from grokedge.reporting.tables import (
     AT,
@@ -40,6 +47,7 @@ from grokedge.reporting.tables import (
     fmt,
     shrink_dacc,
 )
+from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS, PAPER
 
 CLAIMS_MD = "claims.md"
 HOLDS = "holds"
@@ -51,10 +59,14 @@ VERDICTS = (HOLDS, WINDOW_ARTIFACT, NOT_REPRODUCED, INCONCLUSIVE, NOT_TESTED)
 
 FIT_VERDICTS = {
     E.TRACKS_GROKKING: HOLDS,
-    E.TRACKS_WINDOW: WINDOW_ARTIFACT,
-    E.NEITHER: NOT_REPRODUCED,
+    E.WINDOW_DRIVEN: WINDOW_ARTIFACT,
+    E.FIXED_STEP: NOT_REPRODUCED,
+    E.WITH_OFFSET: NOT_REPRODUCED,
+    E.NO_TRANSITION: NOT_REPRODUCED,
 }
-"""The event fit's verdict (:func:`events.timing_fit`) -> the claim's."""
+"""The event rule's verdict (:func:`events.timing_fit`) -> the claim's ("at the grok step"
+fails for a step fixed in time, one offset from grokking and one seen only at the first
+window); ``cannot separate`` and ``inconclusive`` -> ``inconclusive``."""
 
 NO_TREATED = "no run with ω ≠ 0 grokked"
 NO_EDGE = "no edge_summary rows: run with callbacks=gram (the default)"
@@ -73,6 +85,10 @@ class Claim:
         why: the rule's outcome, or what is missing (one line).
         support: files of ``report/`` that show it, relative to ``report/``; the first
             that exists is linked.
+        definition: the edge definition every number of the row is computed under
+            (``paper``, ``burn_in``, ``normalized``; :data:`NO_EDGE_DEFINITION` for a
+            claim that reads no edge); numbers of other definitions set beside are
+            labelled with theirs.
     """
 
     claim: str
@@ -82,6 +98,7 @@ class Claim:
     verdict: str
     why: str
     support: tuple[str, ...] = ()
+    definition: str = PAPER
 
 
 def thresholds() -> dict[str, Any]:
@@ -123,6 +140,46 @@ def control_pairs(collection: Collection) -> list[tuple[RunData, RunData]]:
     return pairs
 
 
+NO_EDGE_DEFINITION = "none (reads no edge)"
+"""The definition cell of a claim whose numbers read no edge (probes, ``wd/*``)."""
+
+
+def one_definition(runs: list[RunData]) -> tuple[str, list[RunData], int]:
+    """(definition, the runs that analysed it, how many analysed another): the paper's
+    when some run analysed it, else the most frequent (ties in the order of
+    ``EDGE_DEFINITIONS``), so that no row mixes the numbers of two edges; ``("–", [], 0)``
+    without runs."""
+    by: dict[str, list[RunData]] = {}
+    for run in runs:
+        by.setdefault(analysed_definition(run), []).append(run)
+    if not by:
+        return "–", [], 0
+    order = [PAPER, *sorted(by, key=lambda d: (-len(by[d]), _definition_rank(d)))]
+    chosen = next(d for d in order if d in by)
+    return chosen, by[chosen], len(runs) - len(by[chosen])
+
+
+def _definition_rank(definition: str) -> int:
+    names = list(EDGE_DEFINITIONS)
+    return names.index(definition) if definition in names else len(names)
+
+
+def under(definition: str, why: str, left_out: int = 0) -> str:
+    """The why of a claim judged on the analysed edge: when that edge is not the paper's,
+    it says the verdict is ``definition``'s, not the paper's; and how many runs analysed
+    another definition (left out of the row)."""
+    if left_out:
+        why += f"; {left_out} runs analysed another definition (left out)"
+    if definition == PAPER:
+        return why
+    if definition == UNRECORDED:
+        return f"the runs record no edge definition (rows from before the definitions): {why}"
+    return (
+        f"judged under {definition}, not the paper's definition (the analysed edge; "
+        f"callbacks.gram.edge_definition=paper tests the paper's): {why}"
+    )
+
+
 def _where(collection: Collection, run: RunData | None, name: str) -> str:
     """A run's figure relative to ``report/`` (``runs/<job>/`` in a sweep)."""
     if run is None or not collection.is_sweep:
@@ -157,8 +214,29 @@ def _phase_mean(runs: list[RunData], analysis: str, phase: str, get: Callable) -
     return _mean_over(runs, lambda r: _per_run(r, analysis, phase, get))
 
 
-def _not_tested(claim: str, paper: str, missing: str, support: tuple[str, ...] = ()) -> Claim:
-    return Claim(claim, paper, "–", "–", NOT_TESTED, missing, support)
+def _not_tested(
+    claim: str,
+    paper: str,
+    missing: str,
+    support: tuple[str, ...] = (),
+    definition: str = PAPER,
+) -> Claim:
+    return Claim(claim, paper, "–", "–", NOT_TESTED, missing, support, definition)
+
+
+def _edge_runs(
+    collection: Collection, analysis: str
+) -> tuple[str, list[RunData], list[RunData], int]:
+    """(definition, treated runs with ``analysis`` rows that analysed it, ω = 0 runs that
+    analysed it, treated runs with rows left out for analysing another): the rows of
+    claims 4-8 and 11 read the analysed edge's vectors, one definition a row
+    (:func:`one_definition`); without rows, the definition the runs analysed."""
+    with_rows = [r for r in treated(collection) if r.rows(analysis)]
+    definition, runs, left_out = one_definition(with_rows)
+    if not with_rows:
+        definition = one_definition(collection.ok)[0]
+    ctrl = [c for c in controls(collection) if analysed_definition(c) == definition]
+    return definition, runs, ctrl, left_out
 
 
 # ---------------------------------------------------------------- 1, 2: flip and align
@@ -186,9 +264,9 @@ def _event_control(collection: Collection, event: str) -> str:
     if not evs:
         text = "no ω = 0 run"
     else:
-        steps = [e.steps.get((event, "paper")) for e in evs]
+        steps = [e.steps.get((event, E.PAPER)) for e in evs]
         hit = [str(s) for s in steps if s is not None]
-        text = f"ω = 0: {event} in {len(hit)}/{len(evs)} runs" + (
+        text = f"ω = 0: {event} in {len(hit)}/{len(evs)} runs under {E.PAPER}" + (
             f" (steps {', '.join(hit)})" if hit else ""
         )
     if event == "align":
@@ -203,57 +281,72 @@ def _event_numbers(runs: list[RunData], field: str) -> str:
     return f"v_1 {name} (paper definition) pre {fmt(pre)} → at {fmt(at)}"
 
 
-def _offsets(evs: list[E.RunEvents], event: str) -> list[int]:
-    return [
-        e.steps[(event, "paper")] - e.grok_step
-        for e in evs
-        if e.grok_step is not None and e.steps.get((event, "paper")) is not None
-    ]
-
-
 def _event_sweep(collection: Collection, event: str, field: str) -> tuple[str, str, str]:
-    """(grokedge text, verdict, why) from the joint fit over the sweep's grokked runs."""
-    evs = [e for e in (E.run_events(r) for r in treated(collection)) if e is not None]
-    fits = {(f.event, f.definition): f for f in E.timing_fits(E.collection_events(collection))}
-    fit = fits[(event, "paper")]
+    """(grokedge text, verdict, why) from the event rule over the sweep's grokked
+    trajectories (:func:`events.timing_fit`), judged under the paper's definition, the
+    other definitions' verdicts and the grok-step sensitivity beside it."""
+    events = E.collection_events(collection)
+    runs = [r for r in treated(collection) if E.run_events(r) is not None]
+    fits = {(f.event, f.definition): f for f in E.timing_fits(events)}
+    fit = fits[(event, E.PAPER)]
     verdict = FIT_VERDICTS.get(fit.verdict, INCONCLUSIVE)
-    flagged = sum(bool(e.artifacts.get((event, "paper"))) for e in evs)
-    offsets = _offsets(evs, event)
-    spread = fmt(statistics.fmean(offsets), 0) if offsets else "–"
-    if len(offsets) > 1:
-        spread += f" ± {fmt(statistics.stdev(offsets), 0)}"
+    classes = ", ".join(f"{k} {v}" for k, v in fit.counts.items() if v)
+    beside = "; ".join(f"{d}: {fits[(event, d)].verdict}" for d in E.DEFINITIONS if d != E.PAPER)
+    (sensitivity,) = [s for s in E.grok_sensitivity(events) if s.key == (event, E.PAPER)]
+    if len(sensitivity.verdicts) < 2:
+        robust = "one grok definition (no grok_steps)"
+    elif sensitivity.changes:
+        robust = "verdict changes with the grok definition: " + ", ".join(
+            f"{k} {v}" for k, v in sensitivity.verdicts.items()
+        )
+    else:
+        robust = f"same verdict under all {len(sensitivity.verdicts)} grok definitions"
     text = (
-        f"{_event_numbers([e.run for e in evs], field)} ({len(evs)} runs); "
-        f"{event} − grok {spread}; {flagged}/{len(evs)} flagged as window artifacts; "
-        + "; ".join(f"{d}: {fits[(event, d)].verdict}" for d in ("burn_in", "normalized"))
+        f"judged under {E.PAPER}: {_event_numbers(runs, field)}; {fit.n} grokked "
+        f"trajectories ({classes or 'none'}); median {event} − grok {fmt(fit.offset, 0)}; "
+        f"{fit.flagged}/{fit.n} flagged as window artifacts; {robust}; beside it {beside}"
     )
-    return text, verdict, f"paper definition: {fit.verdict} ({fit.reason})"
+    return text, verdict, f"{E.PAPER} definition: {fit.verdict} ({fit.reason})"
 
 
 def _event_run(run: RunData, event: str, field: str) -> tuple[str, str, str]:
-    """(grokedge text, verdict, why) of one run: its window-artifact flag."""
+    """(grokedge text, verdict, why) of one run under the paper's definition: its step at
+    each N it recorded, the within-run class (:func:`events.classify`) and its
+    window-artifact flag."""
     ev = E.run_events(run)
     assert ev is not None and ev.grok_step is not None
-    step = ev.steps.get((event, "paper"))
+    (traj,) = E.trajectories([ev])
+    det = traj.detections(event, E.PAPER)
+    assert det is not None
+    kind = E.classify(det, float(E.timing_thresholds()["detection_quantum"]))
+    step = ev.steps.get((event, E.PAPER))
     tol = int(thresholds()["at_grok_tolerance_intervals"]) * ev.interval
-    text = f"{_event_numbers([run], field)}; {event} – vs grok {ev.grok_step}"
+    head = f"judged under {E.PAPER}: {_event_numbers([run], field)}"
     if step is None:
-        return text, NOT_REPRODUCED, f"no {event} under the paper's definition"
+        why = f"no {event} under the paper's definition"
+        return f"{head}; {event} – vs grok {ev.grok_step}", NOT_REPRODUCED, why
     near = "within" if abs(step - ev.grok_step) <= tol else "not within"
+    per_n = ", ".join(f"N = {n}: {'–' if s is None else s}" for n, s in det.steps.items())
     text = (
-        f"{_event_numbers([run], field)}; {event} {step} vs grok {ev.grok_step} ({near} "
-        f"±{tol}); (W+1)·N = {ev.window_step}"
+        f"{head}; {event} {step} vs grok {ev.grok_step} ({near} ±{tol}); (W+1)·N = "
+        f"{ev.window_step}; {event} at {per_n} ({kind.label})"
     )
-    if ev.artifacts.get((event, "paper")):
+    if ev.artifacts.get((event, E.PAPER)):
         changes = [f"{c['kind']} {c['step']}" for c in ev.changes if abs(c["step"] - step) <= tol]
         listed = f" ({', '.join(changes)})" if changes else ""
         return text, WINDOW_ARTIFACT, f"coincides with a dominant delta leaving/entering{listed}"
-    return text, INCONCLUSIVE, "one run cannot separate the grok step from the window step"
+    if kind.label == E.WINDOW_DRIVEN:
+        why = f"its step moves with N (≈ {fmt(kind.slope, 2)}·N) while the grok step stays put"
+        return text, WINDOW_ARTIFACT, why
+    if kind.label == E.NO_TRANSITION:
+        return text, NOT_REPRODUCED, "seen only at the first window: no transition"
+    return text, INCONCLUSIVE, "one trajectory cannot tell a step tied to grokking from a fixed one"
 
 
 def event_claim(collection: Collection, event: str) -> Claim:
-    """Claims 1 (``flip``) and 2 (``align``): across a sweep the joint fit of the event's
-    step on the grok step and (W + 1)·N; in one run, its window-artifact flag."""
+    """Claims 1 (``flip``) and 2 (``align``), judged under the paper's edge definition:
+    across a sweep the event rule over grokked trajectories (:mod:`events`); in one run,
+    its within-run class over N and its window-artifact flag."""
     title, field = EVENT_CLAIMS[event]
     paper = _event_paper(event)
     runs = treated(collection)
@@ -275,25 +368,33 @@ def event_claim(collection: Collection, event: str) -> Claim:
 G23_TITLE = "3. g_23 compresses during grokking"
 
 
-def g23_compression(rows: list[dict[str, Any]], reference: int) -> float | None:
-    """max g_23 over the windows at step ≤ ``reference`` over g_23 of the last of them
-    (``gram_spectrum`` rows; the definition of ``gram/g23_compression``); None without
-    such a window, inf when the last one's g_23 is 0."""
-    upto = sorted(
-        (int(r["step"]), float(r["g23"]))
-        for r in rows
-        if r["step"] <= reference and r.get("g23") is not None and math.isfinite(r["g23"])
-    )
-    if not upto:
+def peak_at_dominant_change(run: RunData, definition: str) -> bool | None:
+    """Whether the pre-grok g_23 peak under ``definition`` lies within
+    ``coincidence_windows`` Gram intervals of a dominant delta entering or leaving the raw
+    window (the ``edge_summary`` row's ``dominant_changes``); None without that row or
+    without a peak."""
+    rows = run.rows(E.SUMMARY)
+    if not rows or run.grok_step is None or "coincidence_windows" not in rows[-1]:
         return None
-    last = upto[-1][1]
-    peak = max(v for _, v in upto)
-    return peak / last if last > 0 else math.inf
+    peak = g23_peak_step(definition_g23(run, definition), int(run.grok_step))
+    if peak is None:
+        return None
+    tolerance = int(rows[-1]["coincidence_windows"]) * int(rows[-1]["interval"])
+    return any(abs(int(c["step"]) - peak) <= tolerance for c in rows[-1]["dominant_changes"])
 
 
-def _summary_compression(run: RunData) -> float | None:
-    value = (run.summary or {}).get("gram/g23_compression")
-    return float(value) if isinstance(value, int | float) and not math.isnan(value) else None
+def times(value: float | None) -> str:
+    """A compression as text: two decimals and ×; ∞× when the last g_23 is 0."""
+    if value is None:
+        return "–"
+    return "∞×" if math.isinf(value) else f"{fmt(value, 2)}×"
+
+
+def _compression_mean(values: list[float]) -> float | None:
+    """The mean of compressions (inf when one is: its last g_23 is 0)."""
+    if not values:
+        return None
+    return math.inf if any(math.isinf(v) for v in values) else sum(values) / len(values)
 
 
 def compression_verdict(grokked: float, control: float) -> tuple[str, str]:
@@ -303,7 +404,7 @@ def compression_verdict(grokked: float, control: float) -> tuple[str, str]:
     ``holds``."""
     within = float(thresholds()["compression_same_within"])
     if grokked <= 1 + within:
-        return NOT_REPRODUCED, f"grokked {fmt(grokked, 2)}× ≤ 1 + {within}: no compression"
+        return NOT_REPRODUCED, f"grokked {times(grokked)} ≤ 1 + {within}: no compression"
     if math.isinf(grokked) or math.isinf(control):
         gap = 0.0 if grokked == control else (math.inf if math.isinf(grokked) else -math.inf)
     else:
@@ -316,64 +417,85 @@ def compression_verdict(grokked: float, control: float) -> tuple[str, str]:
     return HOLDS, text
 
 
-def peak_artifacts(runs: list[RunData]) -> tuple[int, int]:
-    """(runs whose g_23 peak is flagged a window artifact, runs with a g_23 peak event)."""
-    flagged = counted = 0
-    for run in runs:
-        ev = E.run_events(run)
-        if ev is None or ("g23_peak", ev.edge_definition) not in ev.artifacts:
-            continue
-        counted += 1
-        flagged += ev.artifacts[("g23_peak", ev.edge_definition)]
-    return flagged, counted
+def peak_artifacts(runs: list[RunData], definition: str = PAPER) -> tuple[int, int]:
+    """(runs whose g_23 peak under ``definition`` lies at a dominant delta's entry or exit,
+    runs where that is known)."""
+    flags = [f for f in (peak_at_dominant_change(r, definition) for r in runs) if f is not None]
+    return sum(flags), len(flags)
+
+
+def _compressions_text(runs: list[RunData]) -> str:
+    """The mean compression under every definition: the paper's first, the others beside
+    (each over the runs that have it)."""
+    parts = []
+    for definition in EDGE_DEFINITIONS:
+        values = [definition_compression(r, definition) for r in runs]
+        found = [v for v in values if v is not None]
+        if found:
+            n = f"{len(found)} run" + ("s" if len(found) > 1 else "")
+            parts.append(f"{definition} {times(_compression_mean(found))} ({n})")
+    return parts[0] + ("; beside: " + ", ".join(parts[1:]) if parts[1:] else "")
+
+
+def _paper_compressions(runs: list[RunData]) -> list[float]:
+    return [v for v in (definition_compression(r, PAPER) for r in runs) if v is not None]
 
 
 def g23_claim(collection: Collection) -> Claim:
-    """Claim 3: ``gram/g23_compression`` of the treated runs against the ω = 0 run of the
-    same seed and N, computed at the treated run's grok step."""
+    """Claim 3 under the paper's definition (g_23 from each window's paper-definition σ):
+    the treated runs' compression at their grok step against the ω = 0 run of the same
+    task, seed and N at the same step; the other definitions' compressions beside."""
     ref = paper_values()["g23_compression"]
     paper = ", ".join(f"{task} {v}×" for task, v in ref.items() if task != "source")
-    runs = [r for r in treated(collection) if _summary_compression(r) is not None]
-    support = (_where(collection, runs[0] if runs else None, "lifecycle.png"),)
+    runs = [r for r in treated(collection) if definition_compression(r, PAPER) is not None]
+    first = runs[0] if runs else next(iter(treated(collection)), None)
+    support = (_where(collection, first, "lifecycle.png"),)
     if not runs:
         return _not_tested(
             G23_TITLE,
             paper,
-            "no gram/g23_compression in a grokked run's summary.json (no Gram window at or "
-            "before its grok step)",
+            "no paper-definition window (edge_directions rows; callbacks=gram) at or before "
+            "a grokked run's grok step",
             support,
         )
-    mean = _mean(_summary_compression(r) for r in runs)
-    text = f"{fmt(mean, 1)}× (mean of {len(runs)} grokked runs)"
+    grokked = _compression_mean(_paper_compressions(runs))
+    assert grokked is not None
+    text = _compressions_text(runs)
+    within = float(thresholds()["compression_same_within"])
+    majority = float(thresholds()["artifact_majority"])
+    flagged, counted = peak_artifacts(runs, PAPER)
+    peaks = f"its g_23 peak at a dominant delta's entry or exit in {flagged}/{counted} runs"
     ids = {id(r) for r in runs}
-    pairs = [
-        (t, g23_compression(c.rows("gram_spectrum"), int(t.grok_step or 0)))
+    # The control compresses up to the treated run's grok step: it has none of its own.
+    at_paired = [
+        (t, g23_compression(definition_g23(c, PAPER), int(t.grok_step or 0)))
         for t, c in control_pairs(collection)
         if id(t) in ids
     ]
-    pairs = [(t, v) for t, v in pairs if v is not None]
-    if not pairs:
-        control = "no ω = 0 run of the same task, seed and N"
-        why = "needs the ω = 0 control (sweep optimizer.weight_decay=0,1)"
-        return Claim(G23_TITLE, paper, text, control, INCONCLUSIVE, why, support)
-    grok_mean = _mean(_summary_compression(t) for t, _ in pairs)
-    control = _mean(v for _, v in pairs)
-    assert grok_mean is not None and control is not None
-    verdict, why = compression_verdict(grok_mean, control)
-    flagged, counted = peak_artifacts(runs)
-    majority = float(thresholds()["artifact_majority"])
-    compressed = grok_mean > 1 + float(thresholds()["compression_same_within"])
-    if counted and flagged / counted > majority and compressed:
-        verdict = WINDOW_ARTIFACT
-        why = (
-            f"the pre-grok g_23 peak coincides with a dominant delta entering or leaving "
-            f"the window in {flagged}/{counted} grokked runs; {why}"
+    pairs = [(t, v) for t, v in at_paired if v is not None]
+    paired = _compression_mean(_paper_compressions([t for t, _ in pairs]))
+    ctrl = _compression_mean([v for _, v in pairs])
+    control = "no ω = 0 run of the same task, seed and N"
+    if paired is not None and ctrl is not None:
+        control = (
+            f"ω = 0, same task, seed and N, at the paired grok step: paper {times(ctrl)} "
+            f"({len(pairs)} pairs; their grokked runs paper {times(paired)})"
         )
-    control_text = (
-        f"ω = 0, same seed and N, at the paired grok step: {fmt(control, 1)}× "
-        f"({len(pairs)} pairs; grokked {fmt(grok_mean, 1)}×)"
-    )
-    return Claim(G23_TITLE, paper, text, control_text, verdict, why, support)
+    if grokked <= 1 + within:
+        verdict, why = NOT_REPRODUCED, f"paper {times(grokked)} ≤ 1 + {within}: no compression"
+    elif counted and flagged / counted > majority:
+        verdict = WINDOW_ARTIFACT
+        why = f"compresses ({times(grokked)}), but {peaks} (> {majority} of them)"
+    elif paired is None or ctrl is None:
+        verdict = INCONCLUSIVE
+        why = (
+            f"paper {times(grokked)} > 1 + {within} and {peaks} (≤ {majority} of them): it "
+            "compresses, but whether ω = 0 compresses as much needs the ω = 0 run of the same "
+            "task, seed and N (sweep optimizer.weight_decay=0,1)"
+        )
+    else:
+        verdict, why = compression_verdict(paired, ctrl)
+    return Claim(G23_TITLE, paper, text, control, verdict, why, support, PAPER)
 
 
 # -------------------------------------------------------------------- 4-6: the ablation
@@ -448,17 +570,18 @@ def ablation_claim(collection: Collection, kind: str) -> Claim:
     and late (means over treated runs of each run's phase mean) against each control's."""
     title, gets = ABLATION_CONTROLS[kind]
     paper = _ablation_paper(kind)
-    runs = [r for r in treated(collection) if r.rows("ablation")]
+    definition, runs, _, left_out = _edge_runs(collection, "ablation")
     if not runs:
         missing = "no ablation rows: run with callbacks=full"
         if any(r.rows("ablation") for r in collection.ok):
             missing = NO_TREATED + " with ablation rows"
-        return _not_tested(title, paper, missing)
+        return _not_tested(title, paper, missing, definition=definition)
     support = ("sweep_ablation.png", _where(collection, runs[0], "ablation.png"))
     edge = {p: _phase_mean(runs, "ablation", p, _edge_dacc) for p in _ablation_phases(runs)}
     edge_values = {p: v for p, v in edge.items() if v is not None}
     if not edge_values:
-        return _not_tested(title, paper, "no ablation rows at or late after grok", support)
+        why = "no ablation rows at or late after grok"
+        return _not_tested(title, paper, why, support, definition)
     grokedge = "edge Δacc " + ", ".join(f"{p} {fmt(v)}" for p, v in edge_values.items())
     grokedge += f" ({len(runs)} runs)"
     results = {label: _against(runs, edge_values, label, get) for label, get in gets}
@@ -467,14 +590,16 @@ def ablation_claim(collection: Collection, kind: str) -> Claim:
     control = "; ".join(cell for cell, _ in done) or "–"
     if missing:
         why = f"ablation rows without {', '.join(missing)}: rerun with callbacks=full"
-        return Claim(title, paper, grokedge, control, NOT_TESTED, why, support)
+        return Claim(title, paper, grokedge, control, NOT_TESTED, why, support, definition)
     ratio = thresholds()["ratio_beyond_control"]
     failed = [f for _, fs in done for f in fs]
     if failed:
         why = f"|Δ_edge| < {ratio} × |Δ_control| ({', '.join(failed)})"
-        return Claim(title, paper, grokedge, control, NOT_REPRODUCED, why, support)
+        why = under(definition, why, left_out)
+        return Claim(title, paper, grokedge, control, NOT_REPRODUCED, why, support, definition)
     why = f"|Δ_edge| ≥ {ratio} × |Δ_control| ({', '.join(edge_values)})"
-    return Claim(title, paper, grokedge, control, HOLDS, why, support)
+    why = under(definition, why, left_out)
+    return Claim(title, paper, grokedge, control, HOLDS, why, support, definition)
 
 
 # --------------------------------------------------------- 7, 8: flatness and curvature
@@ -505,68 +630,78 @@ def curvature(row: dict[str, Any], k: int) -> float | None:
     return None
 
 
-def _perturbation_runs(collection: Collection) -> tuple[list[RunData], str | None]:
-    runs = [r for r in treated(collection) if r.rows("perturbation")]
-    if runs:
-        return runs, None
-    if any(r.rows("perturbation") for r in collection.ok):
-        return [], NO_TREATED + " with perturbation rows"
-    return [], NO_PERTURBATION
+def _perturbation_runs(
+    collection: Collection,
+) -> tuple[str, list[RunData], list[RunData], int, str | None]:
+    """(definition, treated runs, ω = 0 runs, runs left out, what is missing) of claims 7
+    and 8 (:func:`_edge_runs` over the ``perturbation`` rows)."""
+    definition, runs, ctrl, left_out = _edge_runs(collection, "perturbation")
+    missing = None
+    if not runs:
+        missing = NO_PERTURBATION
+        if any(r.rows("perturbation") for r in collection.ok):
+            missing = NO_TREATED + " with perturbation rows"
+    return definition, runs, ctrl, left_out, missing
 
 
 def flatness_claim(collection: Collection) -> Claim:
     """Claim 7: the largest KL along v_1, v_2 after grok against ``paper_scale_factor`` ×
-    the paper's ≈ 5e-5."""
+    the paper's ≈ 5e-5 (the analysed edge's v_1, v_2)."""
     ref = float(paper_values()["perturbation"]["max_kl_grokked_edge"])
     paper = f"max KL ≈ {ref:g} (grokked edge)"
-    runs, missing = _perturbation_runs(collection)
+    definition, runs, ctrl_runs, left_out, missing = _perturbation_runs(collection)
     if missing:
-        return _not_tested(FLAT_TITLE, paper, missing)
+        return _not_tested(FLAT_TITLE, paper, missing, definition=definition)
     support = ("sweep_curvature.png", _where(collection, runs[0], "eps_curves.png"))
     rows = [r for run in runs for r in run.rows("perturbation") if r.get("phase") in AFTER_GROK]
     ours = max_kl(rows)
     if ours is None:
-        return _not_tested(FLAT_TITLE, paper, "no perturbation rows at or after grok", support)
-    ctrl = max_kl(r for c in controls(collection) for r in c.rows("perturbation"))
+        why = "no perturbation rows at or after grok"
+        return _not_tested(FLAT_TITLE, paper, why, support, definition)
+    ctrl = max_kl(r for c in ctrl_runs for r in c.rows("perturbation"))
     control = "no ω = 0 run" if ctrl is None else f"ω = 0: max KL {fmt(ctrl, 6)}"
     factor = float(thresholds()["paper_scale_factor"])
     verdict = HOLDS if ours <= factor * ref else NOT_REPRODUCED
     why = f"{'≤' if verdict == HOLDS else '>'} {factor:g} × the paper's {ref:g}"
     text = f"max KL along v_1, v_2 at/after grok {fmt(ours, 6)} ({len(runs)} runs)"
-    return Claim(FLAT_TITLE, paper, text, control, verdict, why, support)
+    why = under(definition, why, left_out)
+    return Claim(FLAT_TITLE, paper, text, control, verdict, why, support, definition)
 
 
 def curvature_claim(collection: Collection) -> Claim:
     """Claim 8: late v_1 curvature of the treated runs against the largest bulk (v_3, v_4)
-    curvature of the ω = 0 runs; holds when the bulk is ``ratio_beyond_control`` × larger."""
+    curvature of the ω = 0 runs of the same edge definition; holds when the bulk is
+    ``ratio_beyond_control`` × larger."""
     p = paper_values()["perturbation"]
     paper = f"v_1 late {p['curvature_v1_late']}; "
     paper += f"memorised bulk up to {p['curvature_bulk_memorised_max']}"
-    runs, missing = _perturbation_runs(collection)
+    definition, runs, ctrl_runs, left_out, missing = _perturbation_runs(collection)
     if missing:
-        return _not_tested(CURVATURE_TITLE, paper, missing)
+        return _not_tested(CURVATURE_TITLE, paper, missing, definition=definition)
     support = ("sweep_curvature.png", _where(collection, runs[0], "curvature.png"))
     late = _phase_mean(runs, "perturbation", LATE, lambda r: curvature(r, 1))
     if late is None:
         why = "no late perturbation row with a curvature (run past grok + phase_post)"
-        return _not_tested(CURVATURE_TITLE, paper, why, support)
+        return _not_tested(CURVATURE_TITLE, paper, why, support, definition)
     text = f"v_1 late {fmt(late, 4)} ({len(runs)} runs)"
-    bulk = [
-        curvature(r, k)
-        for c in controls(collection)
-        for r in c.rows("perturbation")
-        for k in (3, 4)
-    ]
+    bulk = [curvature(r, k) for c in ctrl_runs for r in c.rows("perturbation") for k in (3, 4)]
     bulk = [b for b in bulk if b is not None]
     if not bulk:
-        why = "needs an ω = 0 run with perturbation rows (the memorised bulk)"
-        return Claim(CURVATURE_TITLE, paper, text, "no ω = 0 run", INCONCLUSIVE, why, support)
+        why = under(
+            definition,
+            "v_1 late measured, but the memorised bulk it is judged against needs an ω = 0 "
+            f"run with perturbation rows under {definition}",
+            left_out,
+        )
+        control = f"no ω = 0 run with perturbation rows under {definition}"
+        return Claim(CURVATURE_TITLE, paper, text, control, INCONCLUSIVE, why, support, definition)
     ratio = float(thresholds()["ratio_beyond_control"])
     verdict = HOLDS if max(bulk) >= ratio * abs(late) else NOT_REPRODUCED
     sign = "≥" if verdict == HOLDS else "<"
     why = f"bulk max / v_1 late = {_ratio(max(bulk), late)} ({sign} {ratio:g})"
+    why = under(definition, why, left_out)
     control = f"ω = 0 bulk v_3, v_4 up to {fmt(max(bulk), 4)}"
-    return Claim(CURVATURE_TITLE, paper, text, control, verdict, why, support)
+    return Claim(CURVATURE_TITLE, paper, text, control, verdict, why, support, definition)
 
 
 # ------------------------------------------------------------------------- 9: probes
@@ -595,15 +730,14 @@ def probe_claim(collection: Collection) -> Claim:
     paper = " / ".join(mean_sd(paper_values()["dyck_seeds"][v]) for v in PROBE_KINDS.values())
     runs = [r for r in treated(collection) if r.rows("probe")]
     if not runs:
-        return _not_tested(
-            PROBE_TITLE, paper, "no probe rows of a grokked run: run with callbacks=full"
-        )
+        why = "no probe rows of a grokked run: run with callbacks=full"
+        return _not_tested(PROBE_TITLE, paper, why, definition=NO_EDGE_DEFINITION)
     support = ("sweep_probes.png", _where(collection, runs[0], "probes.png"))
     ours = {k: _mean_over(runs, lambda r, k=k: _last_probe(r, k)) for k in PROBE_KINDS}
     measured = {k: v for k, v in ours.items() if v is not None}
     if not measured:
         why = "no late probe row (run past grok + phase_post)"
-        return _not_tested(PROBE_TITLE, paper, why, support)
+        return _not_tested(PROBE_TITLE, paper, why, support, NO_EDGE_DEFINITION)
     text = " / ".join(fmt(ours[k]) for k in PROBE_KINDS) + f" ({len(runs)} runs)"
     ctrl = {
         k: _mean_over(controls(collection), lambda r, k=k: _final_probe(r, k)) for k in PROBE_KINDS
@@ -618,7 +752,7 @@ def probe_claim(collection: Collection) -> Claim:
     if unmeasured:
         why += f"; not measured: {', '.join(unmeasured)}"
     verdict = NOT_REPRODUCED if off else HOLDS
-    return Claim(PROBE_TITLE, paper, text, control, verdict, why, support)
+    return Claim(PROBE_TITLE, paper, text, control, verdict, why, support, NO_EDGE_DEFINITION)
 
 
 # ------------------------------------------------------------ 10: weight-decay table
@@ -673,7 +807,7 @@ def wd_claim(collection: Collection) -> Claim:
     table = wd_by_omega(collection)
     if not table:
         why = "no wd/* read-outs: run experiment=wd_intervention (or callbacks.wd_removal)"
-        return _not_tested(WD_TITLE, paper, why)
+        return _not_tested(WD_TITLE, paper, why, definition=NO_EDGE_DEFINITION)
     verdict, why = wd_verdict(table)
     text = "; ".join(
         f"ω {w:g}: R² {fmt(v['linear_r2'])}, ‖θ‖ {fmt(v['theta_norm'], 1)}"
@@ -681,7 +815,7 @@ def wd_claim(collection: Collection) -> Claim:
     )
     control = "the ω = 0 row" if 0.0 in table else "no ω = 0 read-out"
     support = ("sweep_wd.png", "wd_removal.png", "report.md")
-    return Claim(WD_TITLE, paper, text, control, verdict, why, support)
+    return Claim(WD_TITLE, paper, text, control, verdict, why, support, NO_EDGE_DEFINITION)
 
 
 # ------------------------------------------------------------------------ 11: classes
@@ -741,18 +875,24 @@ def _classes_text(observed: dict[str, Counter[str]]) -> str:
 
 
 def class_claim(collection: Collection) -> Claim:
-    """Claim 11: each task's observed class (``class_observed`` of the grokked runs) against
-    the paper's Table 2."""
+    """Claim 11: each task's observed class (``class_observed`` of the grokked runs, read
+    from the analysed edge: one definition, :func:`one_definition`) against the paper's
+    Table 2."""
     ref = paper_values()["classes"]
     paper = ", ".join(f"{t} {v['class']}" for t, v in ref.items() if t != "source")
-    observed = observed_classes(treated(collection))
-    if not observed:
+    classified = [r for r in treated(collection) if class_fields(r.summary).get("class_observed")]
+    definition, runs, left_out = one_definition(classified)
+    if not runs:
         why = "no class fields in a grokked run's summary.json: run with callbacks=full"
-        return _not_tested(CLASS_TITLE, paper, why)
-    verdict, why = class_verdict(observed_classes(judged_runs(treated(collection))))
-    ctrl = observed_classes(controls(collection))
+        return _not_tested(CLASS_TITLE, paper, why, definition=one_definition(collection.ok)[0])
+    observed = observed_classes(runs)
+    verdict, why = class_verdict(observed_classes(judged_runs(runs)))
+    ctrl_runs = [c for c in controls(collection) if analysed_definition(c) == definition]
+    ctrl = observed_classes(ctrl_runs)
     control = f"ω = 0: {_classes_text(ctrl)}" if ctrl else "no ω = 0 run with a class"
-    return Claim(CLASS_TITLE, paper, _classes_text(observed), control, verdict, why, ("report.md",))
+    why = under(definition, why, left_out)
+    text = _classes_text(observed)
+    return Claim(CLASS_TITLE, paper, text, control, verdict, why, ("report.md",), definition)
 
 
 # ------------------------------------------------------------------------ the table
@@ -783,6 +923,7 @@ def claims_table(rows: list[Claim], exists: Callable[[str], bool] = lambda _: Tr
     cells = [
         [
             _pipe(c.claim),
+            _pipe(c.definition),
             _pipe(c.paper),
             _pipe(c.grokedge),
             _pipe(c.control),
@@ -793,7 +934,7 @@ def claims_table(rows: list[Claim], exists: Callable[[str], bool] = lambda _: Tr
     ]
     return Table(
         "Claims of the paper",
-        ["claim", "paper", "grokedge", "control", "verdict", "support"],
+        ["claim", "definition", "paper", "grokedge", "control", "verdict", "support"],
         cells,
     )
 
@@ -801,20 +942,40 @@ def claims_table(rows: list[Claim], exists: Callable[[str], bool] = lambda _: Tr
 RULES = """Rules (thresholds from conf/report/verdicts.yaml; the paper's numbers from
 conf/report/paper.yaml). Treated runs: grokked with ω ≠ 0; controls: ω = 0.
 
+Edge definitions (docs/edge_definitions.md): the `definition` column names the one every
+number of the row is computed under; a number of another definition set beside is
+labelled with its name. The paper's claims are judged under `paper`: g_23 and v_1's
+shares exist under every definition at every window (`edge_directions` rows), so claims
+1-3 are judged under `paper` with the others beside. Claims 4-8 and 11 read the vectors
+of the edge the run analysed (`callbacks.gram.edge_definition`, the default
+`normalized`), which exists under that definition only: the row names it (one
+definition a row: `paper` when a run analysed it, else the most frequent; runs of
+another are left out and counted), and when it is not `paper` the verdict is that edge's
+and its reason begins "judged under <definition>, not the paper's definition" — it does
+not test the paper's edge. 9 (probes of the hidden states) and 10 (`wd/*`) read no edge.
+Numbers: compressions to 2 decimals with ×, shares and R² to 3, as printed by the report's
+tables.
+
 - 1, 2: a sweep — the joint fit of the event's step on the grok step and (W + 1)·N
   (paper definition; `event_timing` thresholds): tracks grokking → holds, the window →
   window artifact, neither → not reproduced, else inconclusive. One run — window artifact
   when the event coincides with a dominant delta entering or leaving the window, not
   reproduced when absent, else inconclusive ("at grok": within {at_grok_tolerance_intervals}
   Gram interval(s)).
-- 3: grokked compression ≤ 1 + {compression_same_within} → not reproduced; the ω = 0 run of
-  the same seed and N, compressed up to the paired grok step, within
+- 3 (g_23 = σ_2² − σ_3² of the paper-definition σ; compression = its max over the windows
+  at or before the grok step over its value at the last of them): mean compression ≤ 1 +
+  {compression_same_within} → not reproduced; its pre-grok g_23 peak within
+  `coincidence_windows` Gram intervals of a dominant delta entering or leaving the window
+  in more than {artifact_majority} of the runs → window artifact; else against the ω = 0
+  run of the same task, seed and N, compressed up to the paired grok step: within
   {compression_same_within} (relative) of the grokked → window artifact, above it → not
-  reproduced, below → holds.
+  reproduced, below → holds; no such run → inconclusive (it compresses; whether ω = 0
+  does as much is not measured).
 - 4–6: |Δacc edge| ≥ {ratio_beyond_control} × |Δacc control| at grok and late
   (means over runs) → holds, else not reproduced.
 - 7: max KL ≤ {paper_scale_factor} × the paper's. 8: ω = 0 bulk (v_3, v_4) curvature ≥
-  {ratio_beyond_control} × late v_1 curvature. 9: every measured late probe R² within
+  {ratio_beyond_control} × late v_1 curvature (no ω = 0 run of the same definition:
+  inconclusive). 9: every measured late probe R² within
   {probe_r2_tolerance} of the paper's. 10: linear R² and ‖θ‖ each fall by ≥
   {wd_min_relative_drop} (relative) from the smallest to the largest ω; one ω:
   inconclusive. 11: each task's most frequent observed class is the paper's; holds needs
