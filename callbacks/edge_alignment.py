@@ -19,7 +19,11 @@ it) and turns it into the paper's read-outs (docs/theory.md §1, experiment 1) t
   or leaves the window, and which events coincide with it — those are flagged as window
   artifacts (``edge_summary`` row, ``edge/*_window_artifact``);
 - every window's phase (pre / at / post / late) relative to the run's own grok step
-  (:class:`grokedge.analysis_log.Phases`).
+  (:class:`grokedge.analysis_log.Phases`);
+- every Gram interval N = k·N0 from the same run (``callbacks.gram.interval_multiples``):
+  at each derived window the per-definition shares and events of that interval (one
+  :class:`grokedge.spectral.events.DefinitionEvents` per N), summarised per N in the
+  ``edge_summary`` row's ``intervals``.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from grokedge.callbacks.gram import GramCallback, find_gram_callback, spectrum_r
 from grokedge.config_checks import check_float, check_int
 from grokedge.spectral import EdgeState
 from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
-from grokedge.spectral.events import DEFINITION_EVENTS, EdgeEvents
+from grokedge.spectral.events import DefinitionEvents, EdgeEvents
 from grokedge.spectral.readouts import edge_scalars, measure  # measure: re-exported
 
 EDGE_KEY = "callbacks.edge_alignment"
 
 SPECTRUM, DIRECTIONS, SUMMARY = "gram_spectrum", "edge_directions", "edge_summary"
-ANALYSES = (SPECTRUM, DIRECTIONS, SUMMARY)
+DERIVED = "derived_window"
+ANALYSES = (SPECTRUM, DIRECTIONS, SUMMARY, DERIVED)
 """Names of this callback's rows in ``analyses.jsonl``."""
 
 DIRECTION_COLUMNS = (
@@ -91,12 +96,20 @@ class EdgeAlignmentCallback(Callback):
         window at or before it); at the end, ``edge/{event}_window_artifact`` (1: the
         event coincides with a dominant delta entering or leaving the window).
 
+    Logs at every derived window (interval N = k·N0, k >= 2 of
+    ``callbacks.gram.interval_multiples``): ``edge/grad_frac_v1_{d}_n{N}`` (every
+    definition d with a window) and, once each, ``edge/{flip,flip_latest,align}_step_{d}_n{N}``.
+
     Writes rows ``gram_spectrum`` (with the raw window's ``provenance``),
     ``edge_directions`` (with every definition's read-outs under ``definitions``; one
     each per window) and ``edge_summary`` (at the end of training: events, their steps
     under each definition, the dominant-delta changes and which events coincide with
-    them) to ``analyses.jsonl``; see
-    ``grokedge.analysis_log`` for the phase labels and their relabelling.
+    them; ``first_windows`` per definition; ``interval_multiples``; and ``intervals``:
+    per N = k·N0 as str(N), k = 1 included, ``interval``, ``start_step``, ``definitions``,
+    ``first_windows``, ``dominant_changes``, ``events``) and one ``derived_window`` row
+    per derived window (``interval``, ``definitions``: every definition's read-outs or
+    None) to ``analyses.jsonl``; see ``grokedge.analysis_log`` for the phase labels and
+    their relabelling.
 
     Example:
         >>> callbacks = [GramCallback(interval=100), EdgeAlignmentCallback()]
@@ -118,6 +131,10 @@ class EdgeAlignmentCallback(Callback):
         check_int(f"{config_key}.coincidence_windows", coincidence_windows, 0)
         # Lightning-free bookkeeping of the events (grokedge.spectral.events).
         self.edge_events = EdgeEvents(float(dominance_threshold), coincidence_windows)
+        self.dominance_threshold = float(dominance_threshold)
+        # {N: the events of the derived window of interval N}, made at its first window
+        # (or from a checkpoint).
+        self.interval_events: dict[int, DefinitionEvents] = {}
         self.tables = bool(tables)
 
         self.gram: GramCallback | None = None
@@ -139,6 +156,7 @@ class EdgeAlignmentCallback(Callback):
         except ValueError as e:
             raise ValueError(f"{self.config_key}: {e}") from e
         self.gram.add_listener(self.on_edge)
+        self.gram.add_derived_listener(self.on_derived_window)
         self.phases = self.gram.phases
         self.analysis_log = AnalysisLog(trainer.default_root_dir, enabled=trainer.is_global_zero)
 
@@ -156,7 +174,8 @@ class EdgeAlignmentCallback(Callback):
         assert self.analysis_log is not None and self.phases is not None
         assert self.gram is not None
         main = self.gram.edge_definition
-        events = ev.events(self.gram.interval, main)
+        interval = self.gram.interval
+        events = ev.events(interval, main)
         for e in events:
             if e["definition"] == main:
                 late[f"edge/{e['event']}_window_artifact"] = float(e["window_artifact"])
@@ -181,17 +200,76 @@ class EdgeAlignmentCallback(Callback):
             start_step=self.gram.start_step,
             dominance_threshold=ev.dominance.threshold,
             coincidence_windows=ev.coincidence_windows,
-            definitions={
-                name: {e: ev.definition_steps[e][name] for e in DEFINITION_EVENTS}
-                for name in EDGE_DEFINITIONS
-            },
+            definitions=ev.per_definition.table(),
             dominant_changes=[vars(c) for c in ev.dominance.changes],
             events=events,
+            first_windows=dict(ev.first_windows),
+            interval_multiples=list(self.gram.interval_multiples),
+            intervals=self.intervals_summary(events),
         )
         if self.tables:
             self._final_table(trainer, step)
 
+    def intervals_summary(self, base_events: list[dict[str, Any]]) -> dict[str, Any]:
+        """The ``intervals`` field of the ``edge_summary`` row: for every N = k·N0 (as
+        str(N), ascending, k = 1 included) its ``interval``, ``start_step``,
+        ``definitions`` ({definition: {event: step | None}}), ``first_windows``,
+        ``dominant_changes`` and ``events`` (tolerance ``coincidence_windows``·N). The
+        base interval's entry repeats the base fields (``base_events``: its events, g_23
+        peak and rotation spike included); a derived interval without any window has
+        every step None and no changes or events."""
+        assert self.gram is not None
+        base = self.gram.interval
+        out: dict[str, Any] = {}
+        for k in self.gram.interval_multiples:
+            n = k * base
+            if k == 1:
+                ev, events = self.edge_events.per_definition, base_events
+            else:
+                ev = self._events_of(n)
+                events = ev.events(self.edge_events.coincidence_windows * n)
+            out[str(n)] = {
+                "interval": n,
+                "start_step": self.gram.start_step_of(n),
+                "definitions": ev.table(),
+                "first_windows": dict(ev.first_windows),
+                "dominant_changes": [vars(c) for c in ev.dominance.changes],
+                "events": events,
+            }
+        return out
+
+    def _events_of(self, interval: int) -> DefinitionEvents:
+        """The events of the derived window of ``interval`` (made on first use)."""
+        if interval not in self.interval_events:
+            self.interval_events[interval] = DefinitionEvents(
+                self.dominance_threshold, suffix=f"_n{interval}", latest_scalars=False
+            )
+        return self.interval_events[interval]
+
     # ------------------------------------------------------------------- per window
+
+    def on_derived_window(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, interval: int, step: int
+    ) -> None:
+        """Record one new derived window of ``interval`` N (called by the GramCallback):
+        log its ``edge/grad_frac_v1_{d}_n{N}`` and the events that fire, write its
+        ``derived_window`` row."""
+        assert self.gram is not None and self.phases is not None
+        assert self.analysis_log is not None
+        grok = getattr(pl_module, "grok_step", None)
+        self._relabel(grok)
+        spectra = self.gram.derived_spectra[interval]
+        ev = self._events_of(interval)
+        values = ev.update(step, spectra, self.gram.derived_provenance[interval])
+        log_scalars(trainer, pl_module, values)
+        self.analysis_log.write(
+            DERIVED,
+            step,
+            self.phases.label(step, grok),
+            grok,
+            interval=interval,
+            definitions={d: ev.readouts.get(d) for d in EDGE_DEFINITIONS},
+        )
 
     def on_edge(self, trainer: L.Trainer, pl_module: L.LightningModule, state: EdgeState) -> None:
         """Measure, log and record one new window (called by the GramCallback)."""
@@ -289,8 +367,15 @@ class EdgeAlignmentCallback(Callback):
     # -------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Primitives only (``torch.load(weights_only=True)`` safe)."""
-        return self.edge_events.state_dict()
+        """Primitives only (``torch.load(weights_only=True)`` safe): the base events
+        (:meth:`EdgeEvents.state_dict`) and ``derived``: {str(N): the derived window's
+        :meth:`DefinitionEvents.state_dict`}."""
+        derived = {str(n): ev.state_dict() for n, ev in sorted(self.interval_events.items())}
+        return {**self.edge_events.state_dict(), "derived": derived}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore; a state written before the derived windows starts them empty."""
         self.edge_events.load_state_dict(state_dict)
+        self.interval_events = {}
+        for n, state in (state_dict.get("derived") or {}).items():
+            self._events_of(int(n)).load_state_dict(state)

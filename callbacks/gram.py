@@ -21,14 +21,17 @@ from torch.optim import Optimizer
 
 from grokedge.analysis_log import Phases, log_scalars
 from grokedge.config_checks import (
+    ConfigError,
     check_bool,
     check_device,
     check_int,
     check_optional_int,
 )
 from grokedge.functional import analysed_module
-from grokedge.spectral import EdgeState, ParameterSelector, optimizer_holding
+from grokedge.spectral import EdgeState, ParameterSelector, WindowSpectrum, optimizer_holding
+from grokedge.spectral.derived_windows import DerivedWindows, check_interval_multiples
 from grokedge.spectral.edge_definitions import NORMALIZED, check_definition
+from grokedge.spectral.provenance import WindowProvenance
 from grokedge.spectral.recorder import (
     BUFFER_DTYPES,
     DeltaRecorder,
@@ -44,6 +47,14 @@ GRAM_KEY = "callbacks.gram"
 
 EdgeListener = Callable[[L.Trainer, L.LightningModule, EdgeState], None]
 """Called as ``listener(trainer, pl_module, state)`` after each new edge."""
+
+DerivedListener = Callable[[L.Trainer, L.LightningModule, int, int], None]
+"""Called as ``listener(trainer, pl_module, interval, step)`` after each new derived
+window (``interval``: its N = k·N0, in optimizer steps)."""
+
+DEFAULT_INTERVAL_MULTIPLES = (1, 2, 3)
+"""Gram intervals recorded from one run by default: N0, 2·N0 and 3·N0 (the base
+interval and two derived windows; conf/callbacks/gram_spectrum.yaml)."""
 
 
 def _plain_select(select: Any) -> Any:
@@ -89,6 +100,12 @@ class GramCallback(Callback):
             read by every analysis (``phases``, :class:`~grokedge.analysis_log.Phases`):
             ``at`` is |step − g| <= phase_at, ``post`` ends at g + phase_post (>= phase_at),
             ``late`` after it; ``None``: one and ten intervals.
+        interval_multiples: the Gram intervals N = k·``interval`` recorded from this run
+            (a non-empty list of distinct integers >= 1 containing 1; default [1, 2, 3]).
+            Each k >= 2 keeps a derived window of W sums of k consecutive deltas, with
+            its spectra under every edge definition
+            (:class:`~grokedge.spectral.derived_windows.DerivedWindows`); [1]: the base
+            window only. The base window and its numbers do not depend on it.
         allow_inexact_split, buffer_dtype (``float32``, ``float64``, ``bfloat16``,
             ``float16``), buffer_device (``None``: the parameters'), shard_across_ranks
             (under DDP each rank keeps its slice of θ_sel; ``false``: the whole window on
@@ -99,8 +116,11 @@ class GramCallback(Callback):
     Published (read-only for other callbacks; the :class:`DeltaRecorder`'s, see there for
     shapes and units): ``edge``, ``previous``, ``spectra``, ``provenance``, ``evicted_dot``,
     ``skipped_deltas``, ``shard``, ``window``, ``tracker``; :meth:`gather_vectors` and
-    :meth:`reduce` for sharded analyses; the run's ``phases``. Listeners run right
-    after each new edge.
+    :meth:`reduce` for sharded analyses; the run's ``phases``; the derived windows'
+    ``interval_multiples``, ``derived``, ``derived_intervals``, ``derived_spectra``,
+    ``derived_provenance``, ``derived_published`` and :meth:`start_step_of`. Listeners
+    run right after each new edge; derived listeners (:meth:`add_derived_listener`)
+    after each new derived window, at the same capture.
 
     Logs at each closed delta (``global_step``): ``gram/skipped_deltas``, the spectrum's
     ``gram/sigma_{j}``, ``gram/g23``, ``gram/kstar``, ``gram/kstar_weighted``,
@@ -132,6 +152,7 @@ class GramCallback(Callback):
         shard_across_ranks: bool = True,
         collective: Collective | None = None,
         config_key: str = GRAM_KEY,
+        interval_multiples: Sequence[int] = DEFAULT_INTERVAL_MULTIPLES,
     ) -> None:
         super().__init__()
         key = self.config_key = config_key
@@ -151,6 +172,10 @@ class GramCallback(Callback):
             raise ValueError(f"{key}.buffer_dtype={buffer_dtype!r} is not allowed: {allowed}")
         buffer_device = check_device(f"{key}.buffer_device", buffer_device)
         check_bool(f"{key}.shard_across_ranks", shard_across_ranks)
+        try:
+            multiples = check_interval_multiples(f"{key}.interval_multiples", interval_multiples)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.recorder = DeltaRecorder(
             interval,
             window,
@@ -164,9 +189,11 @@ class GramCallback(Callback):
             collective=collective,
             select=self.select,
             key=key,
+            interval_multiples=multiples,
         )
         self.selector: ParameterSelector | None = None
         self._listeners: list[EdgeListener] = []
+        self._derived_listeners: list[DerivedListener] = []
 
     @property
     def state_key(self) -> str:
@@ -178,6 +205,57 @@ class GramCallback(Callback):
         """Call ``listener(trainer, pl_module, state)`` after every new edge (once each)."""
         if listener not in self._listeners:
             self._listeners.append(listener)
+
+    def add_derived_listener(self, listener: DerivedListener) -> None:
+        """Call ``listener(trainer, pl_module, interval, step)`` after every new derived
+        window (once each), with its interval N = k·N0; it reads ``derived_spectra[N]``
+        and ``derived_provenance[N]``."""
+        if listener not in self._derived_listeners:
+            self._derived_listeners.append(listener)
+
+    # ------------------------------------------------------------- derived windows
+
+    @property
+    def interval_multiples(self) -> tuple[int, ...]:
+        """The recorded multiples k of the base interval (sorted, 1 first)."""
+        return self.recorder.interval_multiples
+
+    @property
+    def derived(self) -> DerivedWindows | None:
+        """The derived windows (after ``attach``; ``None`` for interval_multiples [1])."""
+        return self.recorder.derived
+
+    @property
+    def derived_intervals(self) -> list[int]:
+        """N = k·N0 of every derived window (k >= 2), ascending."""
+        return [k * self.interval for k in self.interval_multiples if k > 1]
+
+    @property
+    def derived_spectra(self) -> dict[int, dict[str, WindowSpectrum | None]]:
+        """{N: {definition: WindowSpectrum | None}} of each derived window's newest state
+        (``{}`` for a window not yet published)."""
+        d = self.derived
+        return {} if d is None else {d.interval(k): d.spectra[k] for k in d.multiples}
+
+    @property
+    def derived_provenance(self) -> dict[int, WindowProvenance | None]:
+        """{N: provenance of the newest raw derived window, or None}."""
+        d = self.derived
+        return {} if d is None else {d.interval(k): d.provenance[k] for k in d.multiples}
+
+    @property
+    def derived_published(self) -> list[int]:
+        """N of the derived windows published by the latest capture."""
+        d = self.derived
+        return [] if d is None else [d.interval(k) for k in d.published]
+
+    def start_step_of(self, interval: int) -> int:
+        """The burn-in (optimizer steps) of the window of ``interval`` N: the base
+        ``start_step`` for N0; for a derived window the user's ``start_step`` if set,
+        else N."""
+        if interval % self.interval:
+            raise ValueError(f"{interval} is not a multiple of the base interval {self.interval}")
+        return self.recorder.start_step_for(interval // self.interval)
 
     # ------------------------------------------------------------------------- checks
 
@@ -243,6 +321,9 @@ class GramCallback(Callback):
         if pushed and self.edge is not None:
             for listener in self._listeners:
                 listener(trainer, pl_module, self.edge)
+        for interval in self.derived_published:
+            for derived_listener in self._derived_listeners:
+                derived_listener(trainer, pl_module, interval, step)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.recorder.detach()

@@ -23,7 +23,7 @@ from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_ca
 from grokedge.callbacks.edge_alignment import measure
 from grokedge.config_checks import ConfigError
 from grokedge.functional import analysed_module
-from grokedge.run_files import read_metrics
+from grokedge.run_files import read_metrics, read_summary
 from grokedge.spectral import ParameterSelector
 from grokedge.train import Run, build, compose, fit
 
@@ -186,7 +186,7 @@ def test_run_logs_spectrum_matching_an_independent_svd(runs: Runs) -> None:
 
     analyses = read_analyses(runs.full)
     names = {r["analysis"] for r in analyses}
-    assert names == {"gram_spectrum", "edge_directions", "edge_summary"}
+    assert names == {"gram_spectrum", "edge_directions", "edge_summary", "derived_window"}
     spectra = [r for r in analyses if r["analysis"] == "gram_spectrum"]
     assert [r["step"] for r in spectra] == list(range(2 * INTERVAL, STEPS + 1, INTERVAL))
     assert all(r["phase"] == "pre" and r["grok_step"] is None for r in analyses)
@@ -197,6 +197,74 @@ def test_run_logs_spectrum_matching_an_independent_svd(runs: Runs) -> None:
     for step, row in logged.items():
         if "edge/dk_bound_deg" in row and "edge/rotation_deg" in row:
             assert row["edge/rotation_deg"] <= row["edge/dk_bound_deg"] + 1e-6, step
+
+
+def test_every_interval_from_one_run_in_the_summary_rows_and_scalars(runs: Runs) -> None:
+    """callbacks=gram records N0 = 10 and the derived 2N0, 3N0 (default [1, 2, 3]): the
+    derived_window rows are the SVDs of the snapshot deltas over 20 and 30 steps, the
+    edge_summary row holds every interval, summary.json their event scalars."""
+    analyses = read_analyses(runs.full)
+    thetas = runs.snapshots.thetas
+    derived = [r for r in analyses if r["analysis"] == "derived_window"]
+    assert [(r["step"], r["interval"]) for r in derived] == [(40, 20), (60, 20), (60, 30)]
+    for row in derived:
+        n, step = row["interval"], row["step"]
+        ends = list(range(n, step + 1, n))[-5:]
+        x = torch.stack([thetas[e] - thetas[e - n] for e in ends]).double()
+        sigma = torch.linalg.svdvals(x).tolist()
+        assert row["definitions"]["paper"]["sigma"] == pytest.approx(sigma, rel=1e-5)
+        unit = torch.linalg.svdvals(x / x.norm(dim=1, keepdim=True)).tolist()
+        assert row["definitions"]["normalized"]["sigma"] == pytest.approx(unit, rel=1e-5)
+        # burn_in (from one interval N): the deltas that begin at or after N.
+        kept = [i for i, e in enumerate(ends) if e - n >= n]
+        if len(kept) < 2:
+            assert row["definitions"]["burn_in"] is None
+        else:
+            burn = torch.linalg.svdvals(x[kept]).tolist()
+            assert row["definitions"]["burn_in"]["sigma"] == pytest.approx(burn, rel=1e-5)
+
+    (summary,) = [r for r in analyses if r["analysis"] == "edge_summary"]
+    assert summary["interval_multiples"] == [1, 2, 3]
+    assert summary["first_windows"] == {"paper": 20, "burn_in": 30, "normalized": 20}
+    intervals = summary["intervals"]
+    assert list(intervals) == [str(INTERVAL), str(2 * INTERVAL), str(3 * INTERVAL)]
+    fields = {"interval", "start_step", "definitions", "first_windows", "dominant_changes"}
+    for n, entry in intervals.items():
+        assert set(entry) == fields | {"events"}
+        assert entry["interval"] == int(n) and entry["start_step"] == int(n)
+        assert set(entry["definitions"]) == {"paper", "burn_in", "normalized"}
+    base = intervals[str(INTERVAL)]
+    for key in ("definitions", "first_windows", "dominant_changes", "events"):
+        assert base[key] == summary[key], key
+    # Derived windows, by hand: N = 20 holds (0,20), (20,40) at 40, + (40,60) at 60;
+    # N = 30 holds (0,30), (30,60) at 60; burn_in keeps deltas beginning at or after N.
+    assert intervals["20"]["first_windows"] == {"paper": 40, "burn_in": 60, "normalized": 40}
+    assert intervals["30"]["first_windows"] == {"paper": 60, "burn_in": None, "normalized": 60}
+    run_summary = read_summary(runs.full)
+    last = {n: [r for r in derived if r["interval"] == n][-1] for n in (20, 30)}
+    for n in (20, 30):
+        entry = intervals[str(n)]
+        for d, events in entry["definitions"].items():
+            for event, step in events.items():
+                key = f"edge/{event}_step_{d}_n{n}"
+                assert run_summary.get(key) == (None if step is None else float(step)), key
+            readout = last[n]["definitions"][d]
+            got = run_summary.get(f"edge/grad_frac_v1_{d}_n{n}")
+            assert got == (None if readout is None else pytest.approx(readout["grad_frac"][0]))
+        fired = {(e["event"], e["definition"], e["step"]) for e in entry["events"]}
+        want = {
+            (event, d, step)
+            for d, events in entry["definitions"].items()
+            for event, step in events.items()
+            if step is not None
+        }
+        assert fired == want
+    # The N = 20 scalars are logged at its windows only (steps 40 and 60).
+    logged = {}
+    for row in read_metrics(runs.full):
+        logged.setdefault(row["step"], set()).update(row)
+    assert [s for s in sorted(logged) if "edge/grad_frac_v1_paper_n20" in logged[s]] == [40, 60]
+    assert runs.edge.state_dict()["derived"].keys() == {"20", "30"}
 
 
 def test_exact_split_matches_an_independent_per_step_record(runs: Runs) -> None:
@@ -267,7 +335,9 @@ def test_resumed_run_logs_what_an_uninterrupted_run_logs(runs: Runs) -> None:
             assert resumed[step][name] == pytest.approx(value, rel=1e-6, abs=1e-12), (step, name)
     rows_full = [r for r in read_analyses(runs.full) if r["step"] > CUT]
     rows_resumed = read_analyses(runs.resumed)
-    assert len(rows_full) == len(rows_resumed) == 7  # 3 windows x 2 rows + the summary
+    # 3 windows x 2 rows, the derived windows (N = 20 at steps 40 and 60, N = 30 at 60;
+    # the N = 20 block open at the cut, step 35, resumes from the checkpoint) + the summary
+    assert len(rows_full) == len(rows_resumed) == 10
     for a, b in zip(rows_full, rows_resumed, strict=True):
         assert _close(a, b), (a, b)
 
@@ -376,6 +446,10 @@ def test_non_finite_parameters_are_skipped_through_capture() -> None:
             ["callbacks.edge_alignment.dominance_threshold=1.5", "> 0 and <= 1"],
         ),
         ("callbacks.gram.top_k=0", ["callbacks.gram.top_k=0", ">= 1"]),
+        (
+            "callbacks.gram.interval_multiples=[2,3]",
+            ["callbacks.gram.interval_multiples=[2, 3]", "contains 1"],
+        ),
         ("callbacks.gram.select=nosuch", ["callbacks.gram.select='nosuch'", "attention"]),
         ("callbacks.gram.buffer_dtype=int8", ["callbacks.gram.buffer_dtype='int8'", "float32"]),
         ("callbacks.gram.phase_at=-1", ["callbacks.gram.phase_at=-1", ">= 0"]),
@@ -439,6 +513,20 @@ def test_state_dicts_survive_weights_only_load(runs: Runs) -> None:
     edge = EdgeAlignmentCallback()
     edge.load_state_dict(json.loads(json.dumps(runs.edge.state_dict())))
     assert edge.state_dict() == runs.edge.state_dict()
+    # The derived intervals' events too, through torch.save / weights_only.
+    buf = io.BytesIO()
+    torch.save(runs.edge.state_dict(), buf)
+    buf.seek(0)
+    edge = EdgeAlignmentCallback()
+    edge.load_state_dict(torch.load(buf, weights_only=True))
+    assert edge.state_dict() == runs.edge.state_dict()
+    assert set(edge.interval_events) == {2 * INTERVAL, 3 * INTERVAL}
+    assert edge.interval_events[2 * INTERVAL].windows == 2
+    # A state written before the derived windows: they start empty.
+    old = {k: v for k, v in runs.edge.state_dict().items() if k != "derived"}
+    edge = EdgeAlignmentCallback()
+    edge.load_state_dict(old)
+    assert edge.interval_events == {} and edge.edge_events.windows == runs.edge.edge_events.windows
 
 
 @pytest.mark.parametrize("interval", ["0", "-50"])

@@ -11,6 +11,7 @@ import torch
 
 from grokedge.spectral import EdgeEvents, WindowProvenance, WindowSpectrum
 from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
+from grokedge.spectral.events import DefinitionEvents
 from grokedge.spectral.provenance import ENTERED
 
 INTERVAL = 100
@@ -161,3 +162,67 @@ def test_state_round_trip_resumes_identically() -> None:
     empty = EdgeEvents()
     empty.load_state_dict({})
     assert empty.state_dict() == EdgeEvents().state_dict()
+
+
+# ------------------------------------------------------------ per-definition events
+
+
+def _feed_definitions(events: DefinitionEvents, steps: list[int]) -> dict[int, dict[str, float]]:
+    """The synthetic windows of ``_feed``, burn_in's missing before step 300 (its first
+    window), as a derived window's events see them."""
+    fired = {}
+    for step in steps:
+        spectra = {d: _spectrum(step, d) for d in EDGE_DEFINITIONS}
+        if step < 300:
+            spectra["burn_in"] = None
+        fired[step] = events.update(step, spectra, _provenance(step))
+    return fired
+
+
+def test_definition_events_name_their_interval_and_record_first_windows() -> None:
+    events = DefinitionEvents(0.5, suffix="_n200", latest_scalars=False)
+    fired = _feed_definitions(events, STEPS)
+    assert events.first_windows == {"paper": 100, "burn_in": 300, "normalized": 100}
+    assert set(fired[100]) == {"edge/grad_frac_v1_paper_n200", "edge/grad_frac_v1_normalized_n200"}
+    assert fired[100]["edge/grad_frac_v1_paper_n200"] == pytest.approx(0.8)
+    for name, (latest, flip, align) in FIRES.items():
+        for event, at in (("flip_latest", latest), ("flip", flip), ("align", align)):
+            key = f"edge/{event}_step_{name}_n200"
+            assert [s for s, v in fired.items() if key in v] == [at], key
+    # burn_in's first window (300) already shows its flip_latest: it fired there.
+    assert events.table()["burn_in"] == {"flip": 400, "flip_latest": 300, "align": 500}
+    assert [(c.step, c.kind) for c in events.dominance.changes] == [(DOMINANT_AT, ENTERED)]
+    rows = {(e["event"], e["definition"]): e for e in events.events(200)}
+    assert len(rows) == 9 and rows[("flip", "paper")]["window_artifact"]
+    assert not rows[("align", "normalized")]["window_artifact"]  # 300 steps after the change
+    assert all(not any(k.startswith("edge/grad_frac_latest") for k in v) for v in fired.values())
+
+
+def test_definition_events_state_round_trip_and_old_states() -> None:
+    whole = DefinitionEvents(0.5, suffix="_n300")
+    _feed_definitions(whole, STEPS)
+    first = DefinitionEvents(0.5, suffix="_n300")
+    _feed_definitions(first, STEPS[:2])  # burn_in has no window yet
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = DefinitionEvents(0.5, suffix="_n300")
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert resumed.state_dict() == first.state_dict()
+    _feed_definitions(resumed, STEPS[2:])
+    assert resumed.state_dict() == whole.state_dict()
+    assert resumed.events(300) == whole.events(300)
+    # An EdgeEvents state written before first_windows: loads; the first windows of a run
+    # already under way are unknown (None), not the first window after the resume.
+    events = EdgeEvents()
+    _feed(events, STEPS[:2])
+    old = events.state_dict()
+    del old["first_windows"], old["first_windows_unknown"]
+    resumed_old = EdgeEvents()
+    resumed_old.load_state_dict(old)
+    _feed(resumed_old, STEPS[2:])
+    assert resumed_old.first_windows == dict.fromkeys(EDGE_DEFINITIONS)
+    assert resumed_old.definition_steps == whole.definition_steps
+    fresh = EdgeEvents()
+    _feed(fresh, STEPS)
+    assert fresh.first_windows == dict.fromkeys(EDGE_DEFINITIONS, 100)

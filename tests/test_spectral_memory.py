@@ -78,15 +78,18 @@ def test_prediction_equals_the_bytes_gram_callback_allocates(
     after = _live_storages()
     new = {ptr: n for ptr, n in after.items() if ptr not in before}
     p = 2 * d * d
-    predicted = window_memory(p, window, top_k, buffer_dtype, param_dtype=param_dtype)
+    multiples = gram.interval_multiples  # the default derives N = 2·N0 and 3·N0 windows too
+    predicted = window_memory(
+        p, window, top_k, buffer_dtype, param_dtype=param_dtype, interval_multiples=multiples
+    )
     # Every p-sized buffer is counted exactly; the only other new storages are the W×W
     # matrices (a few hundred bytes) and the EdgeStates' tiny CPU float64 read-outs.
     big = sum(n for n in new.values() if n >= 4096)
-    assert big == predicted.persistent - predicted.matrices
+    assert big == predicted.persistent - predicted.matrices - predicted.derived_matrices
     assert predicted.matrices in new.values()
-    assert window_memory_bytes(p, window, top_k, buffer_dtype, param_dtype=param_dtype) == (
-        predicted.persistent
-    )
+    assert window_memory_bytes(
+        p, window, top_k, buffer_dtype, param_dtype=param_dtype, interval_multiples=multiples
+    ) == (predicted.persistent)
 
 
 def test_the_leading_term_is_two_w_p_bytes() -> None:

@@ -32,6 +32,7 @@ from grokedge.spectral.decomposition import (
     latest_energy_fractions,
     trapezoid_wd,
 )
+from grokedge.spectral.derived_windows import DerivedWindows, materialise_edge
 from grokedge.spectral.edge import (
     DeltaSource,
     EdgeState,
@@ -51,7 +52,7 @@ from grokedge.spectral.edge_definitions import (
     definition_rows,
     definition_spectrum,
 )
-from grokedge.spectral.events import EdgeEvents
+from grokedge.spectral.events import DefinitionEvents, EdgeEvents
 from grokedge.spectral.geometry import (
     davis_kahan_bound,
     davis_kahan_gap,
@@ -116,6 +117,8 @@ __all__ = [
     "DecoupledWeightDecayTracker",
     "DeltaRecorder",
     "DeltaSource",
+    "DefinitionEvents",
+    "DerivedWindows",
     "EdgeState",
     "EdgeEvents",
     "BucketedEvaluate",
@@ -137,6 +140,7 @@ __all__ = [
     "directional_curvature",
     "directional_curvatures",
     "edge_from_window",
+    "materialise_edge",
     "window_spectrum",
     "WindowSpectrum",
     "BURN_IN",

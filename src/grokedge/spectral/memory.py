@@ -23,10 +23,24 @@ delta's two parts cast to the buffer dtype when it differs from the parameters'
 
 For W = 5, k = 4, float32 everywhere this is (2W + 2k + 3)·4p = 84·p bytes: 8.4 GB at
 p = 10⁸, of which the window is 4 GB.
+
+Each derived window (``callbacks.gram.interval_multiples``: a multiple k >= 2 keeps the
+window of the summed deltas over N = k·N0, ``grokedge.spectral.derived_windows``) adds
+
+==================  ==============================  =====================================
+derived window      [2, W, p] buffer dtype          2·W·p·b_buf
+block accumulator   [2, p] ≥ float32                2·p·max(b_buf, 4)
+its W×W matrices    [3, W, W] float64               24·W²
+its up-cast scratch as the base window's            (0 for float32 buffers)
+==================  ==============================  =====================================
+
+(no edge vectors: its spectra are W×W algebra), so [1, 2, 3] at W = 5, float32, costs
+2·(2W + 2)·4p = 96·p bytes more than [1] (:func:`derived_memory`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,7 +80,11 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class WindowMemory:
-    """Bytes GramCallback holds, by buffer (see the module docstring for the shapes)."""
+    """Bytes GramCallback holds, by buffer (see the module docstring for the shapes).
+
+    ``derived``: the p-sized buffers of the derived windows (their [2, W, p] windows,
+    [2, p] accumulators and up-cast scratches), ``derived_matrices`` their W×W matrices;
+    both 0 for ``interval_multiples`` = [1]."""
 
     window: int
     vectors: int
@@ -76,6 +94,8 @@ class WindowMemory:
     matrices: int
     scratch: int
     transient: int
+    derived: int = 0
+    derived_matrices: int = 0
 
     @property
     def persistent(self) -> int:
@@ -108,6 +128,27 @@ def push_scratch_bytes(rows: int, p: int, buffer_dtype: torch.dtype, device_type
     return rows * scratch_columns(rows, p, device_type) * _itemsize(ACCUM_DTYPE)
 
 
+def derived_memory(
+    p: int,
+    window: int,
+    buffer_dtype: torch.dtype | str,
+    interval_multiples: Sequence[int] = (1,),
+    device_type: str = "cpu",
+) -> tuple[int, int]:
+    """(p-sized bytes, W×W matrix bytes) of the derived windows of ``interval_multiples``
+    (one per k >= 2: a [2, W, p] window, a [2, p] accumulator in at least float32 and the
+    window's up-cast scratch; its [3, W, W] float64 matrices)."""
+    count = sum(1 for k in interval_multiples if k > 1)
+    buf = as_dtype(buffer_dtype)
+    b_acc = _itemsize(torch.promote_types(buf, torch.float32))
+    per_window = (
+        2 * window * p * _itemsize(buf)
+        + 2 * p * b_acc
+        + push_scratch_bytes(2 * window + 2, p, buf, device_type)
+    )
+    return count * per_window, count * 3 * window * window * _itemsize(ACCUM_DTYPE)
+
+
 def window_memory(
     p: int,
     window: int,
@@ -116,6 +157,7 @@ def window_memory(
     *,
     param_dtype: torch.dtype | str = torch.float32,
     device_type: str = "cpu",
+    interval_multiples: Sequence[int] = (1,),
 ) -> WindowMemory:
     """The bytes of each buffer GramCallback allocates for ``p`` selected elements.
 
@@ -127,6 +169,8 @@ def window_memory(
         param_dtype: dtype of the selected parameters (θ_prev and the total-delta scratch
             are kept in it; the WD accumulator in at least float32).
         device_type: ``"cpu"`` or an accelerator (``"cuda"``): sets the scratch size.
+        interval_multiples: ``callbacks.gram.interval_multiples``; each k >= 2 adds a
+            derived window (:func:`derived_memory`).
     """
     if p < 1 or window < 2 or top_k < 1:
         raise ValueError(f"need p >= 1, window >= 2, top_k >= 1; got {p}, {window}, {top_k}")
@@ -140,6 +184,11 @@ def window_memory(
         transient += 2 * p * b_buf  # total.to(buffer dtype), wd.to(buffer dtype)
     if buf == ACCUM_DTYPE:
         transient += 2 * p * _itemsize(ACCUM_DTYPE)  # torch.stack of the two new parts
+    derived, derived_matrices = derived_memory(p, window, buf, interval_multiples, device_type)
+    if derived and torch.promote_types(buf, torch.float32) != buf:
+        # A derived push casts its float32 accumulator to the buffer dtype (after the
+        # base push: the peaks do not add up).
+        transient = max(transient, 2 * p * b_buf)
     return WindowMemory(
         window=2 * window * p * b_buf,
         vectors=2 * top_k * p * b_buf,
@@ -149,6 +198,8 @@ def window_memory(
         matrices=3 * window * window * _itemsize(ACCUM_DTYPE),
         scratch=push_scratch_bytes(rows, p, buf, device_type),
         transient=transient,
+        derived=derived,
+        derived_matrices=derived_matrices,
     )
 
 
@@ -160,17 +211,26 @@ def window_memory_bytes(
     *,
     param_dtype: torch.dtype | str = torch.float32,
     device_type: str = "cpu",
+    interval_multiples: Sequence[int] = (1,),
 ) -> int:
-    """Persistent bytes GramCallback allocates: ≈ (2W + 2k)·p·b_buf + 3·p·b_θ + O(W²).
+    """Persistent bytes GramCallback allocates: ≈ (2W + 2k)·p·b_buf + 3·p·b_θ + O(W²),
+    plus ≈ (2W + 2)·p·b_buf per derived window (each k >= 2 of ``interval_multiples``).
 
     The window's [2, W, p] deltas, two [k, p] edge-vector buffers, θ at the last capture,
-    the total-delta scratch, the WD accumulator, the W×W matrices and the up-cast scratch
-    (:func:`window_memory` itemises them; a capture adds its ``transient`` on top).
+    the total-delta scratch, the WD accumulator, the W×W matrices, the up-cast scratch
+    and the derived windows (:func:`window_memory` itemises them; a capture adds its
+    ``transient`` on top).
 
     Example:
         >>> window_memory_bytes(1_000_000, window=5, top_k=4, buffer_dtype="float32")
         84000600
     """
     return window_memory(
-        p, window, top_k, buffer_dtype, param_dtype=param_dtype, device_type=device_type
+        p,
+        window,
+        top_k,
+        buffer_dtype,
+        param_dtype=param_dtype,
+        device_type=device_type,
+        interval_multiples=interval_multiples,
     ).persistent

@@ -11,7 +11,11 @@ docs/design.md, "data flow" steps 2-3), usable from any training loop:
   wd = the accumulator, grad = total − wd (implicit), pushes it into an ``UpdateWindow``
   (incremental W×W Grams) and publishes an ``EdgeState`` (σ, top-k edge vectors, the
   per-delta projections of the grad and wd parts on each v_k), the spectra under every
-  edge definition and the raw window's provenance.
+  edge definition and the raw window's provenance;
+- with ``interval_multiples`` [1, k, ...], each delta is also added to the blocks of the
+  derived windows (:class:`grokedge.spectral.derived_windows.DerivedWindows`): every
+  k-th delta closes a delta over k·N and that window's spectra are published (W×W
+  algebra only), so one run gives every Gram interval N = k·N0.
 
 All p-sized work stays on the parameters' device (or ``buffer_device``); only W×W
 matrices and scalars reach the host.
@@ -36,6 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from grokedge.spectral.derived_windows import DerivedWindows, check_interval_multiples
 from grokedge.spectral.edge import EdgeState, WindowSpectrum
 from grokedge.spectral.edge_definitions import (
     NORMALIZED,
@@ -52,9 +57,13 @@ from grokedge.spectral.sharding import (
     LocalCollective,
     Shard,
     default_collective,
+    gather_whole,
+    gather_window_state,
     reduced_window_matrices,
+    slice_window_state,
     to_comm_device,
 )
+from grokedge.spectral.sharding import partial_matrices as partial_matrices  # re-exported
 from grokedge.spectral.weight_decay import DecoupledWeightDecayTracker
 from grokedge.spectral.window import MIN_WINDOW, UpdateWindow
 
@@ -100,6 +109,13 @@ class DeltaRecorder:
         select: the selection the parameters came from, stored in the state and named in
             errors (informational).
         key: prefix of error and warning messages (a config key, e.g. ``callbacks.gram``).
+        interval_multiples: the Gram intervals N = k·``interval`` recorded from this run
+            (a list of distinct integers >= 1 containing 1; default [1]: the base window
+            only, nothing else allocated or computed). Each k >= 2 keeps a derived window
+            of the sums of k consecutive deltas (:attr:`derived`,
+            :class:`~grokedge.spectral.derived_windows.DerivedWindows`), with its spectra
+            under every definition at each completed block; the base window and its
+            numbers are the same whatever the multiples.
 
     Shapes and units: p = number of recorded elements (n on this rank's slice); each
     delta is [p] in parameter units; σ_j in parameter units; Gram entries in squared
@@ -114,6 +130,9 @@ class DeltaRecorder:
         evicted_dot: δ'_evicted · δ'_newest of the latest push in ``edge``'s rows
             (``None`` when its window grew), relating ``previous`` and ``edge``.
         skipped_deltas: non-finite deltas skipped so far.
+        derived: the derived windows (``None`` for ``interval_multiples`` = [1]): their
+            newest ``spectra``/``provenance``/``steps`` keyed by k, ``published`` (the k
+            published by the latest push) and ``edge(k, definition)`` on demand.
 
     ``edge.vectors`` and ``previous.vectors`` live in two preallocated [top_k, n] buffers
     that alternate: a state's vectors are overwritten two windows later (copy to keep).
@@ -147,12 +166,19 @@ class DeltaRecorder:
         collective: Collective | None = None,
         select: Any = None,
         key: str = "recorder",
+        interval_multiples: Sequence[int] = (1,),
     ) -> None:
+        self.interval_multiples = check_interval_multiples(
+            f"{key}.interval_multiples", interval_multiples
+        )
         self.interval = interval
         self.window_size = window
         self.top_k = top_k
         self.edge_definition = edge_definition
         self.start_step = interval if start_step is None else start_step
+        # Whether the user set it: a derived window's burn-in is then the same step, else
+        # one interval of that window (k·N0), as a direct run at k·N0 would use.
+        self._explicit_start_step = start_step
         self.allow_inexact_split = allow_inexact_split
         self.buffer_dtype = buffer_dtype
         self.buffer_device = buffer_device
@@ -161,7 +187,8 @@ class DeltaRecorder:
         self.select = select
         self.key = key
 
-        self.shard: Shard | None = None  # this rank's slice, set by attach
+        self.derived: DerivedWindows | None = None
+        self._shard: Shard | None = None  # this rank's slice, set by attach
         self.predicted_bytes: int | None = None
         self.edge: EdgeState | None = None
         self.previous: EdgeState | None = None
@@ -184,6 +211,18 @@ class DeltaRecorder:
         self._total_views: list[Tensor] = []
         self._handle: RemovableHandle | None = None
         self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def shard(self) -> Shard | None:
+        """This rank's slice (after :meth:`attach`); the derived windows share it."""
+        return self._shard
+
+    @shard.setter
+    def shard(self, value: Shard | None) -> None:
+        # Replacing the shard (e.g. another process group) replaces the derived windows'.
+        self._shard = value
+        if self.derived is not None and value is not None:
+            self.derived.shard = value
 
     def make_tracker(
         self,
@@ -272,6 +311,19 @@ class DeltaRecorder:
             torch.empty(self.top_k, shard.n, dtype=self.window.dtype, device=buffer_device)
             for _ in range(2)
         ]
+        self.derived = None
+        if len(self.interval_multiples) > 1:
+            self.derived = DerivedWindows(
+                self.interval,
+                self.interval_multiples,
+                self.window_size,
+                self.top_k,
+                shard.n,
+                start_step=self._explicit_start_step,
+                shard=shard,
+                device=buffer_device,
+                dtype=self.window.dtype,
+            )
         self.predicted_bytes = window_memory_bytes(
             shard.n,
             self.window_size,
@@ -279,6 +331,7 @@ class DeltaRecorder:
             self.buffer_dtype,
             param_dtype=dtype,
             device_type=buffer_device.type,
+            interval_multiples=self.interval_multiples,
         )
         self.tracker = self.make_tracker(optimizer, named, shard.start, shard.stop)
         self._handle = self.tracker.register()
@@ -299,8 +352,9 @@ class DeltaRecorder:
             self._handle = None
 
     def describe_buffers(self) -> str:
-        """The predicted buffer memory in words, e.g. ``16.5 MiB of buffers (p = 131,072;
-        W = 5, top_k = 4, float32)`` (after :meth:`attach`)."""
+        """The predicted buffer memory in words, e.g. ``22.5 MiB of buffers (p = 131,072;
+        W = 5, top_k = 4, float32; with derived windows N = 200, 300)`` (after
+        :meth:`attach`; the derived windows' part is included and named)."""
         assert self.shard is not None and self.predicted_bytes is not None
         shard = self.shard
         where = (
@@ -308,9 +362,13 @@ class DeltaRecorder:
             if shard.sharded
             else f"p = {shard.p:,}"
         )
+        derived = ""
+        if self.derived is not None:
+            intervals = ", ".join(str(self.derived.interval(k)) for k in self.derived.multiples)
+            derived = f"; with derived windows N = {intervals}"
         return (
             f"{self.predicted_bytes / 2**20:,.1f} MiB of buffers ({where}; "
-            f"W = {self.window_size}, top_k = {self.top_k}, {self.buffer_dtype})"
+            f"W = {self.window_size}, top_k = {self.top_k}, {self.buffer_dtype}{derived})"
         )
 
     @torch.no_grad()
@@ -338,12 +396,32 @@ class DeltaRecorder:
         A delta with any non-finite entry in either part is skipped, counted in
         ``skipped_deltas`` and warned about; the window, ``edge`` and ``previous`` stay
         as they were. Returns whether the delta was pushed.
+
+        With derived windows the delta is then added to their blocks (after the base
+        window's push and publish, which it never changes); a completed block is pushed
+        to its window and published (``derived.published``), one that holds a skipped
+        delta is discarded.
         """
         assert self.window is not None and self.shard is not None
         # The push's own dot products detect NaN/inf (one host sync of a 2×2 matrix);
         # sharded, their sum over ranks, so that all ranks skip or push together.
         reduce = self.reduce if self.shard.sharded else None
         span = None if begin is None else (int(begin), int(step))
+        pushed = self._push_base(total, wd, step, reduce, span)
+        if self.derived is not None:
+            self.derived.feed(total, wd, step, begin, pushed, reduce)
+        return pushed
+
+    def _push_base(
+        self,
+        total: Tensor,
+        wd: Tensor,
+        step: int,
+        reduce: Any,
+        span: tuple[int, int] | None,
+    ) -> bool:
+        """The base window's push and publish (:meth:`push_delta`)."""
+        assert self.window is not None
         if not self.window.push(total, wd, check_finite=True, reduce=reduce, span=span):
             self.skipped_deltas += 1
             warnings.warn(
@@ -351,7 +429,7 @@ class DeltaRecorder:
                 f"({self.skipped_deltas} so far); the window keeps its "
                 f"{self.window.count} earlier deltas",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,  # push_delta's caller
             )
             return False
         if self.window.count >= MIN_WINDOW:
@@ -398,6 +476,14 @@ class DeltaRecorder:
         # window kept its size (otherwise the burn-in had excluded it: the window grew).
         return evicted if self.edge.count == self.previous.count else None
 
+    def start_step_for(self, multiple: int) -> int:
+        """The burn-in (optimizer steps) of the window of interval ``multiple``·N0:
+        ``start_step`` for the base window (k = 1); for a derived window the user's
+        ``start_step`` if set, else one interval of that window, k·N0."""
+        if multiple == 1 or self._explicit_start_step is not None:
+            return self.start_step
+        return multiple * self.interval
+
     def edge_step(self) -> int | None:
         """Step of the newest published window (its spectra exist even while a burn-in
         leaves ``edge`` empty)."""
@@ -435,8 +521,10 @@ class DeltaRecorder:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and primitives only (``torch.load(weights_only=True)`` safe): θ at the
-        last capture, the window's buffers and matrices, the WD accumulator. Collective
-        when sharded (every rank must call it; the vectors come back whole, on the CPU)."""
+        last capture, the window's buffers and matrices, the WD accumulator, the
+        ``interval_multiples`` and the derived windows (``derived``: ``None`` without
+        any). Collective when sharded (every rank must call it; the vectors come back
+        whole, on the CPU)."""
         if self.window is None or self.tracker is None or self._theta_prev is None:
             return dict(self._pending_state or {})
         if self.shard is not None and self.shard.sharded:
@@ -452,31 +540,24 @@ class DeltaRecorder:
             "theta_prev": self._theta_prev,
             "window": self.window.state_dict(),
             "tracker": self.tracker.state_dict(),
+            "interval_multiples": list(self.interval_multiples),
+            "derived": None if self.derived is None else self.derived.state_dict(),
         }
 
     @torch.no_grad()
     def _sharded_state_dict(self) -> dict[str, Any]:
         """Every p-sized buffer gathered whole, so that the state resumes on any number of
-        ranks, the window's matrices summed (what one process would hold), and each
-        rank's own partial matrices, restored bit for bit on the same number of ranks."""
+        ranks, the windows' matrices summed (what one process would hold), and each
+        rank's own partial matrices, restored bit for bit on the same number of ranks
+        (``sharding.gather_window_state``, for the base and the derived windows alike)."""
         assert self.window is not None and self.tracker is not None and self.shard is not None
         assert self._theta_prev is not None
         shard = self.shard
-        window = self.window.state_dict()
-        partial = window["matrices"]
-        deltas = shard.gather(_comm(shard, window["deltas"])).to("cpu")
-        theta_prev = shard.gather(_comm(shard, self._theta_prev)).to("cpu")
+        window, rank_matrices = gather_window_state(self.window, shard)
+        theta_prev = gather_whole(shard, self._theta_prev)
         tracker = dict(self.tracker.state_dict())
-        tracker["accumulated"] = shard.gather(_comm(shard, tracker["accumulated"])).to("cpu")
+        tracker["accumulated"] = gather_whole(shard, tracker["accumulated"])
         tracker["start"], tracker["stop"] = 0, shard.p
-        per_rank = torch.stack(shard.collective.all_gather(_comm(shard, partial.reshape(-1)))).to(
-            "cpu"
-        )
-        window.update(
-            p=shard.p,
-            deltas=deltas,
-            matrices=per_rank.sum(0).reshape(partial.shape),
-        )
         return {
             "version": SHARDED_STATE_VERSION,
             "select": self.select,
@@ -489,21 +570,20 @@ class DeltaRecorder:
             "window": window,
             "tracker": tracker,
             "world_size": shard.world_size,
-            "rank_matrices": per_rank.reshape(shard.world_size, *partial.shape),
+            "rank_matrices": rank_matrices,
+            "interval_multiples": list(self.interval_multiples),
+            "derived": None if self.derived is None else self.derived.state_dict(),
         }
 
     def _slice_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """A whole-vector state cut down to this rank's slice (any world size wrote it)."""
+        """A whole-vector state cut down to this rank's slice (any world size wrote it);
+        the derived windows are cut by :meth:`DerivedWindows.load_state_dict`."""
         assert self.shard is not None and self.window is not None
         shard = self.shard
-        window = dict(state["window"])
-        deltas = shard.take(window["deltas"]).contiguous()
-        if int(state.get("world_size", 1)) == shard.world_size and "rank_matrices" in state:
-            matrices = state["rank_matrices"][shard.rank]
-        else:
-            # Another layout wrote it: this slice's partial matrices from its deltas.
-            matrices = partial_matrices(deltas)
-        window.update(p=shard.n, deltas=deltas, matrices=matrices)
+        same_layout = int(state.get("world_size", 1)) == shard.world_size
+        # Another layout wrote it: this slice's partial matrices from its deltas.
+        ranks = state.get("rank_matrices") if same_layout else None
+        window = slice_window_state(state["window"], shard, ranks)
         tracker = dict(state["tracker"])
         tracker["accumulated"] = shard.take(tracker["accumulated"]).contiguous()
         tracker["start"], tracker["stop"] = shard.start, shard.stop
@@ -536,6 +616,17 @@ class DeltaRecorder:
                 f"{key}.select={self.select!r} selects p={self.shard.p} elements; the "
                 f"checkpoint's window has p={state['p']}"
             )
+        # Absent in checkpoints written before the derived windows: those resume with
+        # the derived windows starting empty.
+        saved_multiples = state.get("interval_multiples")
+        if saved_multiples is not None and (
+            tuple(int(k) for k in saved_multiples) != self.interval_multiples
+        ):
+            raise ValueError(
+                f"{key}.interval_multiples={list(self.interval_multiples)} differs from the "
+                f"checkpoint's {list(saved_multiples)}; resume with the same "
+                "interval_multiples"
+            )
         if self.shard.sharded:
             state = self._slice_state(state)
         # Unsharded, a sharded run's state loads as it is: its whole vectors and summed
@@ -565,6 +656,12 @@ class DeltaRecorder:
             self._publish(int(edge_step))
         self.previous = None
         self.evicted_dot = None
+        if self.derived is not None:
+            derived = state.get("derived")
+            if derived is None:
+                self.derived.reset()  # an older checkpoint: the derived windows start empty
+            else:
+                self.derived.load_state_dict(derived)  # collective when sharded
 
 
 # ------------------------------------------------------------------------ read-outs
@@ -601,14 +698,3 @@ def spectrum_row(state: EdgeState) -> dict[str, Any]:
         "kstar_weighted": int(scalars["gram/kstar_weighted"]),
         "ratio": scalars["gram/ratio"],
     }
-
-
-def _comm(shard: Shard, tensor: Tensor) -> Tensor:
-    return to_comm_device(shard, tensor.detach())
-
-
-def partial_matrices(deltas: Tensor) -> Tensor:
-    """[3, W, W] float64 (G, C, X_wd X_wdᵀ in ring order) of a window slice's buffer
-    [2, W, n] — what its incremental pushes would have accumulated, up to summation order."""
-    total, wd = deltas[0].to(torch.float64), deltas[1].to(torch.float64)
-    return torch.stack([total @ total.T, wd @ total.T, wd @ wd.T])

@@ -274,6 +274,55 @@ def to_comm_device(shard: Shard, tensor: Tensor) -> Tensor:
     return tensor if _needs_device(shard) else tensor.to("cpu")
 
 
+# ------------------------------------------------------------- checkpoint states
+
+
+def gather_whole(shard: Shard, part: Tensor) -> Tensor:
+    """Whole vectors [..., p] on the CPU from this rank's slices [..., n]. Collective."""
+    return shard.gather(to_comm_device(shard, part.detach())).to("cpu")
+
+
+def partial_matrices(deltas: Tensor) -> Tensor:
+    """[3, W, W] float64 (G, C, X_wd X_wdᵀ in ring order) of a window slice's buffer
+    [2, W, n] — what its incremental pushes would have accumulated, up to summation order."""
+    total, wd = deltas[0].to(torch.float64), deltas[1].to(torch.float64)
+    return torch.stack([total @ total.T, wd @ total.T, wd @ wd.T])
+
+
+def gather_window_state(window: UpdateWindow, shard: Shard) -> tuple[dict[str, Any], Tensor]:
+    """A sliced window's state as one process would hold it, and each rank's own part.
+
+    Collective (every rank calls it for the same windows in the same order).
+
+    Returns:
+        (``UpdateWindow.state_dict`` with the whole deltas [2, W, p] gathered to the CPU
+        and the matrices [3, W, W] summed over ranks, so that it resumes on any number of
+        ranks; the per-rank partial matrices [world_size, 3, W, W], restored bit for bit
+        on the same number of ranks by :func:`slice_window_state`).
+    """
+    state = dict(window.state_dict())
+    partial = state["matrices"]
+    deltas = gather_whole(shard, state["deltas"])
+    flat = to_comm_device(shard, partial.detach().reshape(-1))
+    per_rank = torch.stack(shard.collective.all_gather(flat)).to("cpu")
+    state.update(p=shard.p, deltas=deltas, matrices=per_rank.sum(0).reshape(partial.shape))
+    return state, per_rank.reshape(shard.world_size, *partial.shape)
+
+
+def slice_window_state(
+    state: dict[str, Any], shard: Shard, rank_matrices: Tensor | None = None
+) -> dict[str, Any]:
+    """A whole-vector window state (:func:`gather_window_state`, or one process's) cut to
+    this rank's slice. ``rank_matrices``: the writer's per-rank partial matrices when it
+    ran on as many ranks as this one (restored bit for bit); ``None``: this slice's
+    partial matrices recomputed from its deltas (:func:`partial_matrices`)."""
+    out = dict(state)
+    deltas = shard.take(out["deltas"]).contiguous()
+    matrices = partial_matrices(deltas) if rank_matrices is None else rank_matrices[shard.rank]
+    out.update(p=shard.n, deltas=deltas, matrices=matrices)
+    return out
+
+
 # ---------------------------------------------------------------------- random draws
 
 
