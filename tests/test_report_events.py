@@ -285,6 +285,33 @@ def test_a_grok_definition_that_changes_a_verdict_is_reported() -> None:
     assert E.sensitivity_table(E.grok_sensitivity(sweep(lambda g, n, d: detect(g, n)))) is None
 
 
+def test_a_grok_definition_under_which_too_few_grokked_is_not_a_change() -> None:
+    """A threshold that no run reaches leaves every trajectory ungrokked under it: its
+    verdict is 'inconclusive' for want of trajectories, which is not a change of verdict."""
+    jitter = _jitter(8, 20)
+    runs = [
+        _run(
+            str(i),
+            i,
+            g,
+            NS,
+            lambda g, n, d: detect(g + jitter(g), n),
+            grok_steps={"0.90/1": g, "0.99/1": None},
+        )
+        for i, g in enumerate(GROKS)
+    ]
+    events = [E.run_events(r) for r in runs]
+    flip = {s.key: s for s in E.grok_sensitivity(events)}[("flip", "paper")]  # type: ignore[arg-type]
+    assert flip.verdicts["0.99/1"] == E.INCONCLUSIVE
+    assert flip.grokked["0.99/1"] == 0 and flip.grokked["0.90/1"] == len(GROKS)
+    assert not flip.decided("0.99/1") and flip.decided("0.90/1")
+    assert not flip.changes
+    table = E.sensitivity_table([flip])
+    assert table is not None
+    assert table.rows[0][-1] == "no"
+    assert "(0 grokked)" in table.rows[0][-2]
+
+
 # --------------------------------------------------------------- against brute force
 
 

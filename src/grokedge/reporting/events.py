@@ -57,7 +57,7 @@ from grokedge.reporting.tables import Table, fmt
 from grokedge.spectral.edge_definitions import BURN_IN, EDGE_DEFINITIONS, PAPER
 from grokedge.spectral.events import DEFINITION_EVENTS
 from grokedge.spectral.window import MIN_WINDOW
-from grokedge.wandb_setup import SEED_KEYS
+from grokedge.wandb_setup import NOT_CONFIGURATION_KEYS
 
 SUMMARY = "edge_summary"
 DEFINITIONS = EDGE_DEFINITIONS
@@ -345,13 +345,14 @@ class Trajectory:
 
 def trajectory_key(ev: RunEvents) -> tuple[Any, ...]:
     """What makes runs one training: task, seed, ω, grok step, W and every override but
-    the Gram interval's. The grok step is part of it because runs that do not share it
-    cannot be one training (e.g. a sweep whose seeds were not recorded)."""
+    the Gram interval's (and ``seed=``, ``resume=``). The grok step is part of it because
+    runs that do not share it cannot be one training (e.g. a sweep whose seeds were not
+    recorded)."""
     overrides = tuple(
         sorted(
             o
             for o in ev.run.overrides
-            if o.split("=", 1)[0].lstrip("+~") not in INTERVAL_OVERRIDES | SEED_KEYS
+            if o.split("=", 1)[0].lstrip("+~") not in INTERVAL_OVERRIDES | NOT_CONFIGURATION_KEYS
         )
     )
     return (ev.run.task, ev.run.seed, ev.run.weight_decay, ev.grok_step, ev.window, overrides)
@@ -717,29 +718,43 @@ class Sensitivity:
 
     Attributes:
         verdicts: {grok definition: verdict}, :data:`RUN_GROK` first.
-        changes: whether they are not all the same.
+        grokked: {grok definition: trajectories that grokked under it}.
+        min_grokked: the fewest grokked trajectories a verdict needs (``min_trajectories``);
+            a grok definition under which fewer grokked (e.g. a threshold no run reaches)
+            decides nothing and is left out of :attr:`changes`.
     """
 
     event: str
     definition: str
     verdicts: dict[str, str]
+    grokked: dict[str, int] = field(default_factory=dict)
+    min_grokked: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.event, self.definition)
 
+    def decided(self, grok_definition: str) -> bool:
+        """Whether enough trajectories grokked under ``grok_definition`` to judge."""
+        return self.grokked.get(grok_definition, self.min_grokked) >= self.min_grokked
+
     @property
     def changes(self) -> bool:
-        return len(set(self.verdicts.values())) > 1
+        """Whether the verdicts under the grok definitions that decide differ."""
+        return len({v for g, v in self.verdicts.items() if self.decided(g)}) > 1
 
 
 def grok_sensitivity(events: list[RunEvents]) -> list[Sensitivity]:
     """The verdicts once per grok definition (:func:`grok_definitions`)."""
-    by_grok = {g: timing_fits(events, g) for g in grok_definitions(events)}
+    definitions = grok_definitions(events)
+    by_grok = {g: timing_fits(events, g) for g in definitions}
+    trajs = trajectories(events)
+    grokked = {g: sum(t.grok(g) is not None for t in trajs) for g in definitions}
+    least = int(timing_thresholds()["min_trajectories"])
     out = []
     for i, fit in enumerate(by_grok[RUN_GROK]):
         verdicts = {g: fits[i].verdict for g, fits in by_grok.items()}
-        out.append(Sensitivity(fit.event, fit.definition, verdicts))
+        out.append(Sensitivity(fit.event, fit.definition, verdicts, grokked, least))
     return out
 
 
@@ -855,7 +870,10 @@ def sensitivity_table(sensitivity: list[Sensitivity]) -> Table | None:
         [
             s.event,
             s.definition,
-            *(s.verdicts[k] for k in keys),
+            *(
+                s.verdicts[k] if s.decided(k) else f"{s.verdicts[k]} ({s.grokked[k]} grokked)"
+                for k in keys
+            ),
             "**yes**" if s.changes else "no",
         ]
         for s in sensitivity
@@ -865,7 +883,9 @@ def sensitivity_table(sensitivity: list[Sensitivity]) -> Table | None:
         ["event", "definition", *(f"grok {k}" for k in keys), "changes"],
         rows,
         note=f"grok {RUN_GROK}: each run's own grok_step; threshold/patience: summary.json's "
-        "grok_steps (first of `patience` consecutive evaluations at or above the threshold).",
+        "grok_steps (first of `patience` consecutive evaluations at or above the threshold). "
+        "A grok definition under which fewer trajectories grokked than a verdict needs "
+        "(min_trajectories) shows how many did and is left out of 'changes'.",
     )
 
 
