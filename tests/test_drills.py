@@ -1,6 +1,8 @@
 """Failure drills (issue 6): what real clusters do to runs, each with real Trainers and files.
 
-- resume equivalence of the full stack (callbacks=full) after a crash mid-interval;
+- resume equivalence of the full stack (callbacks=full) after a crash mid-interval, and after
+  a SIGKILL with an analysis in flight in the worker (a single run, and a sweep job resumed
+  in place): the resumed directory is the whole run (issue 20);
 - determinism: two CPU runs with the same seed;
 - a non-finite update or loss injected mid-run: skipped, counted, the window intact;
 - a sweep in which jobs fail: the others finish, each its own W&B run, failures recorded;
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from grokedge.functional import analysed_module
 from grokedge.run_files import NonFiniteLossError, read_metrics, read_summary
 from grokedge.spectral.window import F32_BLOCK
 from grokedge.train import Run, build, compose, fit
+from tests.conftest import run_cli
 
 TESTS = Path(__file__).resolve().parent
 
@@ -50,6 +54,18 @@ class CrashAt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step == self.at_step:
             raise RuntimeError(f"drill crash at step {self.at_step}")
+
+
+class KillAt(L.Callback):
+    """SIGKILL this process at the end of optimizer step ``at_step``: no exception, no
+    ``finally``, no summary; the files hold what was flushed (a job killed by a cluster)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ThetaRecorder(L.Callback):
@@ -98,13 +114,41 @@ def _untimed(rows: list[dict]) -> list[dict]:
     return [strip(r) for r in rows]
 
 
-def assert_continues(full: list[dict], resumed: list[dict], after: int = 45) -> None:
-    """``resumed`` is the tail of ``full`` that follows the checkpoint at step ``after``:
-    every row of ``full`` past ``after``, and the rows at ``after`` that were written after
-    the checkpoint was saved (e.g. the loss of the next batch), identical in order and value."""
-    assert resumed, "the resumed run wrote nothing"
-    assert resumed[0]["step"] >= after and len(resumed) >= len(_rows_after(full, after))
-    assert resumed == full[len(full) - len(resumed) :]
+SUMMARY_TIMING_FIELDS = ("wall_s",)
+"""summary.json fields a resumed run cannot share with an uninterrupted one: the process's
+wall time; ``resumed_from`` (where its rows up to the checkpoint came from) is compared
+on its own."""
+
+
+def assert_same_run_files(full: Path, resumed: Path, kill_step: int, ckpt_step: int) -> None:
+    """``resumed`` (a run directory resumed from a checkpoint at ``ckpt_step`` of a run
+    stopped at ``kill_step``) holds what the uninterrupted ``full`` holds: every row of
+    metrics.jsonl (exact: every float bit), every row of analyses.jsonl but for its wall
+    times (:func:`_untimed`), in the same order, and summary.json but for
+    :data:`SUMMARY_TIMING_FIELDS` and ``resumed_from``."""
+    full_metrics, resumed_metrics = read_metrics(full), read_metrics(resumed)
+    # The check can fail: the uninterrupted run has rows on both sides of the checkpoint
+    # (the resumed run alone would start at it), and past the stop.
+    steps = [r["step"] for r in full_metrics]
+    assert min(steps) < ckpt_step < kill_step < max(steps)
+    assert resumed_metrics == full_metrics
+    full_rows, resumed_rows = read_analyses(full), read_analyses(resumed)
+    row_steps = [r["step"] for r in full_rows]
+    assert min(row_steps) < ckpt_step < kill_step < max(row_steps)
+    assert _untimed(resumed_rows) == _untimed(full_rows)
+    expected, got = read_summary(full), read_summary(resumed)
+    assert got["status"] == expected["status"] == "ok"
+    for key in SUMMARY_TIMING_FIELDS:
+        assert isinstance(got.pop(key), float) and isinstance(expected.pop(key), float)
+    assert got.pop("resumed_from")[-1]["step"] == ckpt_step
+    assert got == expected
+    # Every analysis scalar of the run is there (the issue: 51 of 66 were missing).
+    analysis_keys = [k for k in expected if k.split("/")[0] in ANALYSIS_SCALARS]
+    assert {k.split("/")[0] for k in analysis_keys} >= ANALYSIS_SCALARS, analysis_keys
+
+
+ANALYSIS_SCALARS = {"ablation", "perturb", "curvature", "probe", "wd", "gram", "edge"}
+"""Prefixes of the scalars callbacks=full logs (with the cadences of the drills below)."""
 
 
 def assert_window_is_brute_force(gram: GramCallback, expected: list[torch.Tensor]) -> None:
@@ -156,8 +200,9 @@ def test_full_stack_resumed_after_a_crash_writes_what_an_uninterrupted_run_write
     tmp_path: Path,
 ) -> None:
     """Crash at step 52 (mid-interval, after the checkpoint at 45, also mid-interval),
-    resume from last.ckpt: every metric row and every analyses.jsonl row after step 45 is
-    identical (exact equality: same float bits) to those of a run that never crashed."""
+    resume from last.ckpt into a new directory: it holds every metric row and every
+    analyses.jsonl row of a run that never crashed (exact equality: same float bits), and
+    its summary; the crashed directory's summary says it was interrupted, and by whom."""
     full = _build(tmp_path, FULL, "full")
     fit(full)
 
@@ -173,7 +218,6 @@ def test_full_stack_resumed_after_a_crash_writes_what_an_uninterrupted_run_write
 
     resumed = _build(tmp_path, [*FULL, f"resume={ckpt}"], "resumed")
     fit(resumed)
-    assert read_summary(resumed.run_dir)["status"] == "ok"
 
     full_metrics = read_metrics(full.run_dir)
     # Before the crash the crashed run is the full run (same trajectory, same analyses).
@@ -181,22 +225,155 @@ def test_full_stack_resumed_after_a_crash_writes_what_an_uninterrupted_run_write
     # (a prefix: the rows of the batch in flight when it raised are lost with it).
     assert crashed_metrics == full_metrics[: len(crashed_metrics)]
     assert crashed_metrics[-1]["step"] >= CRASH_STEP - 2
-    resumed_metrics = read_metrics(resumed.run_dir)
-    # A resumed fit logs GramCallback's predicted buffer size once, at step 0 (a constant).
-    assert resumed_metrics[0] == next(r for r in full_metrics if "gram/predicted_bytes" in r)
-    assert_continues(full_metrics, resumed_metrics[1:])
     # The batch loss is stamped with the step of the weights it was computed at.
     loss_steps = [r["step"] for r in full_metrics if "train/batch_loss" in r]
     assert loss_steps == [0, 25, 50], loss_steps
-    assert [r["step"] for r in resumed_metrics if "train/batch_loss" in r] == [50]
-
-    full_rows = read_analyses(full.run_dir)
-    resumed_rows = read_analyses(resumed.run_dir)
-    kinds = {r["analysis"] for r in _rows_after(full_rows, CKPT_STEP)}
+    kinds = {r["analysis"] for r in _rows_after(read_analyses(full.run_dir), CKPT_STEP)}
     # Every analysis of callbacks=full ran after the resume point.
     assert {"gram_spectrum", "ablation", "perturbation", "probe", "wd_removal"} <= kinds, kinds
-    # Rows record how long their analysis took ("seconds"): wall time, not a result.
-    assert_continues(_untimed(full_rows), _untimed(resumed_rows))
+    assert_same_run_files(full.run_dir, resumed.run_dir, CRASH_STEP, CKPT_STEP)
+
+    interrupted = read_summary(crashed.run_dir)
+    assert interrupted["status"] == "interrupted"
+    assert interrupted["resumed_by"] == [str(resumed.run_dir.resolve())]
+    assert interrupted["resumed_at_step"] == CKPT_STEP
+    assert interrupted["error"] == f"RuntimeError: drill crash at step {CRASH_STEP}"  # kept
+
+
+# --------------------------------------------------------- SIGKILL, worker in flight
+
+KILL_STEP, KILL_CKPT_STEP = 56, 40
+KILLED = [
+    *SMALL,
+    "progress_bar.refresh_rate=0",
+    "callbacks=full",
+    "task.grok.threshold=0.3",  # "groks" at the first evaluation: the at-grok analyses run
+    "callbacks.gram.window=3",
+    "callbacks.ablation.every=20",  # 20, 40 (in the worker when the checkpoint is saved), 60
+    "callbacks.ablation.n_sequences=20",
+    "callbacks.ablation.n_random=2",
+    "callbacks.perturbation.every=28",  # 28 (collected at the checkpoint), 56: in flight
+    "callbacks.perturbation.background_steps=100",  # ... at the kill: written at the end
+    "callbacks.perturbation.n_sequences=20",
+    "callbacks.perturbation.grid_points=3",
+    "callbacks.perturbation.n_directions=2",
+    "callbacks.probe.every=25",  # 25, 50: written at 55, between the checkpoint and the kill
+    "callbacks.probe.background_steps=5",
+    "callbacks.probe.kinds=[linear]",
+    "callbacks.probe.n_sequences=30",
+    "callbacks.probe.folds=2",
+    "callbacks.gap_flow.every=20",
+    "callbacks.wd_removal.at_step=25",
+    "callbacks.wd_removal.every=10",
+    "callbacks.wd_removal.n_sequences=30",
+    "callbacks.wd_removal.folds=2",
+    # The user's case: the checkpoint at an evaluation step that closes a Gram window.
+    f"checkpoint.every_n_train_steps={KILL_CKPT_STEP}",
+    "trainer.log_every_n_steps=25",
+    "trainer.max_steps=70",
+]
+KILL = ["+callbacks.kill._target_=test_drills.KillAt", f"+callbacks.kill.at_step={KILL_STEP}"]
+
+
+def _kill_env() -> dict[str, str]:
+    """Tests on PYTHONPATH (test_drills.KillAt) and the analyses forced into the worker
+    (on a 2-core machine "auto" would use it too; elsewhere it might not)."""
+    return {"PYTHONPATH": _test_path(), "GROKEDGE_BACKGROUND": "true"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of the drills' configuration, trained without interruption."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = run_cli([*KILLED, f"hydra.run.dir={run_dir}"], run_dir.parent, env=_kill_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _killed(cli, cwd: Path, args: list[str], multirun: bool = False) -> None:
+    """Run ``args`` (with :data:`KILL`) and check that it died of SIGKILL."""
+    flags = ["-m"] if multirun else []
+    proc = cli([*flags, *KILLED, *KILL, *args], cwd, env=_kill_env(), timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+
+
+def _assert_killed_after_checkpoint(run_dir: Path) -> Path:
+    """The killed directory: no summary, rows written after its checkpoint (which the
+    resumed run must drop), the probe of step 50 among them and the perturbation of step
+    56 not yet (in the worker at the kill). Returns the checkpoint."""
+    assert not (run_dir / "summary.json").exists()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    stamp = torch.load(ckpt, weights_only=True)
+    assert stamp["global_step"] == KILL_CKPT_STEP
+    lines = stamp["grokedge"]["lines"]
+    assert len(read_metrics(run_dir)) > lines["metrics.jsonl"] > 0
+    rows = read_analyses(run_dir)
+    assert len(rows) > lines["analyses.jsonl"] > 0
+    after = rows[lines["analyses.jsonl"] :]
+    assert any(r["analysis"] == "probe" and r["step"] == 50 for r in after)
+    assert not any(r["analysis"] == "perturbation" and r["step"] == KILL_STEP for r in rows)
+    return ckpt
+
+
+def _assert_each_call_once(run_dir: Path) -> None:
+    """The worker's calls around the checkpoint and the kill are each recorded once, and
+    were run in the worker (``worker_seconds``)."""
+    rows = read_analyses(run_dir)
+    for analysis, step in (("ablation", 40), ("perturbation", 28), ("probe", 50),
+                           ("perturbation", KILL_STEP)):  # fmt: skip
+        found = [r for r in rows if r["analysis"] == analysis and r["step"] == step]
+        assert len(found) == 1, (analysis, step, len(found))
+        assert "worker_seconds" in found[0], (analysis, step)
+
+
+@pytest.mark.slow
+def test_a_run_sigkilled_with_an_analysis_in_flight_resumes_into_a_whole_directory(
+    cli, tmp_path: Path, uninterrupted: Path
+) -> None:
+    """SIGKILL at step 56 (checkpoint at 40, with the worker's ablation of step 40
+    collected into it; the probe of 50 written after it; the perturbation of 56 in the
+    worker), resumed as the README says (``resume=<run_dir>/checkpoints/last.ckpt``, a new
+    run directory): the new directory is the uninterrupted run's, row for row; the killed
+    one gets an "interrupted" summary naming it."""
+    killed = tmp_path / "killed"
+    _killed(cli, tmp_path, [f"hydra.run.dir={killed}"])
+    ckpt = _assert_killed_after_checkpoint(killed)
+
+    resumed = tmp_path / "resumed"
+    proc = cli([*KILLED, f"resume={ckpt}", f"hydra.run.dir={resumed}"], tmp_path,
+               env=_kill_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RuntimeWarning" not in proc.stderr  # nothing was missing
+    _assert_each_call_once(resumed)
+    assert_same_run_files(uninterrupted, resumed, KILL_STEP, KILL_CKPT_STEP)
+    assert read_summary(resumed)["resumed_from"] == [
+        {"run_dir": str(killed.resolve()), "checkpoint": str(ckpt.resolve()), "step": 40}
+    ]
+    summary = read_summary(killed)
+    assert summary["status"] == "interrupted" and summary["task"] == "dyck"
+    assert summary["resumed_by"] == [str(resumed.resolve())]
+    assert summary["resumed_at_step"] == KILL_CKPT_STEP
+    assert str(resumed.resolve()) in summary["reason"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_job_resumed_in_place_is_whole(
+    cli, tmp_path: Path, uninterrupted: Path
+) -> None:
+    """A sweep job (``-m``) SIGKILLed after its checkpoint, resumed as one job of the same
+    sweep directory with ``resume=`` (its files cut back to the checkpoint, then continued):
+    the job's directory is the uninterrupted run's, and the sweep exits 0."""
+    sweep = tmp_path / "sweep"
+    _killed(cli, tmp_path, [f"hydra.sweep.dir={sweep}"], multirun=True)
+    job = sweep / "0"
+    ckpt = _assert_killed_after_checkpoint(job)
+
+    proc = cli(["-m", *KILLED, f"resume={ckpt}", f"hydra.sweep.dir={sweep}"], tmp_path,
+               env=_kill_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]
+    _assert_each_call_once(job)
+    assert_same_run_files(uninterrupted, job, KILL_STEP, KILL_CKPT_STEP)
 
 
 # ------------------------------------------------------------------------ determinism
@@ -313,9 +490,14 @@ def _jobs(sweep: Path) -> dict[str, Path]:
     return jobs
 
 
+def _test_path() -> str:
+    """PYTHONPATH for a run that instantiates ``test_drills.<Callback>`` (this module
+    imports ``tests.conftest``: the repository root too)."""
+    return os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+
+
 def _sweep_env() -> dict[str, str]:
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": path}
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": _test_path()}
 
 
 @pytest.mark.slow

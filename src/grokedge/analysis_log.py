@@ -171,6 +171,26 @@ class AnalysisLog:
         return changed
 
 
+def unlabelled_line(line: str) -> str:
+    """An ``analyses.jsonl`` line as it was before :meth:`AnalysisLog.relabel` gave it a
+    grok step: a row with ``grok_step`` set gets ``null`` and phase ``pre`` (what
+    :meth:`Phases.label` says without a grok step); any other line is returned unchanged,
+    byte for byte.
+
+    For a resumed run whose checkpoint was saved before the grok step was known: its rows
+    up to the checkpoint are carried over as they were at the save
+    (:func:`grokedge.run_files.carry_run_files`), whatever the interrupted run relabelled
+    afterwards, and the resumed run relabels them itself.
+    """
+    if not line.strip():
+        return line
+    row = json.loads(line)
+    if row.get("grok_step") is None:
+        return line
+    row["grok_step"], row["phase"] = None, PRE
+    return json.dumps(row, allow_nan=False) + "\n"
+
+
 def read_analyses(
     run_dir: str | Path, analyses: Iterable[str] | None = None
 ) -> list[dict[str, Any]]:

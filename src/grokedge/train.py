@@ -196,7 +196,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
                     raise ConfigError(str(e)) from e
     callbacks += [
         _instantiate(cfg.nonfinite),
-        RunIdentity(cfg.task.name, str(cfg.model.get("_target_"))),
+        RunIdentity(cfg.task.name, str(cfg.model.get("_target_")), run_dir),
         _instantiate(cfg.checkpoint),
         _instantiate(cfg.progress_bar),
     ]
@@ -237,6 +237,7 @@ def fit(run: Run) -> dict[str, Any]:
     n_params = run.module.n_params
     print(f"grokedge: {run.cfg.task.name} model with {n_params:,} parameters -> {run.run_dir}")
     start = time.perf_counter()
+    resumed_from = _carry_run_files(run)
     error: BaseException | None = None
     try:
         for logger in run.trainer.loggers:
@@ -263,6 +264,8 @@ def fit(run: Run) -> dict[str, Any]:
             "wall_s": round(wall_s, 3),
             "n_params": n_params,
             "torch_threads": torch.get_num_threads(),
+            # Where a resumed run's rows up to its checkpoint come from (see run_files).
+            **({} if resumed_from is None else {"resumed_from": resumed_from}),
             **run.history.last,
         }
         for callback in run.trainer.callbacks:  # analyses may add fields (e.g. the run's class)
@@ -272,6 +275,24 @@ def fit(run: Run) -> dict[str, Any]:
         if run.trainer.is_global_zero:  # DDP: every rank runs fit; rank 0 owns the files
             write_summary(run.run_dir, summary)
     return summary
+
+
+def _carry_run_files(run: Run) -> list[dict[str, Any]] | None:
+    """A resumed run (``resume=``): start its ``metrics.jsonl`` and ``analyses.jsonl`` with
+    the checkpoint's run's rows up to the checkpoint, before anything is logged, so that
+    its directory holds the whole run (``run_files.carry_run_files``); returns
+    ``summary.json``'s ``resumed_from`` (None: not resumed). Rank zero writes the files."""
+    from grokedge.run_files import METRICS_FILE, RunIdentity, carry_run_files
+
+    if run.cfg.get("resume") is None:
+        return None
+    resumed = carry_run_files(run.cfg.resume, run.run_dir, write=run.trainer.is_global_zero)
+    if resumed.lines.get(METRICS_FILE):
+        run.history.carry(resumed.metrics, resumed.step)
+    for callback in run.trainer.callbacks:  # the next checkpoints carry the chain on
+        if isinstance(callback, RunIdentity):
+            callback.resumed_from = resumed.resumed_from
+    return resumed.resumed_from
 
 
 def _finish_wandb(exit_code: int = 0) -> None:

@@ -54,16 +54,21 @@ METRIC_PREFIXES: tuple[str, ...] = (
 
 SEED_KEYS = frozenset({"seed"})
 """Override keys that distinguish repetitions of one configuration (aggregated over)."""
+RESUME_KEYS = frozenset({"resume"})
+"""Override keys that say where a run continues from, not what it is."""
+NOT_CONFIGURATION_KEYS = SEED_KEYS | RESUME_KEYS
+"""Override keys left out of a run's configuration (its W&B group, the report's groups)."""
 
 
 def non_seed_overrides(overrides: Iterable[str]) -> str:
-    """The job's overrides without the seed, sorted, joined by commas ("" if none).
+    """The job's overrides without the seed and ``resume=``, sorted, joined by commas ("" if
+    none).
 
     Example:
         >>> non_seed_overrides(["seed=42", "optimizer.weight_decay=1", "task=dyck"])
         'optimizer.weight_decay=1,task=dyck'
     """
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SEED_KEYS]
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in NOT_CONFIGURATION_KEYS]
     return ",".join(sorted(kept))
 
 

@@ -23,6 +23,7 @@ from grokedge.wandb_setup import SEED_KEYS, non_seed_overrides
 
 RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, ANALYSES_FILE, ".hydra")
 FAILED = "failed"
+OK = "ok"
 
 
 def is_run_dir(path: Path) -> bool:
@@ -176,8 +177,13 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     run.analyses = read_analyses(path)  # [] when the run wrote none
     if run.summary is None and not run.failure:
         run.failure = "no summary.json (still running, killed, or crashed before the end)"
-    elif run.summary is not None and run.summary.get("status") == FAILED:
-        run.failure = str(run.summary.get("error") or run.summary.get("reason") or "status: failed")
+    elif run.summary is not None and run.summary.get("status", OK) != OK:
+        # "failed", or "interrupted" (killed, then resumed into another directory, which
+        # holds the whole run): not a finished run of its own.
+        status = run.summary.get("status")
+        run.failure = str(
+            run.summary.get("error") or run.summary.get("reason") or f"status: {status}"
+        )
     return run
 
 
