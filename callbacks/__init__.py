@@ -1,4 +1,5 @@
-"""Lightning callbacks of grokedge: thin adapters from trainer hooks to grokedge.spectral.
+"""Lightning callbacks of grokedge: thin adapters from trainer hooks to grokedge.edge,
+grokedge.experiments and grokedge.analysis.
 
 Installed as the package ``grokedge.callbacks``; configs in ``conf/callbacks/``.
 
@@ -15,20 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from grokedge.callbacks.ablation import AblationCallback
-    from grokedge.callbacks.classes import ClassCallback
     from grokedge.callbacks.decoupling import EdgeDecouplingCallback
-    from grokedge.callbacks.edge_alignment import EdgeAlignmentCallback
+    from grokedge.callbacks.edge_readouts import EdgeAlignmentCallback
     from grokedge.callbacks.gap_flow import GapFlowCallback
     from grokedge.callbacks.gram import GramCallback, find_gram_callback
     from grokedge.callbacks.init_from import InitFromCheckpoint
     from grokedge.callbacks.perturbation import PerturbationCallback
     from grokedge.callbacks.probe import ProbeCallback
+    from grokedge.callbacks.universality import ClassCallback
     from grokedge.callbacks.wd_removal import WDRemovalCallback
 
 _MODULE_OF = {
     "AblationCallback": "ablation",
-    "ClassCallback": "classes",
-    "EdgeAlignmentCallback": "edge_alignment",
+    "ClassCallback": "universality",
+    "EdgeAlignmentCallback": "edge_readouts",
     "EdgeDecouplingCallback": "decoupling",
     "GapFlowCallback": "gap_flow",
     "GramCallback": "gram",

@@ -26,10 +26,10 @@ its newest edge vectors:
 Under DDP with a sharded GramCallback every rank runs the analysis on its slice of θ and
 of the edge vectors: projections and norms are partial dot products summed over ranks,
 and each ablated θ is all-gathered whole for the model evaluation (which needs every
-parameter); see ``grokedge.spectral.sharding.sharded_ablation_experiment``. Every rank
+parameter); see ``grokedge.experiments.ablation.sharded_ablation_experiment``. Every rank
 gets the same numbers; rank 0 writes them.
 
-The pure math lives in :mod:`grokedge.spectral.ablation`; this is the adapter.
+The pure math lives in :mod:`grokedge.experiments.ablation`; this is the adapter.
 """
 
 from __future__ import annotations
@@ -43,18 +43,16 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 
+from grokedge.analysis.background import Deferred, Result
 from grokedge.batch import IGNORE_INDEX, Batch
-from grokedge.callbacks.common import AnalysisCallback, Deferred, Result
-from grokedge.config_checks import check_int
+from grokedge.callbacks.common import AnalysisCallback
+from grokedge.checks import check_int
+from grokedge.edge.selection import ParameterSelector
+from grokedge.edge.sharding import Shard
+from grokedge.experiments.ablation import sharded_ablation_experiment
+from grokedge.experiments.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
+from grokedge.experiments.subspaces import edge_basis, sharded_remove_subspace
 from grokedge.functional import analysed_module
-from grokedge.spectral.ablation import edge_basis
-from grokedge.spectral.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
-from grokedge.spectral.selection import ParameterSelector
-from grokedge.spectral.sharding import (
-    Shard,
-    sharded_ablation_experiment,
-    sharded_remove_subspace,
-)
 
 ABLATION_KEY = "callbacks.ablation"
 ABLATION = "ablation"
@@ -153,7 +151,7 @@ class AblationCallback(AnalysisCallback):
         at_grok: also analyse once when the grok step is detected.
         at_end: also analyse once on the final weights.
         n_sequences: test sequences in the fixed evaluation subset (the paper: 300); None:
-            the whole set. See :func:`grokedge.tasks.subsets.fixed_subset`.
+            the whole set. See :func:`grokedge.analysis.subsets.fixed_subset`.
         sample: ``sequences`` (n original sequences, deduplicated with their counts as
             weights) or ``rows`` (n distinct rows keeping their full-set weights).
         subset_seed: seed of the subset draw.

@@ -1,11 +1,11 @@
 """The base of the cadenced causal analyses (ablation, perturbation, probes, ...).
 
 :class:`AnalysisCallback` wires an analysis to Lightning's hooks: its schedule
-(:class:`grokedge.analysis_schedule.AnalysisSchedule`: every N optimizer steps, once when
+(:class:`grokedge.analysis.schedule.AnalysisSchedule`: every N optimizer steps, once when
 the grok step is detected, once at the end), the run's phases (the GramCallback's),
 ``analyses.jsonl`` rows and their relabelling, timing, evaluation mode, the global random
 state and checkpoint state. The fixed evaluation subset comes from
-:func:`grokedge.tasks.subsets.fixed_subset`; argument checks from
+:func:`grokedge.analysis.subsets.fixed_subset`; argument checks from
 ``grokedge.config_checks``; interventions from ``grokedge.callbacks.intervention``.
 
 Nothing here mutates the live parameters, their gradients, the optimizer or any global
@@ -18,13 +18,10 @@ network's train/eval mode.
 
 from __future__ import annotations
 
-import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning as L
@@ -33,17 +30,16 @@ from lightning.pytorch.callbacks import Callback
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
+from grokedge.analysis.background import BackgroundJobs, Deferred, Pending, Result
+from grokedge.analysis.probe_targets import pad_id_of
+from grokedge.analysis.random_state import preserved_random_state
+from grokedge.analysis.schedule import SCHEDULE_KEYS, AnalysisSchedule
+from grokedge.analysis.subsets import fixed_subset, loader_batches
+from grokedge.analysis.worker import free_cores
 from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table
-from grokedge.analysis_schedule import SCHEDULE_KEYS, AnalysisSchedule
-from grokedge.analysis_worker import (
-    AnalysisWorker,
-    acquire_shared_worker,
-    free_cores,
-    release_shared_worker,
-)
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
-from grokedge.config_checks import AUTO, ConfigError, check_bool_or_auto, check_int
+from grokedge.checks import AUTO, check_bool_or_auto, check_int, not_allowed
 from grokedge.functional import (
     EVALUATE,
     TRACE,
@@ -52,9 +48,6 @@ from grokedge.functional import (
     check_module_has,
     check_trace,
 )
-from grokedge.random_state import preserved_random_state
-from grokedge.tasks.probe_targets import pad_id_of
-from grokedge.tasks.subsets import fixed_subset, loader_batches
 
 CADENCE, GROK, END = "cadence", "grok", "end"
 """What triggered an analysis call (the ``trigger`` field of its rows)."""
@@ -76,53 +69,6 @@ def trace_of(model: Any, batch: Batch, params: Mapping[str, Tensor] | None = Non
 
 
 # --------------------------------------------------------------------------- base class
-
-
-@dataclass
-class Result:
-    """One analysis call: ``scalars`` to log, ``fields`` of its ``analyses.jsonl`` row
-    (besides step, phase, grok_step, trigger and seconds), and an optional W&B table
-    ``(key, columns, rows)`` (step and phase are prepended to every row)."""
-
-    scalars: dict[str, float]
-    fields: dict[str, Any] = field(default_factory=dict)
-    table: tuple[str, list[str], list[list[Any]]] | None = None
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """The part of an analysis call that can wait: independent ``jobs`` ``(work, args)``
-    whose ``work(*args)`` reads only what the call captured (θ, the edge, the subset, the
-    module itself or numpy arrays: nothing of the live run, no global random state), and
-    ``complete``, which turns their return values (in job order) into the call's
-    :class:`Result`.
-
-    The ablation, the perturbation and the probes return one from
-    :meth:`AnalysisCallback.analyse`: the base class runs the jobs at once or, with
-    ``background`` on, in a worker process
-    (:class:`grokedge.analysis_worker.AnalysisWorker`: each ``work`` must then be a
-    module-level function and its ``args`` picklable) while training goes on; after
-    training has ended (the ``at_end`` call) the first job runs on the training thread
-    beside the worker. ``complete`` always runs on the training thread. The numbers are
-    the same either way.
-    """
-
-    jobs: tuple[tuple[Callable[..., Any], tuple], ...]
-    complete: Callable[[list[Any]], Result]
-
-    def finish(self) -> Result:
-        return self.complete([work(*args) for work, args in self.jobs])
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A :class:`Deferred` running on the worker: its call's identity and main-thread time."""
-
-    step: int
-    trigger: str
-    seconds: float  # spent in analyse() (and in jobs run there) on the training thread
-    futures: list[Future]  # per job -> (work's return value, seconds in the worker)
-    complete: Callable[[list[Any]], Result]
 
 
 class AnalysisCallback(Callback, ABC):
@@ -213,10 +159,14 @@ class AnalysisCallback(Callback, ABC):
         self._subset: Batch | None = None
         self._relabelled_for: int | None = None
 
-        self.in_background = False  # self.background resolved in setup
-        self._worker: AnalysisWorker | None = None
-        self._pending: list[_Pending] = []
+        # The deferred calls, run here or in the worker (self.background resolved in setup).
+        self.jobs = BackgroundJobs(config_key)
         self._attached: tuple[L.Trainer, L.LightningModule] | None = None
+
+    @property
+    def in_background(self) -> bool:
+        """Whether this analysis' deferred jobs run in the worker process."""
+        return self.jobs.enabled
 
     # ------------------------------------------------------------------ identity/checks
 
@@ -284,21 +234,20 @@ class AnalysisCallback(Callback, ABC):
             not self.background_needs_cpu or trainer.strategy.root_device.type == "cpu"
         )
         if self.background is True and not deferrable:
-            raise ConfigError(
-                f"{self.config_key}.background=true is not allowed here: it needs one "
-                "process"
-                + (" on the CPU" if self.background_needs_cpu else "")
-                + f" (world size {trainer.world_size}, "
-                f"{trainer.strategy.root_device.type}); use auto or false"
+            where = " on the CPU" if self.background_needs_cpu else ""
+            raise not_allowed(
+                f"{self.config_key}.background",
+                True,
+                f"auto or false here: true needs one process{where} (world size "
+                f"{trainer.world_size}, {trainer.strategy.root_device.type})",
             )
         # "auto": a worker only where it takes a core training leaves idle (torch threads
         # < the cores this process may use); elsewhere it would slow training down.
         idle = free_cores()
         auto = deferrable and idle > 0
-        self.in_background = self.background is True or (self.background == AUTO and auto)
+        in_background = self.background is True or (self.background == AUTO and auto)
         self._attached = (trainer, pl_module)
-        if self.in_background and self._worker is None:
-            self._worker = acquire_shared_worker(blas_threads=max(1, idle))
+        self.jobs.start(in_background, blas_threads=max(1, idle))
         if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
             raise ValueError(
                 f"{self.config_key}: needs evaluation data: a LightningDataModule with "
@@ -306,9 +255,8 @@ class AnalysisCallback(Callback, ABC):
             )
         names = getattr(trainer.datamodule, "eval_names", ("test",))
         if self.eval_set not in names:
-            raise ValueError(
-                f"{self.config_key}.eval_set={self.eval_set!r} is not allowed: one of "
-                f"{', '.join(names)}"
+            raise not_allowed(
+                f"{self.config_key}.eval_set", self.eval_set, f"one of {', '.join(names)}"
             )
         if self.gram is not None and self.needs_edge:
             order = list(trainer.callbacks)
@@ -327,7 +275,7 @@ class AnalysisCallback(Callback, ABC):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        if self._pending:
+        if self.jobs.pending:
             self._collect(until=trainer.global_step - self.background_steps)
         step = trainer.global_step
         if self.every is None or step <= 0 or step % self.every or step == self.last_step:
@@ -356,12 +304,10 @@ class AnalysisCallback(Callback, ABC):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         # A failed run writes no more rows; the worker's running job is left to finish.
-        self._pending.clear()
+        self.jobs.pending.clear()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._worker is not None:
-            self._worker = None
-            release_shared_worker()
+        self.jobs.stop()
 
     # ------------------------------------------------------------------ the mechanics
 
@@ -413,7 +359,8 @@ class AnalysisCallback(Callback, ABC):
             ):
                 result = self.analyse(trainer, pl_module, step)
                 if isinstance(result, Deferred):
-                    result = self._defer(result, after_training=direct)
+                    deferred = result
+                    result = self.jobs.run(deferred, after_training=direct)
         finally:
             net.train(was_training)
         seconds = time.perf_counter() - start
@@ -421,41 +368,9 @@ class AnalysisCallback(Callback, ABC):
         if isinstance(result, Result):
             self._record(step, trigger, result, seconds, direct)
             return
-        deferred, futures = result
-        self._pending.append(_Pending(step, trigger, seconds, futures, deferred.complete))
+        self.jobs.pending.append(Pending(step, trigger, seconds, result, deferred.complete))
         if direct:
             self._collect()
-
-    def _defer(
-        self, deferred: Deferred, after_training: bool
-    ) -> Result | tuple[Deferred, list[Future]]:
-        """Run ``deferred`` now, or queue its jobs on the worker (the jobs' futures). After
-        training the training thread is idle: it runs the first job beside the worker."""
-        if not self.in_background:
-            return deferred.finish()
-        assert self._worker is not None
-        jobs = list(deferred.jobs)
-        here = jobs.pop(0) if after_training and len(jobs) > 1 else None
-        try:
-            futures = [self._worker.submit(work, args) for work, args in jobs]
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            # A module the worker cannot receive (e.g. a class defined in a script):
-            # nothing was queued; this call and the next run on the training thread.
-            warnings.warn(
-                f"{self.config_key}.background: the analysis cannot be sent to the worker "
-                f"process ({e}); it runs on the training thread from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.in_background = False
-            return deferred.finish()
-        if here is not None:
-            done: Future = Future()
-            # The worker's BLAS budget, so that the job's numbers are the worker's.
-            with threadpool_limits(limits=self._worker.blas_threads, user_api="blas"):
-                done.set_result((here[0](*here[1]), 0.0))
-            futures.insert(0, done)
-        return deferred, futures
 
     def _collect(self, until: int | None = None) -> None:
         """Record the worker's calls of steps <= ``until`` (None: all), in call order,
@@ -463,12 +378,8 @@ class AnalysisCallback(Callback, ABC):
         number of steps after their call, before a checkpoint, at the end), never when
         the worker happens to finish, so that a run's files do not depend on timing. A
         worker's exception is raised here, on the training thread."""
-        while self._pending and (until is None or self._pending[0].step <= until):
-            pending = self._pending.pop(0)
-            outputs = [future.result() for future in pending.futures]
-            result = pending.complete([output for output, _ in outputs])
-            result.fields["worker_seconds"] = sum(seconds for _, seconds in outputs)
-            self._record(pending.step, pending.trigger, result, pending.seconds)
+        for step, trigger, result, seconds in self.jobs.finished(until):
+            self._record(step, trigger, result, seconds)
 
     def _record(
         self, step: int, trigger: str, result: Result, seconds: float, direct: bool | None = None

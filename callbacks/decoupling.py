@@ -49,20 +49,15 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from grokedge.callbacks.intervention import InterventionCallback
-from grokedge.config_checks import check_choice
+from grokedge.checks import check_choice
+from grokedge.edge.spectrum import EdgeState
 from grokedge.functional import analysed_module
-from grokedge.spectral import EdgeState, optimizer_holding
+from grokedge.optimizer_facts import decay_of, group_index, inexact_groups, lr_of, optimizer_for
 
 DECOUPLING_KEY = "callbacks.decoupling"
 DECOUPLING = "decoupling"
 MODES = ("remove", "enforce", "flip")
 STAT_NAMES = ("steps", "grad_energy", "v1_energy", "removed_energy", "opposed")
-
-
-def _decoupled(optimizer: Optimizer, group: dict[str, Any]) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) or bool(
-        group.get("decoupled_weight_decay", False)
-    )
 
 
 class EdgeDecouplingCallback(InterventionCallback):
@@ -137,8 +132,7 @@ class EdgeDecouplingCallback(InterventionCallback):
             return
         assert self.selector is not None
         net = analysed_module(pl_module)
-        first = self.selector.named(net)[0][1]
-        found = optimizer_holding(trainer.optimizers, first)
+        found = optimizer_for(trainer.optimizers, net, self.selector.names[0])
         if found is not None:
             self.attach(net, found[0])
             return
@@ -152,16 +146,14 @@ class EdgeDecouplingCallback(InterventionCallback):
         assert self.selector is not None
         self._params = [p for _, p in self.selector.named(model)]
         self.optimizer = optimizer
-        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        group_of = group_index(optimizer)
         self._groups = [group_of.get(id(p), -1) for p in self._params]
-        for i in set(self._groups) - {-1}:
-            group = optimizer.param_groups[i]
-            if float(group.get("weight_decay", 0.0) or 0.0) and not _decoupled(optimizer, group):
-                raise ValueError(
-                    f"{self.config_key}: {type(optimizer).__name__} does not decouple "
-                    "its weight decay, so the step's gradient part cannot be recovered "
-                    "exactly; allowed: torch.optim.AdamW (or weight_decay 0)"
-                )
+        if inexact_groups(optimizer, set(self._groups) - {-1}):
+            raise ValueError(
+                f"{self.config_key}: {type(optimizer).__name__} does not decouple "
+                "its weight decay, so the step's gradient part cannot be recovered "
+                "exactly; allowed: torch.optim.AdamW (or weight_decay 0)"
+            )
         device, dtype = self._params[0].device, self._params[0].dtype
         self._before = torch.empty(self.selector.p, dtype=dtype, device=device)
         self._before_views = [v.view(-1) for v in self.selector.unflatten(self._before).values()]
@@ -218,7 +210,7 @@ class EdgeDecouplingCallback(InterventionCallback):
             decay = 0.0
             if g >= 0 and param.grad is not None:
                 group = groups[g]
-                decay = float(group["lr"]) * float(group.get("weight_decay", 0.0) or 0.0)
+                decay = lr_of(group) * decay_of(group)
             after = param.detach().view(-1)
             adam = after - before * (1.0 - decay) if decay else after - before
             vd = v.to(torch.float64)

@@ -14,7 +14,7 @@ p-sized work): the change of g = d_k − d_{k+1} (the analysed window's k) over 
 *after* it (the forward pair: a genuine prediction, completed at the next window). The
 running agreement of predicted and observed (Pearson, Spearman, sign agreement) is logged
 as pairs complete and written to ``summary.json``. The math lives in
-:mod:`grokedge.spectral.gap_flow`.
+:mod:`grokedge.experiments.gap_flow`.
 
 Under DDP with a sharded GramCallback (``trainer=ddp``) the edge vectors, and the modes
 beyond ``top_k`` formed from the window, are this rank's slices; the curvatures and the
@@ -35,13 +35,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from grokedge.analysis.background import Result
 from grokedge.analysis_log import log_scalars, log_table
-from grokedge.callbacks.common import AnalysisCallback, Result
-from grokedge.config_checks import check_choice, check_int, check_optional_int
-from grokedge.functional import analysed_module
-from grokedge.spectral import EdgeState, kstar_ratio, optimizer_holding
-from grokedge.spectral.gap_flow import gap_flow_at, mode_coefficients, newest_grad_projections
-from grokedge.spectral.gap_flow_record import (
+from grokedge.callbacks.common import AnalysisCallback
+from grokedge.checks import check_choice, check_int, check_optional_int, not_allowed
+from grokedge.edge.geometry import kstar_ratio
+from grokedge.edge.spectrum import EdgeState
+from grokedge.experiments.gap_flow import gap_flow_at, mode_coefficients, newest_grad_projections
+from grokedge.experiments.gap_flow_record import (
     BACKWARD,
     DRIVINGS,
     EFFECTIVE,
@@ -49,7 +50,9 @@ from grokedge.spectral.gap_flow_record import (
     RAW,
     GapFlowRecord,
 )
-from grokedge.spectral.perturbation import BucketedEvaluate
+from grokedge.experiments.perturbation import BucketedEvaluate
+from grokedge.functional import analysed_module
+from grokedge.optimizer_facts import decay_of, lr_of, optimizer_for
 
 GAP_FLOW_KEY = "callbacks.gap_flow"
 GAP_FLOW = "gap_flow"
@@ -104,7 +107,7 @@ class GapFlowCallback(AnalysisCallback):
         driving: which gradient projection feeds the balance the predicted class reads
             (``gapflow/balance_used``): ``raw`` (G_j = ∇L·v_j, the equation as written)
             or ``effective`` (G_j^eff from the newest delta's gradient part; see
-            :mod:`grokedge.spectral.gap_flow`). Both are always logged.
+            :mod:`grokedge.experiments.gap_flow`). Both are always logged.
         buckets: length buckets of the evaluation (see ``AblationCallback``; default 1:
             a training set is small, and on Dyck's 36 rows one bucket costs 0.57 of four).
         tables, config_key: as ``AblationCallback``.
@@ -161,14 +164,15 @@ class GapFlowCallback(AnalysisCallback):
             return
         key, interval = self.config_key, self.gram.interval
         if self.every is not None and self.every % interval:
-            raise ValueError(
-                f"{key}.every={self.every} is not allowed: a multiple of the Gram interval "
-                f"({interval}), so that every analysed step is a window"
+            raise not_allowed(
+                f"{key}.every",
+                self.every,
+                f"a multiple of the Gram interval ({interval}), so that every analysed step is a "
+                "window",
             )
         if self.k is not None and self.k + 1 > self.gram.top_k:
-            raise ValueError(
-                f"{key}.k={self.k} is not allowed: k + 1 <= callbacks.gram.top_k "
-                f"({self.gram.top_k})"
+            raise not_allowed(
+                f"{key}.k", self.k, f"k + 1 <= callbacks.gram.top_k ({self.gram.top_k})"
             )
         if self.gram.top_k < 2:
             raise ValueError(
@@ -190,12 +194,10 @@ class GapFlowCallback(AnalysisCallback):
         assert self.gram.selector is not None
         edge, selector = self.gram.edge, self.gram.selector
         net = analysed_module(pl_module)
-        found = optimizer_holding(
-            trainer.optimizers, dict(net.named_parameters())[selector.names[0]]
-        )
+        found = optimizer_for(trainer.optimizers, net, selector.names[0])
         group = found[1] if found is not None else None
-        lr = float(group["lr"]) if group is not None else math.nan
-        wd = float(group.get("weight_decay", 0.0)) if group is not None else math.nan
+        lr = lr_of(group) if group is not None else math.nan
+        wd = decay_of(group) if group is not None else math.nan
         batch = self.subset(trainer, pl_module)
         dtype = DTYPES[self.hvp_dtype]
         theta = selector.flatten(net).to(dtype)

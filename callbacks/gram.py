@@ -1,6 +1,6 @@
 """GramCallback: the sliding window of update deltas and its spectral edge, online.
 
-A thin adapter from Lightning hooks to :class:`grokedge.spectral.recorder.DeltaRecorder`
+A thin adapter from Lightning hooks to :class:`grokedge.edge.recorder.DeltaRecorder`
 (the mechanics: docs/theory.md §1; docs/design.md, "data flow" steps 2-3). It checks the
 ``callbacks.gram.*`` config, finds the module and its optimizer, captures at
 ``on_train_batch_end``, logs the ``gram/*`` read-outs and calls the listeners. Other
@@ -16,31 +16,29 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from grokedge.analysis_log import Phases, log_scalars
-from grokedge.config_checks import (
-    ConfigError,
+from grokedge.checks import (
     check_bool,
+    check_choice,
     check_device,
     check_int,
     check_optional_int,
 )
+from grokedge.edge.definitions import NORMALIZED, check_definition
+from grokedge.edge.derived_windows import DerivedWindows, check_interval_multiples
+from grokedge.edge.provenance import WindowProvenance
+from grokedge.edge.readouts import spectrum_scalars
+from grokedge.edge.recorder import BUFFER_DTYPES, DeltaRecorder
+from grokedge.edge.selection import ParameterSelector, check_select
+from grokedge.edge.sharding import Collective, Shard
+from grokedge.edge.spectrum import EdgeState, WindowSpectrum
+from grokedge.edge.weight_decay import DecoupledWeightDecayTracker
+from grokedge.edge.window import MIN_WINDOW, UpdateWindow
 from grokedge.functional import analysed_module
-from grokedge.spectral import EdgeState, ParameterSelector, WindowSpectrum, optimizer_holding
-from grokedge.spectral.derived_windows import DerivedWindows, check_interval_multiples
-from grokedge.spectral.edge_definitions import NORMALIZED, check_definition
-from grokedge.spectral.provenance import WindowProvenance
-from grokedge.spectral.recorder import (
-    BUFFER_DTYPES,
-    DeltaRecorder,
-    spectrum_scalars,
-)
-from grokedge.spectral.recorder import spectrum_row as spectrum_row  # re-exported
-from grokedge.spectral.selection import _validate_select
-from grokedge.spectral.sharding import Collective
-from grokedge.spectral.window import MIN_WINDOW
+from grokedge.optimizer_facts import optimizer_for
 
 GRAM_KEY = "callbacks.gram"
 """Where ``callbacks=gram`` puts this callback's config; named in error messages."""
@@ -67,19 +65,6 @@ def _plain_select(select: Any) -> Any:
         return select
 
 
-class _Recorded:
-    """A ``GramCallback`` attribute that is its recorder's (read and written through)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.recorder, self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj.recorder, self.name, value)
-
-
 class GramCallback(Callback):
     """Sliding-window Gram of the selected parameters' update deltas, with exact grad/WD split.
 
@@ -104,7 +89,7 @@ class GramCallback(Callback):
             (a non-empty list of distinct integers >= 1 containing 1; default [1, 2, 3]).
             Each k >= 2 keeps a derived window of W sums of k consecutive deltas, with
             its spectra under every edge definition
-            (:class:`~grokedge.spectral.derived_windows.DerivedWindows`); [1]: the base
+            (:class:`~grokedge.edge.derived_windows.DerivedWindows`); [1]: the base
             window only. The base window and its numbers do not depend on it.
         allow_inexact_split, buffer_dtype (``float32``, ``float64``, ``bfloat16``,
             ``float16``), buffer_device (``None``: the parameters'), shard_across_ranks
@@ -156,7 +141,7 @@ class GramCallback(Callback):
     ) -> None:
         super().__init__()
         key = self.config_key = config_key
-        checked = _validate_select(_plain_select(select), f"{key}.select")
+        checked = check_select(_plain_select(select), f"{key}.select")
         self.select: str | list[str] = checked if isinstance(checked, str) else list(checked)
         interval = check_int(f"{key}.interval", interval, 1)
         window = check_int(f"{key}.window", window, MIN_WINDOW)
@@ -167,15 +152,10 @@ class GramCallback(Callback):
         phase_post = check_optional_int(f"{key}.phase_post", phase_post, 0)
         self.phases = Phases.around(interval, phase_at, phase_post, key)
         check_bool(f"{key}.allow_inexact_split", allow_inexact_split)
-        if buffer_dtype not in BUFFER_DTYPES:
-            allowed = f"one of {', '.join(BUFFER_DTYPES)}"
-            raise ValueError(f"{key}.buffer_dtype={buffer_dtype!r} is not allowed: {allowed}")
+        check_choice(f"{key}.buffer_dtype", buffer_dtype, tuple(BUFFER_DTYPES))
         buffer_device = check_device(f"{key}.buffer_device", buffer_device)
         check_bool(f"{key}.shard_across_ranks", shard_across_ranks)
-        try:
-            multiples = check_interval_multiples(f"{key}.interval_multiples", interval_multiples)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        multiples = check_interval_multiples(f"{key}.interval_multiples", interval_multiples)
         self.recorder = DeltaRecorder(
             interval,
             window,
@@ -212,6 +192,134 @@ class GramCallback(Callback):
         and ``derived_provenance[N]``."""
         if listener not in self._derived_listeners:
             self._derived_listeners.append(listener)
+
+    # ----------------------------------------------------- the recorder's published state
+    # Read through to the DeltaRecorder (shapes and units there); read-only but ``shard``.
+
+    @property
+    def interval(self) -> int:
+        """N, optimizer steps per delta of the base window."""
+        return self.recorder.interval
+
+    @property
+    def window_size(self) -> int:
+        """W, deltas in the window."""
+        return self.recorder.window_size
+
+    @property
+    def top_k(self) -> int:
+        """Edge vectors v_1..v_k materialised."""
+        return self.recorder.top_k
+
+    @property
+    def edge_definition(self) -> str:
+        """Which definition's spectrum is ``edge``."""
+        return self.recorder.edge_definition
+
+    @property
+    def start_step(self) -> int:
+        """The burn-in of the base window, optimizer steps."""
+        return self.recorder.start_step
+
+    @property
+    def allow_inexact_split(self) -> bool:
+        """Whether a non-decoupled weight decay is recorded as zeros."""
+        return self.recorder.allow_inexact_split
+
+    @property
+    def buffer_dtype(self) -> str:
+        """Storage dtype name of the window and edge-vector buffers."""
+        return self.recorder.buffer_dtype
+
+    @property
+    def buffer_device(self) -> str | None:
+        """Device of the buffers (``None``: the parameters')."""
+        return self.recorder.buffer_device
+
+    @property
+    def shard_across_ranks(self) -> bool:
+        """Whether each rank keeps only its slice of θ_sel."""
+        return self.recorder.shard_across_ranks
+
+    @property
+    def collective(self) -> Collective | None:
+        """The collective given (``None``: torch.distributed's)."""
+        return self.recorder.collective
+
+    @property
+    def predicted_bytes(self) -> int | None:
+        """This rank's predicted buffer bytes (after ``attach``)."""
+        return self.recorder.predicted_bytes
+
+    @property
+    def window(self) -> UpdateWindow | None:
+        """The base window (after ``attach``)."""
+        return self.recorder.window
+
+    @property
+    def tracker(self) -> DecoupledWeightDecayTracker | None:
+        """The weight-decay tracker (after ``attach``)."""
+        return self.recorder.tracker
+
+    @property
+    def edge(self) -> EdgeState | None:
+        """The newest edge (``None`` before W' >= 2 deltas)."""
+        return self.recorder.edge
+
+    @property
+    def previous(self) -> EdgeState | None:
+        """The edge of the window before ``edge``'s."""
+        return self.recorder.previous
+
+    @property
+    def spectra(self) -> dict[str, WindowSpectrum | None]:
+        """The newest window's spectrum under each definition."""
+        return self.recorder.spectra
+
+    @property
+    def provenance(self) -> WindowProvenance | None:
+        """Where the newest raw window's σ_1 comes from."""
+        return self.recorder.provenance
+
+    @property
+    def evicted_dot(self) -> float | None:
+        """δ_evicted · δ_newest of the latest push (``None``: none)."""
+        return self.recorder.evicted_dot
+
+    @property
+    def skipped_deltas(self) -> int:
+        """Non-finite deltas skipped so far."""
+        return self.recorder.skipped_deltas
+
+    @property
+    def last_capture_step(self) -> int | None:
+        """The step of the latest capture (``None`` before ``attach``)."""
+        return self.recorder.last_capture_step
+
+    @property
+    def shard(self) -> Shard | None:
+        """This rank's slice of θ_sel (after ``attach``); settable (another process group)."""
+        return self.recorder.shard
+
+    @shard.setter
+    def shard(self, value: Shard | None) -> None:
+        self.recorder.shard = value
+
+    def capture(self, step: int) -> bool:
+        """:meth:`DeltaRecorder.capture`: close the delta at ``step``; whether it was pushed."""
+        return self.recorder.capture(step)
+
+    def push_delta(self, total: Tensor, wd: Tensor, step: int, begin: int | None = None) -> bool:
+        """:meth:`DeltaRecorder.push_delta`: push a delta given whole ([n] slices when sharded)."""
+        return self.recorder.push_delta(total, wd, step, begin)
+
+    def gather_vectors(self, vectors: Tensor) -> Tensor:
+        """:meth:`DeltaRecorder.gather_vectors`: whole [m, p] from slices (collective)."""
+        return self.recorder.gather_vectors(vectors)
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        """:meth:`DeltaRecorder.reduce`: Σ over ranks of a partial result (collective)."""
+        return self.recorder.reduce(partial)
 
     # ------------------------------------------------------------- derived windows
 
@@ -332,8 +440,7 @@ class GramCallback(Callback):
 
     def _optimizer_for(self, trainer: L.Trainer, model: nn.Module) -> Optimizer:
         assert self.selector is not None
-        first = dict(model.named_parameters())[self.selector.names[0]]
-        found = optimizer_holding(trainer.optimizers, first)
+        found = optimizer_for(trainer.optimizers, model, self.selector.names[0])
         if found is not None:
             return found[0]
         raise ValueError(f"{self.config_key}.select: no optimizer holds {self.selector.names[0]!r}")
@@ -352,17 +459,6 @@ class GramCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore (before ``on_fit_start`` the state waits: ``attach`` loads it)."""
         self.recorder.load_state_dict(state_dict)
-
-
-# The recorder's knobs, published state and methods (capture(step) -> pushed, push_delta,
-# and, collective under sharding, gather_vectors and reduce), read and set through.
-for _name in (
-    "interval window_size top_k edge_definition start_step allow_inexact_split buffer_dtype "
-    "buffer_device shard_across_ranks collective shard predicted_bytes window tracker edge "
-    "previous spectra provenance evicted_dot skipped_deltas last_capture_step _handle "
-    "capture push_delta gather_vectors reduce"
-).split():
-    setattr(GramCallback, _name, _Recorded(_name))
 
 
 def _refuse_fsdp(trainer: L.Trainer, key: str) -> None:

@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from grokedge.checks import not_allowed
+
 INIT_FROM_KEY = "init_from"
 """The root config key holding the checkpoint path (``init_from=<path>``)."""
 
@@ -43,15 +45,16 @@ class InitFromCheckpoint(Callback):
         super().__init__()
         self.config_key = config_key
         if not isinstance(path, str | Path) or not str(path):
-            raise ValueError(
-                f"{config_key}={path!r} is not allowed: the path of a checkpoint, e.g. "
-                "outputs/dyck/<date>/<time>/checkpoints/last.ckpt"
+            raise not_allowed(
+                f"{config_key}",
+                path,
+                "the path of a checkpoint, e.g. outputs/dyck/<date>/<time>/checkpoints/last.ckpt",
             )
         self.path = Path(path)
         if not self.path.is_file():
-            raise ValueError(f"{config_key}={str(path)!r} is not allowed: no such file")
+            raise not_allowed(f"{config_key}", str(path), "no such file")
         if not isinstance(strict, bool):
-            raise ValueError(f"{config_key}.strict={strict!r} is not allowed: true or false")
+            raise not_allowed(f"{config_key}.strict", strict, "true or false")
         self.strict = strict
         self.loaded_step: int | None = None
 

@@ -14,15 +14,18 @@ from typing import Any, ClassVar
 import lightning as L
 from torch import nn
 
+from grokedge.analysis.background import Result
+from grokedge.analysis.probe_targets import probe_data, probe_target_tensors
 from grokedge.analysis_log import log_scalars
 from grokedge.batch import IGNORE_INDEX, Batch
-from grokedge.callbacks.common import CADENCE, AnalysisCallback, Result, trace_of
-from grokedge.config_checks import check_int, check_optional_int
+from grokedge.callbacks.common import CADENCE, AnalysisCallback, trace_of
+from grokedge.checks import check_int, check_optional_int, not_allowed
+from grokedge.edge.selection import ParameterSelector
+from grokedge.experiments.attention_stats import attention_entropy
+from grokedge.experiments.probes import LINEAR, ProbeConfig, score_probes
+from grokedge.experiments.subspaces import params_norm
 from grokedge.functional import TRACE, analysed_module, check_block
-from grokedge.spectral import ParameterSelector, attention_entropy, score_probes
-from grokedge.spectral.ablation import params_norm
-from grokedge.spectral.probes import LINEAR, ProbeConfig
-from grokedge.tasks.probe_targets import probe_data, probe_target_tensors
+from grokedge.optimizer_facts import decay_of
 
 
 def compression_measures(
@@ -77,9 +80,7 @@ def compression_measures(
     if acc is not None:
         values[f"{prefix}/test_acc"] = float(acc)
     if trainer.optimizers:
-        values[f"{prefix}/weight_decay"] = float(
-            trainer.optimizers[0].param_groups[0].get("weight_decay", 0.0) or 0.0
-        )
+        values[f"{prefix}/weight_decay"] = decay_of(trainer.optimizers[0].param_groups[0])
     return values
 
 
@@ -129,7 +130,7 @@ class InterventionCallback(AnalysisCallback):
                 "allowed is at most one trigger (the other null)"
             )
         if isinstance(block, bool) or not isinstance(block, int):
-            raise ValueError(f"{key}.block={block!r} is not allowed: a block index (-1: the last)")
+            raise not_allowed(f"{key}.block", block, "a block index (-1: the last)")
         self.block = block
         self.folds = check_int(f"{key}.folds", folds, 2)
         self.seed = check_int(f"{key}.seed", seed, 0)

@@ -19,8 +19,8 @@ direction, so the analysed directions are all-gathered once per call (k p-vector
 every rank then runs the same sweep on the whole (replicated) θ. Every rank gets the same
 numbers; rank 0 writes them.
 
-The pure math lives in :mod:`grokedge.spectral.perturbation` and
-:mod:`grokedge.spectral.curvature`.
+The pure math lives in :mod:`grokedge.experiments.perturbation` and
+:mod:`grokedge.experiments.curvature`.
 """
 
 from __future__ import annotations
@@ -34,19 +34,20 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 
+from grokedge.analysis.background import Deferred, Result
 from grokedge.batch import Batch
-from grokedge.callbacks.common import AnalysisCallback, Deferred, Result
-from grokedge.config_checks import check_choice, check_float, check_int
-from grokedge.functional import analysed_module
-from grokedge.spectral import (
-    directional_curvature,
+from grokedge.callbacks.common import AnalysisCallback
+from grokedge.checks import check_choice, check_float, check_int, not_allowed
+from grokedge.edge.selection import ParameterSelector
+from grokedge.experiments.curvature import directional_curvature, finite_difference_curvature
+from grokedge.experiments.perturbation import (
+    DEFAULT_BUCKETS,
+    BucketedEvaluate,
     epsilon_grid,
     epsilon_sweep,
-    finite_difference_curvature,
     sweep_extremes,
 )
-from grokedge.spectral.perturbation import DEFAULT_BUCKETS, BucketedEvaluate
-from grokedge.spectral.selection import ParameterSelector
+from grokedge.functional import analysed_module
 
 PERTURBATION_KEY = "callbacks.perturbation"
 PERTURBATION = "perturbation"
@@ -175,7 +176,7 @@ class PerturbationCallback(AnalysisCallback):
         self.grid_points = check_int(f"{key}.grid_points", grid_points, 3)
         self.max_eps = check_float(f"{key}.max_eps", max_eps, 0.0, strict_minimum=True)
         if not isinstance(curvature, bool):
-            raise ValueError(f"{key}.curvature={curvature!r} is not allowed: true or false")
+            raise not_allowed(f"{key}.curvature", curvature, "true or false")
         self.curvature = curvature
         self.fd_eps_fraction = check_float(
             f"{key}.fd_eps_fraction", fd_eps_fraction, 0.0, strict_minimum=True
@@ -188,9 +189,10 @@ class PerturbationCallback(AnalysisCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.gram is not None and self.n_directions > self.gram.top_k:
-            raise ValueError(
-                f"{self.config_key}.n_directions={self.n_directions} is not allowed: at most "
-                f"callbacks.gram.top_k ({self.gram.top_k})"
+            raise not_allowed(
+                f"{self.config_key}.n_directions",
+                self.n_directions,
+                f"at most callbacks.gram.top_k ({self.gram.top_k})",
             )
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Deferred:

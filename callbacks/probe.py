@@ -13,7 +13,7 @@ mean ± sd over the folds), or the paper's single random 70/30 split of position
 
 The forward pass is a plain ``torch.no_grad`` read of the live network in eval mode; the
 probes use their own seeds (numpy), so training is unaffected. The probes themselves live
-in :mod:`grokedge.spectral.probes`.
+in :mod:`grokedge.experiments.probes`.
 """
 
 from __future__ import annotations
@@ -25,26 +25,26 @@ from typing import Any, ClassVar
 
 import lightning as L
 
-from grokedge.callbacks.common import AnalysisCallback, Deferred, Result, trace_of
-from grokedge.config_checks import check_bool, check_choice, check_choices, check_int
-from grokedge.functional import TRACE, check_block
-from grokedge.spectral.probes import (
-    GROUPED_KFOLD,
-    MLP,
-    PROBE_KINDS,
-    PROTOCOLS,
-    QUADRATIC_DTYPES,
-    ProbeConfig,
-    ProbeScore,
-    score_targets,
-)
-from grokedge.tasks.probe_targets import (
+from grokedge.analysis.background import Deferred, Result
+from grokedge.analysis.probe_targets import (
     check_names_declared,
     check_target_names,
     probe_data,
     probe_target_tensors,
     task_label,
 )
+from grokedge.callbacks.common import AnalysisCallback, trace_of
+from grokedge.checks import check_bool, check_choice, check_choices, check_int, not_allowed
+from grokedge.experiments.probes import (
+    GROUPED_KFOLD,
+    MLP,
+    PROBE_KINDS,
+    PROTOCOLS,
+    ProbeConfig,
+    ProbeScore,
+    score_targets,
+)
+from grokedge.functional import TRACE, check_block
 
 PROBE_KEY = "callbacks.probe"
 PROBE = "probe"
@@ -87,10 +87,10 @@ class ProbeCallback(AnalysisCallback):
         seed: seed of the folds, the paper split and the MLP.
         mlp_max_iter: MLP epochs at most (early stopping usually ends sooner).
         quadratic_interaction_only: products x_i x_j only, no squares (the paper's literal
-            "interaction features"; default false, see ``grokedge.spectral.probes``).
+            "interaction features"; default false, see ``grokedge.experiments.probes``).
         quadratic_dtype: products of the quadratic ridge's normal matrix, ``float32``
             (default; summed in float64, solved in float64) or ``float64`` (~2x the
-            time, the same R² to 1e-7 on Dyck; see ``grokedge.spectral.ridge``).
+            time, the same R² to 1e-7 on Dyck; see ``grokedge.experiments.ridge``).
         background: fit the probes in a worker process while training goes on (the
             forward pass stays on the training thread): ``auto`` (default) when torch
             leaves a core idle (``torch_threads`` below the cores, one process), ``true``,
@@ -136,7 +136,7 @@ class ProbeCallback(AnalysisCallback):
         super().__init__(config_key=config_key, **schedule)
         key = config_key
         if isinstance(block, bool) or not isinstance(block, int):
-            raise ValueError(f"{key}.block={block!r} is not allowed: a block index (-1: the last)")
+            raise not_allowed(f"{key}.block", block, "a block index (-1: the last)")
         self.block = block
         self.kinds = check_choices(f"{key}.kinds", kinds, PROBE_KINDS)
         if targets is None:
@@ -144,9 +144,10 @@ class ProbeCallback(AnalysisCallback):
         else:
             names = [targets] if isinstance(targets, str) else list(targets)
             if not names or not all(isinstance(n, str) for n in names):
-                raise ValueError(
-                    f"{key}.targets={targets!r} is not allowed: null (all the task's probe "
-                    "targets) or a non-empty list of their names"
+                raise not_allowed(
+                    f"{key}.targets",
+                    targets,
+                    "null (all the task's probe targets) or a non-empty list of their names",
                 )
             self.targets = tuple(names)
         self.protocol = check_choice(f"{key}.protocol", protocol, PROTOCOLS)
@@ -156,12 +157,13 @@ class ProbeCallback(AnalysisCallback):
         self.quadratic_interaction_only = check_bool(
             f"{key}.quadratic_interaction_only", quadratic_interaction_only
         )
+        # The ridge lives beside its precisions; its module loads scikit-learn (~1 s).
+        from grokedge.experiments.ridge import GRAM_DTYPES
+
         self.config = ProbeConfig(
             mlp_max_iter=self.mlp_max_iter,
             quadratic_interaction_only=self.quadratic_interaction_only,
-            quadratic_dtype=check_choice(
-                f"{key}.quadratic_dtype", quadratic_dtype, QUADRATIC_DTYPES
-            ),
+            quadratic_dtype=check_choice(f"{key}.quadratic_dtype", quadratic_dtype, GRAM_DTYPES),
         )
 
     def check_module(self, pl_module) -> None:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import lightning as L
 
 from grokedge.callbacks.intervention import InterventionCallback
-from grokedge.config_checks import check_bool, check_float
+from grokedge.checks import check_bool, check_float
 
 WD_REMOVAL_KEY = "callbacks.wd_removal"
 WD_REMOVAL = "wd_removal"

@@ -39,13 +39,13 @@ from grokedge.callbacks import (
     PerturbationCallback,
     find_gram_callback,
 )
-from grokedge.functional import analysed_module
-from grokedge.spectral import (
-    DecoupledWeightDecayTracker,
+from grokedge.edge.weight_decay import DecoupledWeightDecayTracker
+from grokedge.experiments.curvature import (
     directional_curvature,
     finite_difference_curvature,
     flat_loss,
 )
+from grokedge.functional import analysed_module
 from grokedge.train import build, compose, fit
 
 ANALYSES = ("ablation", "perturbation", "probe", "gap_flow", "classes", "wd_removal")

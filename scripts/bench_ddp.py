@@ -23,13 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from grokedge.spectral import UpdateWindow
-from grokedge.spectral.sharding import (
-    Shard,
-    default_collective,
-    sharded_ablation_experiment,
-    sharded_edge,
-)
+from grokedge.edge.sharding import Shard, default_collective, sharded_edge
+from grokedge.edge.window import UpdateWindow
+from grokedge.experiments.ablation import sharded_ablation_experiment
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, port: int, queue: mp.Queue) -> None:

@@ -17,8 +17,12 @@
 (c) The same capture as W goes 5 -> 10 -> 20.
 (d) ``--compare-paths``: the capture at p = 2.4M and 25M, W = 5, with the window's float32
     passes (the push's dot products, the edge vectors' combination) through the numba
-    kernels of ``grokedge.spectral.window_kernels`` (the default on a CPU) and through the
+    kernels of ``grokedge.edge.window_kernels`` (the default on a CPU) and through the
     torch path they replaced (two GEMVs per block, a blocked GEMM), alternating.
+(e) ``--derived``: the mean capture (over whole cycles: derived windows publish every
+    k-th capture) with ``interval_multiples`` [1, 2, 3] (the default: windows of N = 2·N0
+    and 3·N0 derived from the same deltas) against [1], at p = 131,072 and 2,359,296.
+    (b)-(d) measure the base window alone ([1]), which is what the traffic bound counts.
 
 Bytes a capture must touch (float32 buffers, k = 4 vectors), in units of p·4 B:
 form the delta (read θ and θ_prev, write δ into the ring, write θ_prev): 4; store the WD
@@ -46,8 +50,8 @@ import torch
 from torch import nn
 
 from grokedge.callbacks import EdgeAlignmentCallback, GramCallback
-from grokedge.spectral import DecoupledWeightDecayTracker
-from grokedge.spectral import window as window_module
+from grokedge.edge import row_dots as row_dots_module
+from grokedge.edge.weight_decay import DecoupledWeightDecayTracker
 from grokedge.train import build, compose, fit
 
 TOP_K = 4
@@ -164,12 +168,22 @@ def capture_bytes(p: int, window: int, k: int = TOP_K) -> int:
     return (7 + 3 * window + k) * 4 * p
 
 
-def bench_capture(p: int, window: int, reps: int) -> dict:
+def bench_capture(
+    p: int, window: int, reps: int, interval_multiples: tuple[int, ...] = (1,)
+) -> dict:
+    """Timed captures of one GramCallback; ``interval_multiples=(1,)`` (the base window
+    alone, what the traffic bound counts) unless the derived windows are measured."""
     gen = torch.Generator().manual_seed(0)
     model = nn.Module()
     model.w = nn.Parameter(0.1 * torch.randn(p, generator=gen))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0)
-    cb = GramCallback(select="all", interval=1, window=window, top_k=TOP_K)
+    cb = GramCallback(
+        select="all",
+        interval=1,
+        window=window,
+        top_k=TOP_K,
+        interval_multiples=list(interval_multiples),
+    )
     cb.attach(model, opt)
     noise = 1e-3 * torch.randn(p, generator=gen)
     times = []
@@ -194,6 +208,7 @@ def bench_capture(p: int, window: int, reps: int) -> dict:
     return {
         "capture_s": min(times),
         "capture_median_s": statistics.median(times),
+        "capture_mean_s": statistics.fmean(times),
         "wd_step_s": min(wd_times[2:]),
         "wd_step_median_s": statistics.median(wd_times[2:]),
     }
@@ -203,12 +218,12 @@ def bench_capture(p: int, window: int, reps: int) -> dict:
 def torch_window_path():
     """The window's float32 passes through torch (the kernels' fallback), for the
     side-by-side comparison (d)."""
-    saved = window_module._window_kernels
-    window_module._window_kernels = lambda: None
+    saved = row_dots_module._window_kernels
+    row_dots_module._window_kernels = lambda: None
     try:
         yield
     finally:
-        window_module._window_kernels = saved
+        row_dots_module._window_kernels = saved
 
 
 def compare_paths(reps: int, bw: float, rounds: int = 2) -> list[dict]:
@@ -234,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="(a): optimizer steps per run")
     parser.add_argument("--reps", type=int, default=7, help="(b, c): timed captures per size")
     parser.add_argument("--skip-runs", action="store_true", help="skip (a)")
+    parser.add_argument("--skip-captures", action="store_true", help="skip (b) and (c)")
     parser.add_argument("--compare-paths", action="store_true", help="(d): numba kernels vs torch")
+    parser.add_argument(
+        "--derived", action="store_true", help="(e): derived windows [1, 2, 3] vs [1]"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -251,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows = []
-    for p in SIZES:
+    for p in [] if args.skip_captures else SIZES:
         r = bench_capture(p, 5, args.reps)
         bound = capture_bytes(p, 5) / bw
         wd_bound = 12 * p / bw
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n(c) capture as W grows (top-4 vectors)\n")
     print("| p | W | capture min (median) | traffic bound | × bound (min) |\n|---|---|---|---|---|")
     results["capture_by_w"] = []
-    for p in SIZES[1:]:
+    for p in [] if args.skip_captures else SIZES[1:]:
         for w in (5, 10, 20):
             r = bench_capture(p, w, args.reps)
             bound = capture_bytes(p, w) / bw
@@ -304,6 +323,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"{b * 1e3:.2f} ms | {f / b:.2f} | {t / b:.2f} |",
                 flush=True,
             )
+
+    if args.derived:
+        print(
+            "\n(e) derived windows: mean capture over a cycle of 6 captures (k = 2 publishes "
+            "every 2nd, k = 3 every 3rd), interval_multiples [1] vs [1, 2, 3], alternating\n"
+        )
+        print("| p | [1] mean | [1, 2, 3] mean | ratio |\n|---|---|---|---|")
+        results["derived"] = []
+        reps = 6 * max(1, args.reps // 6 + 1)
+        for p in SIZES[:2]:
+            means: dict[tuple[int, ...], list[float]] = {(1,): [], (1, 2, 3): []}
+            for _ in range(2):
+                for multiples in means:
+                    r = bench_capture(p, 5, reps, multiples)
+                    means[multiples].append(r["capture_mean_s"])
+            base, derived = min(means[(1,)]), min(means[(1, 2, 3)])
+            print(
+                f"| {p:,} | {base * 1e3:.2f} ms | {derived * 1e3:.2f} ms | {derived / base:.2f} |",
+                flush=True,
+            )
+            results["derived"].append({"p": p, "base_mean_s": base, "derived_mean_s": derived})
 
     if not args.skip_runs:
         print(f"\n(a) Dyck runs, {args.steps} steps, callbacks=gram vs none, alternating")

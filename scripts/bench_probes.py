@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from threadpoolctl import threadpool_limits
 
-from grokedge.spectral.probes import (
+from grokedge.analysis.probe_targets import pad_id_of, probe_data, probe_target_tensors
+from grokedge.analysis.subsets import fixed_subset, loader_batches
+from grokedge.experiments.probes import (
     LINEAR,
     MLP,
     QUADRATIC,
@@ -34,8 +36,6 @@ from grokedge.spectral.probes import (
     probe_splits,
     score_probes,
 )
-from grokedge.tasks.probe_targets import pad_id_of, probe_data, probe_target_tensors
-from grokedge.tasks.subsets import fixed_subset, loader_batches
 from grokedge.train import build, compose
 
 

@@ -23,7 +23,7 @@ one process:
 Memory: the bytes of every storage the callback allocated (all tensors found through the
 garbage collector, CPU) or ``torch.cuda.memory_allocated`` growth (CUDA), and on CUDA the
 peak during a capture over the allocation before it, against
-``grokedge.spectral.memory.window_memory`` (persistent, and persistent + transient).
+``grokedge.edge.memory.window_memory`` (persistent, and persistent + transient).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from grokedge.callbacks.gram import GramCallback
-from grokedge.spectral.memory import window_memory
+from grokedge.edge.memory import window_memory
 
 CHUNK = 1 << 22
 """Elements per parameter tensor: a model of p elements is ceil(p / CHUNK) tensors."""
@@ -105,7 +105,7 @@ def bench_one(p: int, args: argparse.Namespace, device: torch.device) -> dict[st
         buffer_dtype=args.buffer_dtype,
     )
     gram.attach(model, opt)
-    assert gram.tracker is not None and gram._handle is not None
+    assert gram.tracker is not None and gram.recorder._handle is not None
 
     # The window fills (W captures), then the timed captures run on a full window.
     capture_s: list[float] = []
@@ -130,9 +130,9 @@ def bench_one(p: int, args: argparse.Namespace, device: torch.device) -> dict[st
             opt.step()
 
     for _ in range(args.rounds):
-        gram._handle.remove()
+        gram.recorder._handle.remove()
         opt_s.append(_timed(steps, device) / args.steps)
-        gram._handle = gram.tracker.register()
+        gram.recorder._handle = gram.tracker.register()
         hook_s.append(_timed(steps, device) / args.steps)
 
     gc.collect()

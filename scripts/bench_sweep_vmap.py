@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch.func import vmap
 
-from grokedge.spectral import ParameterSelector, epsilon_grid
-from grokedge.spectral.perturbation import BucketedEvaluate
-from grokedge.tasks.probe_targets import pad_id_of
-from grokedge.tasks.subsets import fixed_subset, loader_batches
+from grokedge.analysis.probe_targets import pad_id_of
+from grokedge.analysis.subsets import fixed_subset, loader_batches
+from grokedge.edge.selection import ParameterSelector
+from grokedge.experiments.perturbation import BucketedEvaluate, epsilon_grid
 from grokedge.train import build, compose
 
 N_DIRECTIONS = 4

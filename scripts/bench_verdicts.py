@@ -1,4 +1,4 @@
-"""Monte Carlo misclassification rates of the event-timing rule (reporting/events.py).
+"""Monte Carlo misclassification rates of the event-timing rule (reporting/event_rule.py).
 
     python scripts/bench_verdicts.py                       # 2,000 draws per true class
     python scripts/bench_verdicts.py --draws 500 --bootstrap 500   # a quick look
@@ -24,7 +24,7 @@ True classes:
 probability (a window-mean read-out that needs more than one window to cross), the case
 the within-trajectory test (``detection_quantum``) is most exposed to.
 
-Each draw is judged by :func:`grokedge.reporting.events.timing_fit` with the thresholds of
+Each draw is judged by :func:`grokedge.reporting.event_rule.timing_fit` with the thresholds of
 ``conf/report/verdicts.yaml`` (``--bootstrap`` resamples instead of the file's, to keep it
 fast). Printed: the rate of each true class called each verdict, and the two headline
 error rates (true grok-tracking called window-driven; true window called tracks grokking).
@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from grokedge.reporting import events as E
+from grokedge.reporting import event_rule as E
 
 GROKS = (200, 400, 600, 700, 800, 1100, 1300, 1500)
 """The grok steps of experiment=edge_controls' seeds (conf/experiment/edge_controls.yaml)."""

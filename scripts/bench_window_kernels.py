@@ -7,7 +7,7 @@ calls, each after a 64 MiB streaming add has evicted the operands from the cache
 capture finds them:
 
 - the push's dot products of the 2W stored rows with the new total and WD parts:
-  torch's two GEMVs per 2^16-column block (``window._row_dots_blocks``) against
+  torch's two GEMVs per 2^16-column block (``row_dots.row_dots_blocks``) against
   ``window_kernels.fused_row_dots`` at several ``FUSED_BLOCK`` sizes; and one pure read of
   the rows (a float32 sum), the floor any pass over them has;
 - the edge vectors ``coeffs @ X`` ([k, W] @ [W, p]): torch's blocked GEMM
@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from grokedge.spectral import window as window_module
-from grokedge.spectral import window_kernels
+from grokedge.edge import row_dots, window_kernels
+from grokedge.edge import window as window_module
 
 BLOCKS = (1 << 10, 1 << 12, 1 << 14, 1 << 16)
 EVICT = 16 << 20  # float32 elements of the cache-evicting add (64 MiB)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     report(
         dots,
         "torch: two GEMVs per 2^16 block",
-        lambda: window_module._row_dots_blocks(rows, new, torch.float64),
+        lambda: row_dots.row_dots_blocks(rows, new, torch.float64),
     )
     saved = window_kernels.FUSED_BLOCK
     for block in BLOCKS:

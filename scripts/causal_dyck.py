@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from grokedge.analysis_log import read_analyses
-from grokedge.reporting.tables import causal_markdown
+from grokedge.reporting.causal_tables import causal_markdown
 from grokedge.train import build, compose, fit
 
 

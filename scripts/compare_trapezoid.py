@@ -6,7 +6,7 @@
 The GramCallback accumulates the exact per-step WD displacement Σ_t −η_t ω θ_t of every
 delta; the paper approximates it by −η ω N (θ_prev + θ_curr)/2 and takes the gradient part
 as the residual. A probe callback snapshots θ_sel at every capture, forms the trapezoid
-WD part of each delta (``grokedge.spectral.trapezoid_wd``), projects both versions on the
+WD part of each delta (``grokedge.edge.decomposition.trapezoid_wd``), projects both versions on the
 window's published edge vectors and compares v_1's gradient energy share
 grad_frac = gE/(gE + wE) window by window. Windows are labelled with the run's phases
 (EdgeAlignmentCallback defaults: at = ±1 interval, post up to 10 intervals after the grok
@@ -29,8 +29,8 @@ import torch
 
 from grokedge.analysis_log import Phases
 from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
+from grokedge.edge.decomposition import energy_fractions, trapezoid_wd
 from grokedge.functional import analysed_module
-from grokedge.spectral import energy_fractions, trapezoid_wd
 from grokedge.train import build, compose, fit
 
 BASE = [

@@ -3,7 +3,7 @@
 #   (a) a Dyck run with callbacks=full on the GPU, past its grok step (seed 42 groks at 600):
 #       wall time, summary.json, metrics.jsonl, analyses.jsonl;
 #   (b) scripts/bench_scale.py --device cuda up to p = 1e8: time per delta (one capture),
-#       the overhead ratio over the AdamW step, memory against grokedge.spectral.memory;
+#       the overhead ratio over the AdamW step, memory against grokedge.edge.memory;
 #   (c) with CLASSES=1, SCAN's universality class on the paper-size model (3 seeds × ω ∈
 #       {0, 1}, long enough for 10 late windows; ~45 minutes, a session of its own).
 #

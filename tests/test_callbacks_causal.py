@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch import nn
 
+from grokedge.analysis.subsets import fixed_subset
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import (
     AblationCallback,
@@ -35,15 +36,14 @@ from grokedge.callbacks import (
     WDRemovalCallback,
     find_gram_callback,
 )
-from grokedge.config_checks import ConfigError
+from grokedge.checks import ConfigError
+from grokedge.edge.selection import ParameterSelector
+from grokedge.experiments.perturbation import BucketedEvaluate, flat_evaluator
 from grokedge.functional import analysed_module
 from grokedge.models import CausalTransformer
 from grokedge.module import GrokModule
 from grokedge.run_files import metrics_by_step
-from grokedge.spectral import ParameterSelector, flat_evaluator
-from grokedge.spectral.perturbation import BucketedEvaluate
 from grokedge.tasks.dyck import DyckDataModule
-from grokedge.tasks.subsets import fixed_subset
 from grokedge.train import Run, build, compose, fit
 
 INTERVAL = 10

@@ -21,10 +21,10 @@ import torch
 
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import ClassCallback, GapFlowCallback, find_gram_callback
-from grokedge.config_checks import ConfigError
+from grokedge.checks import ConfigError
+from grokedge.experiments.universality import CLASS_CODES, CLASSES, UNDETERMINED
 from grokedge.functional import analysed_module
 from grokedge.run_files import metrics_by_step
-from grokedge.spectral.classes import CLASS_CODES, CLASSES, UNDETERMINED
 from grokedge.train import Run, build, compose, fit
 
 pytestmark = [

@@ -20,11 +20,11 @@ from torch import nn
 
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import EdgeAlignmentCallback, GramCallback, find_gram_callback
-from grokedge.callbacks.edge_alignment import measure
-from grokedge.config_checks import ConfigError
+from grokedge.checks import ConfigError
+from grokedge.edge.readouts import measure
+from grokedge.edge.selection import ParameterSelector
 from grokedge.functional import analysed_module
 from grokedge.run_files import read_metrics, read_summary
-from grokedge.spectral import ParameterSelector
 from grokedge.train import Run, build, compose, fit
 
 INTERVAL = 10

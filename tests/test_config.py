@@ -119,7 +119,8 @@ def test_torch_threads_from_the_environment(monkeypatch, value, expected) -> Non
     """GROKEDGE_TORCH_THREADS (the default's source; the local launcher sets "1") reaches
     the config as a string: its digits count as the number, anything else is refused by
     name. Unset, torch_threads is null: torch's own default, left alone."""
-    from grokedge.config_checks import ConfigError, torch_threads
+    from grokedge.checks import ConfigError
+    from grokedge.config_checks import torch_threads
 
     if value is None:
         monkeypatch.delenv("GROKEDGE_TORCH_THREADS", raising=False)
@@ -175,7 +176,7 @@ def test_large_models_have_tens_of_millions_of_parameters_and_train(
     """The counts stated in conf/model/*_large.yaml, and one real forward/backward."""
     import torch
 
-    from grokedge.spectral import ParameterSelector
+    from grokedge.edge.selection import ParameterSelector
     from grokedge.train import build, compose
 
     cfg = compose([f"task={task}", f"model={model}", "callbacks=none", "logger=none"], tmp_path)

@@ -22,11 +22,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from grokedge.callbacks.classes import ClassCallback
 from grokedge.callbacks.decoupling import EdgeDecouplingCallback
 from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.callbacks.gram import GramCallback
-from grokedge.spectral import rotation_deg
+from grokedge.callbacks.universality import ClassCallback
+from grokedge.edge.geometry import rotation_deg
 from tests.conftest import REPO
 from tests.test_spectral_sharding import _Net, _train_step, run_ranks
 

@@ -25,9 +25,9 @@ from omegaconf import OmegaConf
 
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
+from grokedge.edge.row_dots import F32_BLOCK
 from grokedge.functional import analysed_module
 from grokedge.run_files import NonFiniteLossError, read_metrics, read_summary
-from grokedge.spectral.window import F32_BLOCK
 from grokedge.train import Run, build, compose, fit
 from tests.conftest import run_cli
 
@@ -159,7 +159,7 @@ def assert_window_is_brute_force(gram: GramCallback, expected: list[torch.Tensor
     assert torch.equal(deltas, torch.stack(expected).to(deltas.dtype))
     x = torch.stack(expected).to(deltas.dtype).double()
     # float32 buffers: float32 products per block of b columns summed in float64, within
-    # b·u·Σ|x_i y_i| of the float64 Gram (grokedge.spectral.window); float64: exact.
+    # b·u·Σ|x_i y_i| of the float64 Gram (grokedge.edge.window); float64: exact.
     u = torch.finfo(deltas.dtype).eps / 2
     bound = min(deltas.shape[1], F32_BLOCK) * u * (x.abs() @ x.abs().T)
     assert ((gram.window.gram() - x @ x.T).abs() <= bound).all()

@@ -22,6 +22,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from grokedge.adapters import FunctionalAdapter
+from grokedge.analysis.subsets import fixed_subset, loader_batches
 from grokedge.analysis_log import read_analyses
 from grokedge.callbacks import AblationCallback, GramCallback, ProbeCallback, WDRemovalCallback
 from grokedge.functional import (
@@ -36,7 +37,6 @@ from grokedge.models import CausalTransformer
 from grokedge.module import GrokModule
 from grokedge.run_files import read_metrics
 from grokedge.tasks.dyck import DyckDataModule
-from grokedge.tasks.subsets import fixed_subset, loader_batches
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 30

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from grokedge.report import main as report_main
+from grokedge.reporting.causal_figures import ablation_figure
+from grokedge.reporting.causal_tables import ablation_table
 from grokedge.reporting.discover import RunData
-from grokedge.reporting.figures import ablation_figure
-from grokedge.reporting.tables import ablation_phase_table, ablation_table
+from grokedge.reporting.run_tables import ablation_phase_table
 from grokedge.reporting.wandb_records import history_of, read_offline_run
 
 OVERRIDES = [

@@ -1,4 +1,4 @@
-"""The event-timing rule (reporting/events.py) on synthetic trajectories whose answer is
+"""The event-timing rule (reporting/event_rule.py) on synthetic trajectories whose answer is
 known, its pieces against brute force, and the event sections of a report on real run
 files."""
 
@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from grokedge.reporting import events as E
+from grokedge.reporting import event_rule as E
+from grokedge.reporting import event_runs as ER
+from grokedge.reporting import event_tables as ET
 from grokedge.reporting.discover import RunData, load_run
 from tests.real_runs import train
 
@@ -40,7 +42,7 @@ def _jitter(seed: int, spread: float) -> Callable[[int], float]:
 
 
 def _interval_entry(n: int, g: int, step_of: StepOf, first_windows: bool) -> dict[str, Any]:
-    steps = {d: {e: step_of(g, n, d) for e in E.TIMED_EVENTS} for d in E.DEFINITIONS}
+    steps = {d: {e: step_of(g, n, d) for e in ER.TIMED_EVENTS} for d in ER.DEFINITIONS}
     entry: dict[str, Any] = {"interval": n, "definitions": steps, "events": []}
     if first_windows:
         entry["first_windows"] = {"paper": 2 * n, "burn_in": 3 * n, "normalized": 2 * n}
@@ -97,7 +99,7 @@ def _run(
 
 def sweep(
     step_of: StepOf, groks: list[int] = GROKS, *, legacy: bool = False, **kw: Any
-) -> list[E.RunEvents]:
+) -> list[ER.RunEvents]:
     """One trajectory per grok step (seed i) at every N of :data:`NS`: one run each with
     the contract's ``intervals``, or (``legacy``) one run per N (legacy rows)."""
     runs = []
@@ -106,13 +108,13 @@ def sweep(
             runs += [_run(f"{i}-{n}", i, g, [n], step_of, contract=False, **kw) for n in NS]
         else:
             runs.append(_run(str(i), i, g, NS, step_of, **kw))
-    events = [E.run_events(r) for r in runs]
+    events = [ER.run_events(r) for r in runs]
     assert all(ev is not None for ev in events)
     return events  # type: ignore[return-value]
 
 
-def fit_of(events: list[E.RunEvents], definition: str = "paper", grok: str = E.RUN_GROK):
-    fits = {(f.event, f.definition): f for f in E.timing_fits(events, grok)}
+def fit_of(events: list[ER.RunEvents], definition: str = "paper", grok: str = E.RUN_GROK):
+    fits = {(f.event, f.definition): f for f in ER.timing_fits(events, grok)}
     return fits[("flip", definition)]
 
 
@@ -132,7 +134,7 @@ def test_legacy_runs_of_one_seed_at_several_n_are_one_trajectory() -> None:
     jitter = _jitter(1, 30)
     events = sweep(lambda g, n, d: detect(g + jitter(g), n), legacy=True)
     assert len(events) == len(GROKS) * len(NS)
-    trajs = E.trajectories(events)
+    trajs = ER.trajectories(events)
     assert len(trajs) == len(GROKS) and all(sorted(t.per_interval) == NS for t in trajs)
     fit = fit_of(events)
     assert fit.n == len(GROKS) and fit.verdict == E.TRACKS_GROKKING, fit.reason
@@ -212,12 +214,12 @@ def test_missing_events_are_counted_not_fitted() -> None:
     assert fit.verdict == E.TRACKS_GROKKING, fit.reason
 
 
-def _single_n(groks: list[int], ns: list[int], step_of: StepOf) -> list[E.RunEvents]:
+def _single_n(groks: list[int], ns: list[int], step_of: StepOf) -> list[ER.RunEvents]:
     runs = [
         _run(str(i), i, g, [n], step_of, contract=False)
         for i, (g, n) in enumerate(zip(groks, ns, strict=True))
     ]
-    return [E.run_events(r) for r in runs]  # type: ignore[misc]
+    return [ER.run_events(r) for r in runs]  # type: ignore[misc]
 
 
 # N rising with the grok step: (W + 1)·N and grok collinear (corr ≈ 0.99).
@@ -267,9 +269,9 @@ def test_a_grok_definition_that_changes_a_verdict_is_reported() -> None:
         )
         for i, g in enumerate(GROKS)
     ]
-    events = [E.run_events(r) for r in runs]
-    assert E.grok_definitions(events) == [E.RUN_GROK, "0.90/1", "0.99/3"]  # type: ignore[arg-type]
-    sens = {s.key: s for s in E.grok_sensitivity(events)}  # type: ignore[arg-type]
+    events = [ER.run_events(r) for r in runs]
+    assert ER.grok_definitions(events) == [E.RUN_GROK, "0.90/1", "0.99/3"]  # type: ignore[arg-type]
+    sens = {s.key: s for s in ER.grok_sensitivity(events)}  # type: ignore[arg-type]
     flip = sens[("flip", "paper")]
     assert flip.verdicts == {
         E.RUN_GROK: E.TRACKS_GROKKING,
@@ -277,12 +279,12 @@ def test_a_grok_definition_that_changes_a_verdict_is_reported() -> None:
         "0.99/3": E.WITH_OFFSET,
     }
     assert flip.changes
-    table = E.sensitivity_table(list(sens.values()))
+    table = ET.sensitivity_table(list(sens.values()))
     assert table is not None
     row = next(r for r in table.rows if r[:2] == ["flip", "paper"])
     assert row[-1] == "**yes**"
     # Without grok_steps there is nothing to compare: no table.
-    assert E.sensitivity_table(E.grok_sensitivity(sweep(lambda g, n, d: detect(g, n)))) is None
+    assert ET.sensitivity_table(ER.grok_sensitivity(sweep(lambda g, n, d: detect(g, n)))) is None
 
 
 def test_a_grok_definition_under_which_too_few_grokked_is_not_a_change() -> None:
@@ -300,13 +302,13 @@ def test_a_grok_definition_under_which_too_few_grokked_is_not_a_change() -> None
         )
         for i, g in enumerate(GROKS)
     ]
-    events = [E.run_events(r) for r in runs]
-    flip = {s.key: s for s in E.grok_sensitivity(events)}[("flip", "paper")]  # type: ignore[arg-type]
+    events = [ER.run_events(r) for r in runs]
+    flip = {s.key: s for s in ER.grok_sensitivity(events)}[("flip", "paper")]  # type: ignore[arg-type]
     assert flip.verdicts["0.99/1"] == E.INCONCLUSIVE
     assert flip.grokked["0.99/1"] == 0 and flip.grokked["0.90/1"] == len(GROKS)
     assert not flip.decided("0.99/1") and flip.decided("0.90/1")
     assert not flip.changes
-    table = E.sensitivity_table([flip])
+    table = ET.sensitivity_table([flip])
     assert table is not None
     assert table.rows[0][-1] == "no"
     assert "(0 grokked)" in table.rows[0][-2]
@@ -386,7 +388,7 @@ def test_derived_first_windows_match_a_brute_force_window(start_step: int) -> No
     """Deltas θ(jN) − θ((j−1)N) from step 0, windows of the last W; burn_in keeps the
     deltas beginning at or after start_step; the first window has >= 2 deltas kept."""
     for n in NS:
-        for definition in E.DEFINITIONS:
+        for definition in ER.DEFINITIONS:
             first = None
             for j in range(1, 100):
                 begins = [(k - 1) * n for k in range(max(1, j - W + 1), j + 1)]
@@ -394,8 +396,8 @@ def test_derived_first_windows_match_a_brute_force_window(start_step: int) -> No
                 if len(kept) >= 2:
                     first = j * n
                     break
-            assert E.derived_first_window(definition, n, start_step) == first, (n, definition)
-    assert E.derived_first_window("burn_in", 50, None) is None
+            assert ER.derived_first_window(definition, n, start_step) == first, (n, definition)
+    assert ER.derived_first_window("burn_in", 50, None) is None
 
 
 def test_bad_thresholds_name_the_key() -> None:
@@ -424,7 +426,7 @@ def test_seed_42_flip_at_n_150_is_flagged_as_the_first_delta_leaving(tmp_path: P
         ],
     )
     run = load_run(run_dir)
-    events = E.run_events(run)
+    events = ER.run_events(run)
     assert events is not None and events.grok_step == 600
     assert events.window_step == 900
     assert events.steps[("flip", "paper")] == 900
@@ -434,7 +436,7 @@ def test_seed_42_flip_at_n_150_is_flagged_as_the_first_delta_leaving(tmp_path: P
     assert {(c["kind"], c["begin"], c["end"]) for c in flip["coinciding"]} >= {("left", 0, 150)}
     # The report's event table says the same (the * marks a window artifact); the run's
     # own N comes first.
-    table = E.event_timing_table([events])
+    table = ET.event_timing_table([events])
     row = dict(zip(table.columns, table.rows[0], strict=True))
     assert row["flip paper"] == "900*" and row["grok"] == "600" and row["(W+1)·N"] == "900"
     assert "900" in row["dominant left"].split(", ")

@@ -1,6 +1,6 @@
 """A resumed run's directory is whole (issue 20): what ``resume=`` carries over.
 
-Fast tests of ``run_files.carry_run_files`` on hand-made checkpoints and run files (every
+Fast tests of ``resume.carry_run_files`` on hand-made checkpoints and run files (every
 expected line is written here, not produced by the code under test), of the summary of
 the directory resumed from, and one short real run that checks ``RunCheckpoint``: a
 checkpoint at an evaluation step holds that evaluation. The SIGKILL drills with every
@@ -17,13 +17,8 @@ import torch
 
 from grokedge.analysis_log import AnalysisLog, Phases, read_analyses, unlabelled_line
 from grokedge.reporting.discover import discover
-from grokedge.run_files import (
-    MetricHistoryLogger,
-    carry_run_files,
-    read_metrics,
-    read_summary,
-    write_summary,
-)
+from grokedge.resume import carry_run_files
+from grokedge.run_files import MetricHistoryLogger, read_metrics, read_summary, write_summary
 from grokedge.train import build, compose, fit
 
 STEP = 40  # the hand-made checkpoint's step

@@ -11,38 +11,40 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from grokedge.batch import IGNORE_INDEX
-from grokedge.models import CausalTransformer
-from grokedge.spectral import (
-    ParameterSelector,
+from grokedge.edge.selection import ParameterSelector
+from grokedge.edge.sharding import Shard
+from grokedge.experiments.ablation import (
     ablation_experiment,
     ablation_summary,
+    sharded_ablation_experiment,
+)
+from grokedge.experiments.perturbation import (
     epsilon_grid,
     epsilon_sweep,
     flat_evaluator,
-    iter_norm_matched_displacements,
-    iter_random_orthonormal_subspaces,
     kl_divergence,
-    norm_matched_displacements,
-    orthonormalize,
-    random_orthonormal_subspace,
-    random_orthonormal_subspaces,
-    remove_subspace,
-    subspace_coefficients,
     sweep_extremes,
 )
-from grokedge.spectral.ablation import (
-    norm_equal_factor,
-    scale_theta,
-    shrink_factor,
-    shrink_toward_zero,
-    theta_sq_removed_fraction,
+from grokedge.experiments.random_controls import (
+    iter_norm_matched_displacements,
+    iter_random_orthonormal_subspaces,
+    norm_matched_displacements,
+    random_orthonormal_subspace,
+    random_orthonormal_subspaces,
 )
-from grokedge.spectral.sharding import (
-    Shard,
-    sharded_ablation_experiment,
+from grokedge.experiments.subspaces import (
+    norm_equal_factor,
+    orthonormalize,
+    remove_subspace,
+    scale_theta,
     sharded_remove_subspace,
     sharded_shrink_toward_zero,
+    shrink_factor,
+    shrink_toward_zero,
+    subspace_coefficients,
+    theta_sq_removed_fraction,
 )
+from grokedge.models import CausalTransformer
 from tests.test_spectral_sharding import ThreadCollective, _toy_evaluate, run_ranks
 
 ORTHO_TOL = 1e-6

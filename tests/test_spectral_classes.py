@@ -1,4 +1,4 @@
-"""The class decisions at and around their thresholds (grokedge.spectral.classes)."""
+"""The class decisions at and around their thresholds (grokedge.experiments.universality)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grokedge.spectral.classes import (
+from grokedge.experiments.universality import (
     CLASS_CODES,
     COMPRESSION,
     FUNCTIONAL,
@@ -124,7 +124,7 @@ def test_functional_epsilon_is_the_papers_fraction() -> None:
 
 
 def test_margins_reproduce_the_decision_and_name_the_decisive_thresholds() -> None:
-    from grokedge.spectral.classes import (
+    from grokedge.experiments.universality import (
         OBSERVED_RULES,
         PREDICTED_RULES,
         class_from_margins,

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from grokedge.models import CausalTransformer
-from grokedge.spectral import (
-    ParameterSelector,
+from grokedge.edge.selection import ParameterSelector
+from grokedge.experiments.curvature import (
     directional_curvature,
     directional_curvatures,
     finite_difference_curvature,
@@ -19,6 +18,7 @@ from grokedge.spectral import (
     hvp,
     paper_epsilon,
 )
+from grokedge.models import CausalTransformer
 
 # torch.func's first forward-mode call scripts its decompositions (torch-internal warning).
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from grokedge.callbacks.gram import GramCallback
-from grokedge.config_checks import ConfigError
-from grokedge.spectral import DeltaRecorder
-from grokedge.spectral.derived_windows import materialise_edge
-from grokedge.spectral.edge import EdgeState, WindowSpectrum
-from grokedge.spectral.edge_definitions import BURN_IN, EDGE_DEFINITIONS, NORMALIZED, PAPER
-from grokedge.spectral.memory import derived_memory
-from grokedge.spectral.readouts import definition_readouts
+from grokedge.checks import ConfigError
+from grokedge.edge.definitions import BURN_IN, EDGE_DEFINITIONS, NORMALIZED, PAPER
+from grokedge.edge.derived_windows import materialise_edge
+from grokedge.edge.memory import derived_memory
+from grokedge.edge.readouts import definition_readouts
+from grokedge.edge.recorder import DeltaRecorder
+from grokedge.edge.spectrum import EdgeState, WindowSpectrum
 from tests.test_spectral_sharding import run_ranks
 
 DEFINITIONS = EDGE_DEFINITIONS
@@ -293,7 +293,7 @@ def test_derived_window_of_a_real_run_equals_a_run_recorded_at_that_interval(
                 continue
             assert gs.spans == ws.spans
             # σ_j to 1e-6 relative, of σ_1 for the smallest (float32 buffers: each Gram
-            # entry is exact to ~1e-7 of the largest entries, grokedge.spectral.window).
+            # entry is exact to ~1e-7 of the largest entries, grokedge.edge.window).
             torch.testing.assert_close(
                 gs.sigma, ws.sigma, rtol=1e-6, atol=1e-6 * float(ws.sigma[0])
             )
@@ -466,7 +466,7 @@ def test_sharded_derived_windows_equal_one_process_and_resume_on_any_rank_count(
     part = run_ranks(2, lambda r, coll: _sharded_gram(coll, 7))  # mid-block for k = 2, 3
 
     def state_of(r: int, coll) -> dict:
-        from grokedge.spectral.sharding import Shard
+        from grokedge.edge.sharding import Shard
 
         g = part[r]
         g.shard = Shard(g.shard.p, g.shard.start, g.shard.stop, coll)  # a fresh group

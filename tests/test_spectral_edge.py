@@ -8,18 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from grokedge.spectral import (
-    UpdateWindow,
-    compute_edge,
-    edge_from_window,
-    energy_fractions,
-    latest_energy_fractions,
-    rotation_deg,
-    rotation_finish,
-    rotation_partial,
-    slice_bounds,
-    trapezoid_wd,
-)
+from grokedge.edge.decomposition import energy_fractions, latest_energy_fractions, trapezoid_wd
+from grokedge.edge.geometry import rotation_deg, rotation_finish, rotation_partial
+from grokedge.edge.selection import slice_bounds
+from grokedge.edge.spectrum import compute_edge, edge_from_window
+from grokedge.edge.window import UpdateWindow
 
 W = 5
 P = 300

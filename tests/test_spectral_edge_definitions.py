@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grokedge.spectral import (
+from grokedge.edge.definitions import (
     BURN_IN,
     NORMALIZED,
     PAPER,
-    DominanceTracker,
-    UpdateWindow,
-    coinciding,
     definition_edge,
     definition_spectrum,
-    window_provenance,
 )
-from grokedge.spectral.provenance import ENTERED, LEFT
+from grokedge.edge.provenance import ENTERED, LEFT, DominanceTracker, coinciding, window_provenance
+from grokedge.edge.window import UpdateWindow
 
 W, P, N = 5, 64, 10  # window, parameters, steps per delta
 
@@ -184,14 +181,14 @@ def test_edge_from_all_spectra_equals_definition_edge_bit_for_bit(start_step: in
     """The recorder's shortcuts change no bit: the edge built from its definition's
     spectrum (no second eigendecomposition), ``burn_in`` sharing the ``paper`` spectrum
     once it keeps every row, and T = I skipping the products T M Tᵀ."""
-    from grokedge.spectral.edge import window_spectrum
-    from grokedge.spectral.edge_definitions import (
+    from grokedge.edge.definitions import (
         all_spectra,
         definition_rows,
         mapped_matrices,
         mapped_spans,
         spectrum_edge,
     )
+    from grokedge.edge.spectrum import window_spectrum
 
     total, wd = _deltas(7, n=W + 2, shared=0.5)
     total[3] = 0.0  # a zero delta: a zero row of normalized's T

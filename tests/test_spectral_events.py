@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from grokedge.spectral import EdgeEvents, WindowProvenance, WindowSpectrum
-from grokedge.spectral.edge_definitions import EDGE_DEFINITIONS
-from grokedge.spectral.events import DefinitionEvents
-from grokedge.spectral.provenance import ENTERED
+from grokedge.edge.definitions import EDGE_DEFINITIONS
+from grokedge.edge.events import DefinitionEvents, EdgeEvents
+from grokedge.edge.provenance import ENTERED, WindowProvenance
+from grokedge.edge.spectrum import WindowSpectrum
 
 INTERVAL = 100
 STEPS = list(range(100, 800, INTERVAL))

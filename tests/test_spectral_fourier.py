@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from grokedge.spectral.fourier import answer_power_spectrum, fourier_features, key_frequencies
-from grokedge.spectral.probes import functional_r2
+from grokedge.experiments.fourier import answer_power_spectrum, fourier_features, key_frequencies
+from grokedge.experiments.probes import functional_r2
 
 P = 97
 KEYS = [5, 17, 41]

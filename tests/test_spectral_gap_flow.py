@@ -1,4 +1,4 @@
-"""The gap flow terms against hand computations (grokedge.spectral.gap_flow).
+"""The gap flow terms against hand computations (grokedge.experiments.gap_flow).
 
 On a quadratic loss L(θ) = ½ θᵀAθ − bᵀθ the Hessian is A and the gradient Aθ − b in
 closed form, and the window's modes come from numpy's SVD of X: every symbol and term
@@ -14,8 +14,8 @@ import pytest
 import torch
 from scipy import stats
 
-from grokedge.spectral import compute_edge
-from grokedge.spectral.gap_flow import (
+from grokedge.edge.spectrum import compute_edge
+from grokedge.experiments.gap_flow import (
     GapFlowTerms,
     balance,
     curvatures_and_gradients,
@@ -29,7 +29,7 @@ from grokedge.spectral.gap_flow import (
     prediction_agreement,
     signal_strengths,
 )
-from grokedge.spectral.gap_flow_record import EFFECTIVE, RAW, GapFlowRecord, PredictionPair
+from grokedge.experiments.gap_flow_record import EFFECTIVE, RAW, GapFlowRecord, PredictionPair
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from grokedge.spectral import (
+from grokedge.edge.geometry import (
     davis_kahan_bound,
     g23,
     gaps,
@@ -18,13 +18,13 @@ from grokedge.spectral import (
     principal_angles_finish,
     principal_angles_partial,
     rotation_deg,
-    slice_bounds,
     spectral_ratio,
-    spectrum,
     split_halves,
     stability,
     stability_from_gram,
 )
+from grokedge.edge.selection import slice_bounds
+from grokedge.edge.spectrum import spectrum
 
 ANGLE_TOL = 1e-6  # degrees
 

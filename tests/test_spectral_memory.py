@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from grokedge.callbacks.gram import GramCallback
-from grokedge.spectral.memory import window_memory, window_memory_bytes
+from grokedge.edge.memory import window_memory, window_memory_bytes
 
 
 def _live_storages() -> dict[int, int]:

@@ -9,20 +9,20 @@ import pytest
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from grokedge.models import CausalTransformer
-from grokedge.spectral import (
+from grokedge.analysis.probe_targets import probe_data
+from grokedge.analysis.subsets import fixed_subset
+from grokedge.experiments.attention_stats import attention_entropies, attention_entropy
+from grokedge.experiments.probes import (
     ProbeConfig,
-    attention_entropies,
-    attention_entropy,
+    StringGroups,
     functional_r2,
     hidden_states_and_targets,
     probe_splits,
+    row_strings,
     score_probes,
 )
-from grokedge.spectral.probes import StringGroups, row_strings
+from grokedge.models import CausalTransformer
 from grokedge.tasks.dyck import DyckDataModule
-from grokedge.tasks.probe_targets import probe_data
-from grokedge.tasks.subsets import fixed_subset
 
 # Tiny synthetic sets stop the MLP at max_iter before early stopping does; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore", category=ConvergenceWarning)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from grokedge.spectral import DeltaRecorder
+from grokedge.edge.recorder import DeltaRecorder
 
 INTERVAL = 2
 WINDOW = 4

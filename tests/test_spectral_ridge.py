@@ -8,8 +8,8 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
-from grokedge.spectral.probes import ProbeConfig, score_probes
-from grokedge.spectral.ridge import DEFAULT_BLOCK, CholeskyRidge, gram_rows
+from grokedge.experiments.probes import ProbeConfig, score_probes
+from grokedge.experiments.ridge import DEFAULT_BLOCK, CholeskyRidge, gram_rows
 
 UNIT_ROUNDOFF_32 = 2.0**-24
 
@@ -99,7 +99,7 @@ def test_quadratic_probe_scores_as_the_sklearn_pipeline(quadratic_dtype: str) ->
     scikit-learn pipeline's on the same folds to 1e-5 relative."""
     from sklearn.metrics import r2_score
 
-    from grokedge.spectral.probes import probe_splits
+    from grokedge.experiments.probes import probe_splits
 
     x, y = hidden_like(900, 40)  # D = 860 > 600 training positions: the dual system
     groups = np.arange(len(y)) // 4

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from grokedge.spectral import ParameterSelector, slice_bounds
+from grokedge.edge.selection import ParameterSelector, slice_bounds
 
 D = 8
 HEADS = 2

@@ -19,25 +19,20 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from grokedge.callbacks.edge_alignment import measure
 from grokedge.callbacks.gram import GramCallback
-from grokedge.spectral import (
-    UpdateWindow,
-    ablation_experiment,
-    edge_from_window,
-    random_displacement,
-    random_orthonormal_subspace,
-    stacked_gram,
-)
-from grokedge.spectral.ablation import draw_generator
-from grokedge.spectral.sharding import (
-    LocalCollective,
-    Shard,
+from grokedge.edge.geometry import stacked_gram
+from grokedge.edge.readouts import measure
+from grokedge.edge.sharding import LocalCollective, Shard, sharded_edge
+from grokedge.edge.spectrum import edge_from_window
+from grokedge.edge.window import UpdateWindow
+from grokedge.experiments.ablation import ablation_experiment, sharded_ablation_experiment
+from grokedge.experiments.random_controls import (
+    draw_generator,
     gaussian_rows,
+    random_displacement,
     random_displacement_slice,
     random_orthonormal_slice,
-    sharded_ablation_experiment,
-    sharded_edge,
+    random_orthonormal_subspace,
 )
 
 torch.set_num_threads(1)
@@ -338,7 +333,7 @@ def _train_gram(
 def assert_sigma_close(got: torch.Tensor, want: torch.Tensor) -> None:
     """σ of a sharded (or resumed) run against the one-process run's. float32 buffers:
     each Gram entry carries float32 block round-off relative to the largest entries
-    (``grokedge.spectral.window``), and sharded and whole runs sum in different blocks, so
+    (``grokedge.edge.window``), and sharded and whole runs sum in different blocks, so
     σ_k agrees to 1e-6 of σ_1, not of σ_k."""
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want[0]))
 
@@ -438,9 +433,9 @@ def test_bad_buffer_device_names_the_key() -> None:
 
 
 def test_direction_rotation_sharded_matches_whole_and_resumes_on_any_rank_count() -> None:
-    from grokedge.spectral.direction_rotation import DirectionRotation
-    from grokedge.spectral.geometry import rotation_deg
-    from grokedge.spectral.sharding import Shard
+    from grokedge.edge.geometry import rotation_deg
+    from grokedge.edge.sharding import Shard
+    from grokedge.experiments.direction_rotation import DirectionRotation
 
     g = torch.Generator().manual_seed(3)
     p = 101

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from grokedge.spectral import DecoupledWeightDecayTracker, slice_bounds
+from grokedge.edge.selection import slice_bounds
+from grokedge.edge.weight_decay import DecoupledWeightDecayTracker
 
 STEPS = 6
 LR = 0.05

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from grokedge.spectral import UpdateWindow, slice_bounds, window_kernels
-from grokedge.spectral import window as window_module
+from grokedge.edge import row_dots as row_dots_module
+from grokedge.edge import window_kernels
+from grokedge.edge.selection import slice_bounds
+from grokedge.edge.window import UpdateWindow
 
 W = 5
 P = 257
@@ -83,23 +85,23 @@ def scaled_errors(got: torch.Tensor, want: torch.Tensor, diag_a, diag_b) -> torc
 @pytest.fixture(params=["fused", "torch"])
 def float32_path(request, monkeypatch) -> str:
     """Each float32-block path of the push's dot products on the CPU: the fused one-pass
-    kernel (``grokedge.spectral.window_kernels``) and the two-GEMV torch path, each with
+    kernel (``grokedge.edge.window_kernels``) and the two-GEMV torch path, each with
     64-column blocks so that P = 257 spans several."""
     if request.param == "fused":
-        monkeypatch.setattr(window_module, "KERNEL_MIN_P", 1)
+        monkeypatch.setattr(row_dots_module, "KERNEL_MIN_P", 1)
         monkeypatch.setattr(window_kernels, "FUSED_BLOCK", 64)
     else:
-        monkeypatch.setattr(window_module, "_window_kernels", lambda: None)
-        monkeypatch.setattr(window_module, "F32_BLOCK", 64)
+        monkeypatch.setattr(row_dots_module, "_window_kernels", lambda: None)
+        monkeypatch.setattr(row_dots_module, "F32_BLOCK", 64)
     return request.param
 
 
-@pytest.mark.parametrize("p", [P, window_module.KERNEL_MIN_P])
+@pytest.mark.parametrize("p", [P, row_dots_module.KERNEL_MIN_P])
 def test_the_kernels_are_the_default_cpu_path_from_kernel_min_p(monkeypatch, p):
     """numba is a dependency: a float32 CPU window of p ≥ KERNEL_MIN_P takes the kernels
     (not the fallback) for its dot products and its combinations; a shorter one takes
     the torch path, which costs it less than loading them."""
-    assert window_module._window_kernels() is window_kernels
+    assert row_dots_module._window_kernels() is window_kernels
     calls = []
     for name in ("fused_row_dots", "combine_rows"):
         real = getattr(window_kernels, name)
@@ -109,7 +111,7 @@ def test_the_kernels_are_the_default_cpu_path_from_kernel_min_p(monkeypatch, p):
     win = UpdateWindow(W, p)
     win.push(torch.randn(p), torch.randn(p))
     win.combine(torch.ones(1, 1))
-    want = ["fused_row_dots", "combine_rows"] if p >= window_module.KERNEL_MIN_P else []
+    want = ["fused_row_dots", "combine_rows"] if p >= row_dots_module.KERNEL_MIN_P else []
     assert calls == want
 
 
@@ -122,7 +124,7 @@ def test_kernels_that_cannot_be_built_fall_back_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(window_kernels, "warm_up", broken)
     with pytest.warns(RuntimeWarning, match="could not build its kernels.*torch path"):
-        assert window_module._window_kernels.__wrapped__() is None
+        assert row_dots_module._window_kernels.__wrapped__() is None
 
 
 @pytest.mark.parametrize("rows", [1, 3, 10])
@@ -188,7 +190,7 @@ def test_float32_blocks_within_their_rounding_bound(float32_path):
 def test_upcast_path_accumulates_exactly_in_float64(monkeypatch, matmul_precision, dtype):
     """bfloat16 buffers, and float32 buffers when the float32 matmul precision allows
     reduced-precision GEMMs (TF32 / bfloat16 passes), take the exact up-cast path."""
-    monkeypatch.setattr(window_module, "ACCUM_CHUNK", 64)  # exercise the chunked path
+    monkeypatch.setattr(row_dots_module, "ACCUM_CHUNK", 64)  # exercise the chunked path
     matmul_precision("high")
     totals, wds = random_deltas(12, P, seed=1, dtype=dtype)
     win = UpdateWindow(W, P, dtype=dtype)
@@ -206,7 +208,7 @@ def test_float32_gram_at_ten_million_against_float64_brute_force(monkeypatch, pa
     √(G_ii G_jj). The deltas share a common direction with a non-zero mean (all-positive
     products: the worst case for round-off), and the window wraps once."""
     if path == "torch":
-        monkeypatch.setattr(window_module, "_window_kernels", lambda: None)
+        monkeypatch.setattr(row_dots_module, "_window_kernels", lambda: None)
     gen = torch.Generator().manual_seed(7)
     common = 1.0 + torch.randn(BIG_P, generator=gen)
     win = UpdateWindow(BIG_W, BIG_P)
@@ -262,10 +264,10 @@ def test_float32_combine_against_float64_brute_force(monkeypatch, path, size, k)
     has wrapped) and the torch GEMM, within float32 round-off of the float64 product of
     the stored rows."""
     if path == "fused":
-        monkeypatch.setattr(window_module, "KERNEL_MIN_P", 1)
+        monkeypatch.setattr(row_dots_module, "KERNEL_MIN_P", 1)
         monkeypatch.setattr(window_kernels, "COMBINE_BLOCK", 64)
     else:
-        monkeypatch.setattr(window_module, "_window_kernels", lambda: None)
+        monkeypatch.setattr(row_dots_module, "_window_kernels", lambda: None)
     totals, wds = random_deltas(2 * size + 1, P, seed=size, dtype=torch.float32)
     win = UpdateWindow(size + 1, P)
     for t, w in zip(totals, wds, strict=True):

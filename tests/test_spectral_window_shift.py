@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from grokedge.spectral import (
-    UpdateWindow,
+from grokedge.edge.geometry import (
     davis_kahan_gap,
     rotation_deg,
-    spectrum,
     window_shift_dk_bound,
     window_shift_grams,
 )
-from grokedge.spectral.window import F32_BLOCK
+from grokedge.edge.row_dots import F32_BLOCK
+from grokedge.edge.spectrum import spectrum
+from grokedge.edge.window import UpdateWindow
 
 P = 40
 

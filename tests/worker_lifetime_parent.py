@@ -1,6 +1,6 @@
 """A parent process for tests/test_worker_lifetime.py, to be killed by the test.
 
-Starts the shared analysis worker (:func:`grokedge.analysis_worker.acquire_shared_worker`),
+Starts the shared analysis worker (:func:`grokedge.analysis.worker.acquire_shared_worker`),
 learns the worker's PID from a job run in it, queues a job that sleeps, prints
 ``{"parent": PID, "worker": PID}`` as one JSON line and sleeps itself until killed.
 
@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from grokedge.analysis_worker import AnalysisWorker, acquire_shared_worker
+from grokedge.analysis.worker import AnalysisWorker, acquire_shared_worker
 
 
 def started_worker() -> AnalysisWorker:

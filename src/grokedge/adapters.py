@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.checks import not_allowed
 from grokedge.functional import EvalResult, analysed_module
 from grokedge.models.trace import ModelTrace
 
@@ -74,7 +75,7 @@ class FunctionalAdapter:
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         keys = (inputs,) if isinstance(inputs, str) else tuple(inputs)
         if not keys or not all(isinstance(k, str) and k for k in keys):
-            raise ValueError(f"inputs={inputs!r} is not allowed: a non-empty list of batch keys")
+            raise not_allowed("inputs", inputs, "a non-empty list of batch keys")
         self.module = module
         self.loss_fn: LossFn = F.cross_entropy if loss_fn is None else loss_fn
         self.input_keys = keys

@@ -25,6 +25,8 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from grokedge.checks import not_allowed
+
 ANALYSES_FILE = "analyses.jsonl"
 
 PRE, AT, POST, LATE = "pre", "at", "post", "late"
@@ -74,9 +76,7 @@ class Phases:
         if post is None:
             post = max(DEFAULT_POST_INTERVALS * interval, at)
         elif post < at:
-            raise ValueError(
-                f"{key}.phase_post={post} is not allowed: an integer >= phase_at ({at})"
-            )
+            raise not_allowed(f"{key}.phase_post", post, f"an integer >= phase_at ({at})")
         return cls(at=at, post=post)
 
     def label(self, step: int, grok_step: int | None) -> str:
@@ -179,7 +179,7 @@ def unlabelled_line(line: str) -> str:
 
     For a resumed run whose checkpoint was saved before the grok step was known: its rows
     up to the checkpoint are carried over as they were at the save
-    (:func:`grokedge.run_files.carry_run_files`), whatever the interrupted run relabelled
+    (:func:`grokedge.resume.carry_run_files`), whatever the interrupted run relabelled
     afterwards, and the resumed run relabels them itself.
     """
     if not line.strip():

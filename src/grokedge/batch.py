@@ -4,8 +4,8 @@
 A batch maps names to tensors (``tokens``/``labels``, or ``src``/``tgt_in``/``labels``,
 plus ``weight`` and optional row masks; ``grokedge.tasks.base`` describes each key).
 Everything that builds, reads or evaluates batches — the tasks, the module, the
-callbacks, the functional protocol and the Lightning-free ``grokedge.spectral`` —
-imports both from here.
+callbacks, the functional protocol and the Lightning-free ``grokedge.edge``,
+``grokedge.experiments`` and ``grokedge.analysis`` — imports these names from here.
 """
 
 from __future__ import annotations

@@ -7,20 +7,16 @@ here: Hydra rejects them while composing, listing the available options.
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from grokedge.checks import not_allowed
+
 TASKS = ("dyck", "modular", "scan")
-
-
-class ConfigError(ValueError):
-    """A configuration value that grokedge cannot run with."""
 
 
 def _is_number(value: Any) -> bool:
@@ -30,7 +26,7 @@ def _is_number(value: Any) -> bool:
 def _require(cfg: DictConfig, key: str, ok: Any, allowed: str) -> None:
     value = OmegaConf.select(cfg, key, throw_on_missing=False)
     if not ok(value):
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+        raise not_allowed(key, value, allowed)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -82,9 +78,11 @@ def torch_threads(cfg: DictConfig) -> int | None:
         return None
     number = int(value) if isinstance(value, str) and re.fullmatch(r"[0-9]+", value) else value
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ConfigError(
-            f"{TORCH_THREADS_KEY}={value!r} is not allowed: null (torch's default) or an "
-            "integer >= 1 (also from the environment variable GROKEDGE_TORCH_THREADS)"
+        raise not_allowed(
+            TORCH_THREADS_KEY,
+            value,
+            "null (torch's default) or an "
+            "integer >= 1 (also from the environment variable GROKEDGE_TORCH_THREADS)",
         )
     return number
 
@@ -114,14 +112,14 @@ def grok_alternatives(cfg: DictConfig) -> tuple[tuple[float, ...], tuple[int, ..
         or any(not (_is_number(t) and 0 < t <= 1 and float(f"{t:.2f}") == t) for t in items_t)
         or len(set(items_t)) != len(items_t)
     ):
-        raise ConfigError(f"{key_t}={_plain(thresholds)!r} is not allowed: {allowed_t}")
+        raise not_allowed(key_t, _plain(thresholds), allowed_t)
     items_p = _as_list(patiences)
     if (
         not items_p
         or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in items_p)
         or len(set(items_p)) != len(items_p)
     ):
-        raise ConfigError(f"{key_p}={_plain(patiences)!r} is not allowed: {allowed_p}")
+        raise not_allowed(key_p, _plain(patiences), allowed_p)
     return tuple(float(t) for t in items_t), tuple(items_p)
 
 
@@ -172,9 +170,10 @@ def _check_burn_in(cfg: DictConfig) -> None:
         return
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < max_steps:
-        raise ConfigError(
-            f"{key}={value!r} is not allowed: null or an integer >= 0 and below "
-            f"trainer.max_steps={max_steps} (optimizer steps)"
+        raise not_allowed(
+            key,
+            value,
+            f"null or an integer >= 0 and below trainer.max_steps={max_steps} (optimizer steps)",
         )
 
 
@@ -185,132 +184,6 @@ def _require_file(cfg: DictConfig, key: str) -> None:
         return
     allowed = "null or the path of a checkpoint, e.g. <run_dir>/checkpoints/last.ckpt"
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+        raise not_allowed(key, value, allowed)
     if not Path(value).is_file():
-        raise ConfigError(f"{key}={value!r} is not allowed: no such file; {allowed}")
-
-
-# --------------------------------------------------------------------------- values
-# One argument check per kind of value, shared by the callbacks' constructors and the
-# config checks above: each failure names the key, the value and what is allowed.
-
-
-def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    """``value`` if it is an int in [minimum, maximum]; else ValueError naming ``key``."""
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if not ok:
-        allowed = f"an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-    return value
-
-
-def check_optional_int(key: str, value: Any, minimum: int) -> int | None:
-    """``None`` or an int >= minimum."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r} is not allowed: null or an integer >= {minimum}")
-    return value
-
-
-def check_float(
-    key: str,
-    value: Any,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    strict_minimum: bool = False,
-) -> float:
-    """A finite real number in the given range; else ValueError naming ``key``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and math.isfinite(float(value))
-    if ok and minimum is not None:
-        ok = float(value) > minimum if strict_minimum else float(value) >= minimum
-    if ok and maximum is not None:
-        ok = float(value) <= maximum
-    if not ok:
-        parts = []
-        if minimum is not None:
-            parts.append(f"{'>' if strict_minimum else '>='} {minimum}")
-        if maximum is not None:
-            parts.append(f"<= {maximum}")
-        allowed = "a finite number" + (" " + " and ".join(parts) if parts else "")
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-    return float(value)
-
-
-def check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} is not allowed: true or false")
-    return value
-
-
-def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not allowed: one of {', '.join(choices)}")
-    return value
-
-
-AUTO = "auto"
-
-
-def check_bool_or_auto(key: str, value: Any) -> bool | str:
-    """``true``, ``false`` or ``"auto"`` (a setting resolved later from the machine)."""
-    if isinstance(value, bool) or value == AUTO:
-        return value
-    raise ConfigError(f"{key}={value!r} is not allowed: one of true, false, auto")
-
-
-def check_choices(key: str, value: Any, choices: Sequence[str]) -> tuple[str, ...]:
-    """A non-empty list of distinct entries of ``choices`` (Hydra ListConfig accepted)."""
-    if isinstance(value, str):
-        value = [value]
-    try:
-        items = tuple(value)
-    except TypeError:
-        items = ()
-    if not items or any(v not in choices for v in items) or len(set(items)) != len(items):
-        raise ConfigError(
-            f"{key}={value!r} is not allowed: a non-empty list of distinct values from "
-            f"{', '.join(choices)}"
-        )
-    return items
-
-
-def check_device(key: str, value: Any) -> str | None:
-    """``None`` (the parameters' device) or a string torch accepts as a device."""
-    if value is None:
-        return None
-    import torch  # here, not at import: config checks run before torch is needed
-
-    try:
-        torch.device(value)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(
-            f"{key}={value!r} is not allowed: null (the parameters' device) or a torch "
-            "device such as cpu, cuda, cuda:1"
-        ) from e
-    return str(value)
-
-
-def check_float_map(
-    key: str,
-    values: Mapping[str, Any],
-    bounds: Mapping[str, tuple[float | None, float | None, bool, bool]],
-) -> dict[str, float | None]:
-    """Named numbers, each checked against ``bounds[name]`` = (minimum, maximum, minimum
-    excluded, None allowed); a name not in ``bounds`` is a ConfigError naming
-    ``key``.<name> and the allowed names."""
-    out: dict[str, float | None] = {}
-    for name, value in values.items():
-        where = f"{key}.{name}"
-        if name not in bounds:
-            allowed = ", ".join(bounds)
-            raise ConfigError(f"{where}={value!r} is not allowed: one of the names {allowed}")
-        minimum, maximum, strict, optional = bounds[name]
-        if value is None and optional:
-            out[name] = None
-        else:
-            out[name] = check_float(where, value, minimum, maximum, strict_minimum=strict)
-    return out
+        raise not_allowed(key, value, f"no such file; {allowed}")

@@ -75,6 +75,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from grokedge.batch import Batch
+from grokedge.checks import not_allowed
 from grokedge.models.trace import ModelTrace
 
 EVALUATE = "evaluate"
@@ -149,9 +150,10 @@ def check_block(key: str, block: int, module: nn.Module) -> None:
     """ValueError naming ``key`` unless ``block`` indexes one of the module's blocks."""
     n = count_blocks(module)
     if n is not None and not -n <= block < n:
-        raise ValueError(
-            f"{key}={block} is not allowed: a block index in [{-n}, {n - 1}] "
-            f"(the model has {n} blocks; -1 = the last)"
+        raise not_allowed(
+            f"{key}",
+            block,
+            f"a block index in [{-n}, {n - 1}] (the model has {n} blocks; -1 = the last)",
         )
 
 
@@ -289,9 +291,11 @@ def check_trace(module: Any, batch: Batch, key: str, block: int | None = None) -
     if bad:
         raise ValueError(f"{where} returned {', '.join(bad[:3])}; {expected}")
     if block is not None and not -len(hidden) <= block < len(hidden):
-        raise ValueError(
-            f"{key}.block={block} is not allowed: a block index in "
-            f"[{-len(hidden)}, {len(hidden) - 1}] (the trace has {len(hidden)} hidden states)"
+        raise not_allowed(
+            f"{key}.block",
+            block,
+            f"a block index in [{-len(hidden)}, {len(hidden) - 1}] (the trace has {len(hidden)} "
+            "hidden states)",
         )
     return trace
 

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.checks import not_allowed
 from grokedge.functional import EvalResult
 from grokedge.models.trace import ModelTrace
 
@@ -361,7 +362,7 @@ def grok_step_of(
         patience: evaluations in a row (>= 1).
     """
     if patience < 1:
-        raise ValueError(f"patience={patience!r} is not allowed: an integer >= 1")
+        raise not_allowed("patience", patience, "an integer >= 1")
     bar = torch.tensor(threshold, dtype=torch.float32)
     streak, start = 0, None
     for step, value in history:

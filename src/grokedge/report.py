@@ -12,8 +12,9 @@ over seeds per configuration, the weight-decay-intervention table (the paper's T
 and the universality-class table beside the paper's values (``conf/report/paper.yaml``).
 Beside it, ``DIR/report/claims.md``: one row per claim of the paper that grokedge can
 test, with the paper's, grokedge's and the control's numbers, a verdict and the figure
-that supports it (:mod:`grokedge.reporting.claims`). Failed jobs (``summary.json`` with
-``"status": "failed"``, or none at all) are listed and left out. Reads only the
+that supports it (the table ``conf/report/claims.yaml``, evaluated by
+:mod:`grokedge.reporting.claims`). Failed jobs (``summary.json`` with ``"status":
+"failed"``, or none at all) are listed and left out. Reads only the
 directories' files (``report.py`` never imports the training code); W&B: see
 :mod:`grokedge.reporting.wandb_log`.
 """
@@ -27,12 +28,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grokedge.reporting import claims as C
-from grokedge.reporting import event_figures as EF
-from grokedge.reporting import events as E
-from grokedge.reporting import figures as F
-from grokedge.reporting import tables as T
+from grokedge.reporting.causal_figures import (
+    ablation_figure,
+    curvature_figure,
+    eps_figure,
+    probes_figure,
+)
+from grokedge.reporting.causal_tables import (
+    ablation_table,
+    path_points_table,
+    perturbation_table,
+    probe_table,
+)
+from grokedge.reporting.claims import CLAIMS_MD, write_claims
+from grokedge.reporting.class_tables import (
+    class_margin_table,
+    class_table,
+    class_task_table,
+    run_class_table,
+)
 from grokedge.reporting.discover import Collection, RunData, discover
+from grokedge.reporting.edge_figures import lifecycle_figure
+from grokedge.reporting.event_figures import flip_scatter_figure, grok_aligned_figure
+from grokedge.reporting.event_runs import (
+    collection_events,
+    grok_sensitivity,
+    run_events,
+    timing_fits,
+)
+from grokedge.reporting.event_tables import (
+    control_table,
+    event_timing_table,
+    sensitivity_table,
+    timing_fit_table,
+)
+from grokedge.reporting.readout_figures import gapflow_figure, wd_figure
+from grokedge.reporting.run_measures import class_fields
+from grokedge.reporting.run_tables import (
+    ablation_phase_table,
+    gapflow_table,
+    lifecycle_phase_table,
+    wd_removal_table,
+)
+from grokedge.reporting.sweep_figures import sweep_bars_figure, sweep_lifecycle_figure
+from grokedge.reporting.sweep_tables import failed_table, seeds_table, wd_table
+from grokedge.reporting.table_format import Table, fmt
 from grokedge.reporting.wandb_log import log_report, training_runs
 
 REPORT_DIR = "report"
@@ -45,7 +85,7 @@ class Section:
 
     markdown: list[str] = field(default_factory=list)
     figures: dict[str, Path] = field(default_factory=dict)
-    tables: list[T.Table] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
 
     def figure(self, key: str, path: Path | None, caption: str, base: Path, missing: str) -> None:
         if path is None:
@@ -54,7 +94,7 @@ class Section:
         self.figures[key] = path
         self.markdown.append(f"![{caption}]({path.relative_to(base).as_posix()})\n")
 
-    def table(self, table: T.Table | None, missing: str | None = None) -> None:
+    def table(self, table: Table | None, missing: str | None = None) -> None:
         if table is None or not table.rows:
             if missing:
                 self.markdown.append(f"*{missing}*\n")
@@ -72,74 +112,74 @@ def run_section(run: RunData, out: Path, base: Path, heading: str = "##") -> Sec
         f"{heading} Run `{run.name}`\n\n"
         f"Directory `{run.path}`; task {run.task}; ω {run.weight_decay}; seed {run.seed}; "
         f"steps {summ.get('steps')}; grok step **{run.grok_step}**; final test accuracy "
-        f"{T.fmt(acc)}; wall {summ.get('wall_s')} s.\n"
+        f"{fmt(acc)}; wall {summ.get('wall_s')} s.\n"
     )
     sub = heading + "#"
     s.markdown.append(f"{sub} Lifecycle of the edge\n")
     s.figure(
         "lifecycle",
-        F.lifecycle_figure(run, out / "lifecycle.png"),
+        lifecycle_figure(run, out / "lifecycle.png"),
         "σ_j, gradient/WD share, alignment and rotation of v_1..v_4",
         base,
         "no gram_spectrum / edge_directions rows (callbacks without the edge)",
     )
-    s.table(T.lifecycle_phase_table(run))
-    events = E.run_events(run)
+    s.table(lifecycle_phase_table(run))
+    events = run_events(run)
     if events is not None:
         s.markdown.append(f"{sub} Events of the edge and the window\n")
-        s.table(E.event_timing_table([events]))
+        s.table(event_timing_table([events]))
     s.markdown.append(f"{sub} Ablation against random controls\n")
     s.figure(
         "ablation",
-        F.ablation_figure(run, out / "ablation.png"),
+        ablation_figure(run, out / "ablation.png"),
         "ablation of the edge against random and norm-matched controls",
         base,
         "no ablation rows",
     )
-    s.table(T.ablation_phase_table(run))
-    s.table(T.ablation_table(run.analyses))
+    s.table(ablation_phase_table(run))
+    s.table(ablation_table(run.analyses))
     s.markdown.append(f"{sub} ε-curves and curvature\n")
     s.figure(
         "eps_curves",
-        F.eps_figure(run, out / "eps_curves.png"),
+        eps_figure(run, out / "eps_curves.png"),
         "ε-curves",
         base,
         "no perturbation rows",
     )
     s.figure(
         "curvature",
-        F.curvature_figure([run], out / "curvature.png"),
+        curvature_figure([run], out / "curvature.png"),
         "curvature per direction",
         base,
         "no perturbation rows",
     )
-    s.table(T.perturbation_table(run.analyses))
-    s.table(T.path_points_table(run.analyses))
+    s.table(perturbation_table(run.analyses))
+    s.table(path_points_table(run.analyses))
     s.markdown.append(f"{sub} Probes\n")
     s.figure(
-        "probes", F.probes_figure(run, out / "probes.png"), "probes by step", base, "no probe rows"
+        "probes", probes_figure(run, out / "probes.png"), "probes by step", base, "no probe rows"
     )
-    s.table(T.probe_table(run.analyses))
+    s.table(probe_table(run.analyses))
     s.markdown.append(f"{sub} Weight-decay removal\n")
     s.figure(
         "wd_removal",
-        F.wd_figure([run], out / "wd_removal.png"),
+        wd_figure([run], out / "wd_removal.png"),
         "weight-decay read-outs",
         base,
         "no wd/* metrics (the weight-decay removal was not triggered in this run)",
     )
-    s.table(T.wd_removal_table(run))
+    s.table(wd_removal_table(run))
     s.markdown.append(f"{sub} Gap flow\n")
     s.figure(
         "gapflow",
-        F.gapflow_figure(run, out / "gapflow.png"),
+        gapflow_figure(run, out / "gapflow.png"),
         "gap-flow terms",
         base,
         "no gap-flow terms in this run (no gapflow/term* metrics: the GapFlowCallback was "
         "not in its callbacks, or analysed no window)",
     )
-    s.table(T.gapflow_table(run))
-    s.table(T.run_class_table(run), missing="No class fields in summary.json.")
+    s.table(gapflow_table(run))
+    s.table(run_class_table(run), missing="No class fields in summary.json.")
     return s
 
 
@@ -165,18 +205,18 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
     s = Section()
     groups = collection.groups()
     s.markdown.append("## Across runs\n")
-    s.table(T.seeds_table(collection))
+    s.table(seeds_table(collection))
     events_section(collection, out, base, s)
     s.figure(
         "sweep_lifecycle",
-        F.sweep_lifecycle_figure(groups, out / "sweep_lifecycle.png"),
+        sweep_lifecycle_figure(groups, out / "sweep_lifecycle.png"),
         "v1 gradient share and test accuracy across seeds",
         base,
         "no edge rows or test accuracy",
     )
     s.figure(
         "sweep_ablation",
-        F.sweep_bars_figure(
+        sweep_bars_figure(
             groups,
             out / "sweep_ablation.png",
             "Edge ablation by phase, mean ± sd over seeds",
@@ -189,7 +229,7 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
     )
     s.figure(
         "sweep_probes",
-        F.sweep_bars_figure(
+        sweep_bars_figure(
             groups,
             out / "sweep_probes.png",
             "Linear probe R² by phase, mean ± sd over seeds",
@@ -207,7 +247,7 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
         "sweep_curvature",
         None
         if pair is None
-        else F.curvature_figure(
+        else curvature_figure(
             list(pair),
             out / "sweep_curvature.png",
             [f"{r.name} (ω={r.weight_decay:g})" for r in pair],
@@ -219,20 +259,20 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
     wd_runs = [r for r in collection.ok if r.metric_keys("wd")]
     s.figure(
         "sweep_wd",
-        F.wd_figure(
+        wd_figure(
             wd_runs, out / "sweep_wd.png", [f"ω={r.weight_decay}, {r.name}" for r in wd_runs]
         ),
         "weight-decay read-outs per ω",
         base,
         "no run with wd/* read-outs",
     )
-    s.table(T.wd_table(collection), missing="No run logged wd/* read-outs: no Table 1.")
-    s.table(T.class_table(collection))
-    s.table(T.class_task_table(collection), missing="No run with class fields.")
-    s.table(T.class_margin_table(collection), missing="No run with class margins.")
+    s.table(wd_table(collection), missing="No run logged wd/* read-outs: no Table 1.")
+    s.table(class_table(collection))
+    s.table(class_task_table(collection), missing="No run with class fields.")
+    s.table(class_margin_table(collection), missing="No run with class margins.")
     s.figure(
         "sweep_gapflow_balance",
-        F.sweep_bars_figure(
+        sweep_bars_figure(
             groups,
             out / "sweep_gapflow_balance.png",
             "Gap-flow balance Term 3 / |Term 2| by phase, mean ± sd over seeds",
@@ -248,40 +288,40 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
 
 def events_section(collection: Collection, out: Path, base: Path, s: Section) -> None:
     """The event timing of a sweep: per-run table, fits with verdicts, the two figures."""
-    events = E.collection_events(collection)
+    events = collection_events(collection)
     if not events:
         return
-    fits = E.timing_fits(events)
+    fits = timing_fits(events)
     s.markdown.append(
         "### Events of the edge: grokking or the window?\n\n"
         "Per training trajectory, whether each event's step moves with the Gram interval N "
         "(window-driven) or stays put; across trajectories, the steps that stay put fitted "
         "on the grok step (docs/edge_definitions.md).\n"
     )
-    s.table(E.timing_fit_table(fits))
-    s.table(E.sensitivity_table(E.grok_sensitivity(events)))
+    s.table(timing_fit_table(fits))
+    s.table(sensitivity_table(grok_sensitivity(events)))
     s.figure(
         "flip_vs_grok",
-        EF.flip_scatter_figure(events, fits, out / "flip_vs_grok.png"),
+        flip_scatter_figure(events, fits, out / "flip_vs_grok.png"),
         "flip step against grok step, per edge definition",
         base,
         "no grokked run with a flip",
     )
     s.figure(
         "grok_aligned",
-        EF.grok_aligned_figure(events, out / "grok_aligned.png"),
+        grok_aligned_figure(events, out / "grok_aligned.png"),
         "v1 gradient share on the step and the grok-aligned axes",
         base,
         "no per-definition edge rows",
     )
-    s.table(E.event_timing_table(events))
-    s.table(E.control_table(events))
+    s.table(event_timing_table(events))
+    s.table(control_table(events))
 
 
 def _wandb_summary(run: RunData) -> dict[str, Any]:
     """Summary values for the report run: grok step and the class fields."""
     out: dict[str, Any] = {"grok/step": run.grok_step}
-    for key, value in T.class_fields(run.summary).items():
+    for key, value in class_fields(run.summary).items():
         out[key if "/" in key else key.replace("class_", "class/", 1)] = value
     return out
 
@@ -321,8 +361,8 @@ def build_report(root: str | Path, use_wandb: bool = True) -> Path:
         f"{len(collection.failed)} failed. Phases (pre/at/post/late) are relative to each "
         "run's own grok step; figures mark it with a dashed line.\n"
     )
-    md.append(f"The paper's claims, each with a verdict: [{C.CLAIMS_MD}]({C.CLAIMS_MD}).\n")
-    failed = T.failed_table(collection)
+    md.append(f"The paper's claims, each with a verdict: [{CLAIMS_MD}]({CLAIMS_MD}).\n")
+    failed = failed_table(collection)
     if failed is not None:
         md.append(failed.markdown() + "\n")
     wandb_lines: list[str] = []
@@ -360,7 +400,7 @@ def build_report(root: str | Path, use_wandb: bool = True) -> Path:
             "(job type `report`) in each training run's group; `wandb sync` them:\n"
         )
         md.append("\n".join(wandb_lines) + "\n")
-    C.write_claims(collection, out)
+    write_claims(collection, out)
     path = out / REPORT_MD
     path.write_text("\n".join(md), encoding="utf-8")
     return path

@@ -27,7 +27,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from grokedge.config_checks import ConfigError, check_config, grok_alternatives, torch_threads
+from grokedge.checks import ConfigError, not_allowed
+from grokedge.config_checks import check_config, grok_alternatives, torch_threads
 
 # Lightning (with torch, torchmetrics, scipy.signal and matplotlib behind it: ~3 s on 2
 # cores), W&B, the model and the callbacks are imported where a run needs them, so that
@@ -73,26 +74,27 @@ def check_resume(cfg: DictConfig, module: GrokModule) -> None:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip, truncated, pickled objects: all the same to a user
-        raise ConfigError(
-            f"resume={str(path)!r} is not allowed: it cannot be read as a checkpoint "
-            f"({error_text(e)}); {allowed}"
+        raise not_allowed(
+            "resume", str(path), f"it cannot be read as a checkpoint ({error_text(e)}); {allowed}"
         ) from e
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
-        raise ConfigError(f"resume={str(path)!r} is not allowed: no state_dict in it; {allowed}")
+        raise not_allowed("resume", str(path), f"no state_dict in it; {allowed}")
     task = (blob.get("grokedge") or {}).get("task")
     if task is not None and task != cfg.task.name:
-        raise ConfigError(
-            f"resume={str(path)!r} is not allowed: it is a checkpoint of task={task}, this "
-            f"run is task={cfg.task.name}; {allowed}"
+        raise not_allowed(
+            "resume",
+            str(path),
+            f"it is a checkpoint of task={task}, this run is task={cfg.task.name}; {allowed}",
         )
     theirs, own = blob["state_dict"], module.state_dict()
     missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
     shapes = sorted(k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape)
     if missing or unexpected or shapes:
-        raise ConfigError(
-            f"resume={str(path)!r} is not allowed: its weights do not fit the model of "
-            f"task={cfg.task.name} (missing {missing[:3]}, unexpected {unexpected[:3]}, shape "
-            f"mismatch {shapes[:3]}); {allowed}"
+        raise not_allowed(
+            "resume",
+            str(path),
+            f"its weights do not fit the model of task={cfg.task.name} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}); {allowed}",
         )
 
 
@@ -151,7 +153,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     import torch
 
     from grokedge.callbacks.init_from import InitFromCheckpoint
-    from grokedge.run_files import RunIdentity
+    from grokedge.resume import RunIdentity
     from grokedge.wandb_setup import WandbDashboardCallback
 
     _lightning_logs_on_stderr()
@@ -280,9 +282,10 @@ def fit(run: Run) -> dict[str, Any]:
 def _carry_run_files(run: Run) -> list[dict[str, Any]] | None:
     """A resumed run (``resume=``): start its ``metrics.jsonl`` and ``analyses.jsonl`` with
     the checkpoint's run's rows up to the checkpoint, before anything is logged, so that
-    its directory holds the whole run (``run_files.carry_run_files``); returns
+    its directory holds the whole run (``resume.carry_run_files``); returns
     ``summary.json``'s ``resumed_from`` (None: not resumed). Rank zero writes the files."""
-    from grokedge.run_files import METRICS_FILE, RunIdentity, carry_run_files
+    from grokedge.resume import RunIdentity, carry_run_files
+    from grokedge.run_files import METRICS_FILE
 
     if run.cfg.get("resume") is None:
         return None
@@ -416,6 +419,7 @@ def _import_for_a_run() -> None:
         import torchmetrics  # noqa: F401
 
         import grokedge.module  # noqa: F401
+        import grokedge.resume  # noqa: F401
         import grokedge.run_files  # noqa: F401
         import grokedge.wandb_setup  # noqa: F401
     finally:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from grokedge.edge.definitions import PAPER
 from grokedge.reporting.discover import RunData
-from grokedge.spectral.edge_definitions import PAPER
 
 SUMMARY = "edge_summary"
 """The row that names the analysed definition (written at the end of training)."""

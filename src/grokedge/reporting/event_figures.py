@@ -1,8 +1,9 @@
-"""Figures of the event timing (see :mod:`grokedge.reporting.events`).
+"""Figures of the event timing (see :mod:`grokedge.reporting.event_runs`).
 
 - ``flip_scatter_figure``: per edge definition, each grokked run's flip step against its
-  grok step, coloured by N, with the identity (flip = grok) and each N's window step
-  (W + 1)·N: the eye sees at once which of the two lines the points follow.
+  grok step at every N it recorded (derived N included), coloured by N, with the identity
+  (flip = grok) and each N's window step (W + 1)·N: the eye sees at once which of the two
+  lines the points follow.
 - ``grok_aligned_figure``: v_1's gradient share of every seed on the step axis and on
   the step − grok step axis, one row per definition. A flip that tracks grokking lines up
   on the right; one that tracks the window lines up on the left.
@@ -13,8 +14,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from grokedge.reporting.events import DEFINITIONS, RunEvents, TimingFit
-from grokedge.reporting.figures import STEP_LABEL, _save, plt
+from grokedge.reporting.event_rule import TimingFit
+from grokedge.reporting.event_runs import DEFINITIONS, RunEvents
+from grokedge.reporting.figure_style import STEP_LABEL, plt, save_figure
 
 GRAD_SHARE = "v_1 gradient share"
 
@@ -33,33 +35,48 @@ def share_series(ev: RunEvents, definition: str, field: str = "grad_frac") -> tu
 def flip_scatter_figure(
     events: list[RunEvents], fits: list[TimingFit], path: Path, event: str = "flip"
 ) -> Path | None:
-    """Flip step against grok step per definition (grokked runs); None if no flips."""
+    """Flip step against grok step per definition (grokked runs), one colour per N: the
+    run's own N and every N derived from it. Hollow: a detection at the definition's first
+    window (no transition). None if no flips."""
     grokked = [ev for ev in events if ev.grok_step is not None]
-    if not any(ev.steps.get((event, d)) is not None for ev in grokked for d in DEFINITIONS):
+    points: dict[str, dict[int, list[tuple[int, int, bool]]]] = {d: {} for d in DEFINITIONS}
+    window_steps: dict[int, int] = {}
+    for ev in grokked:
+        for n, ie in ev.per_interval.items():
+            window_steps[n] = (ev.window + 1) * n
+            for definition in DEFINITIONS:
+                step = ie.steps.get((event, definition))
+                if step is not None:
+                    first = ie.first_windows.get(definition) == step
+                    points[definition].setdefault(n, []).append((ev.grok_step, step, first))
+    if not any(points[d] for d in DEFINITIONS):
         return None
-    intervals = sorted({ev.interval for ev in grokked})
+    intervals = sorted(window_steps)
     colours = dict(zip(intervals, ["tab:blue", "tab:orange", "tab:green", "tab:red"], strict=False))
     verdicts = {(f.event, f.definition): f.verdict for f in fits}
     fig, axes = plt.subplots(1, len(DEFINITIONS), figsize=(13, 4.3), sharey=True)
-    top = max([ev.grok_step or 0 for ev in grokked] + [ev.window_step for ev in grokked] + [1])
+    top = max([ev.grok_step or 0 for ev in grokked] + list(window_steps.values()) + [1])
     for ax, definition in zip(axes, DEFINITIONS, strict=True):
         for n in intervals:
-            runs = [ev for ev in grokked if ev.interval == n]
-            pts = [(ev.grok_step, ev.steps.get((event, definition))) for ev in runs]
-            pts = [(g, s) for g, s in pts if s is not None]
             c = colours.get(n, "tab:gray")
-            if pts:
-                ax.scatter(*zip(*pts, strict=True), color=c, s=28, label=f"N = {n}", zorder=3)
-            window_step = runs[0].window_step
-            ax.axhline(window_step, color=c, ls=":", lw=1.2)
+            pts = points[definition].get(n, [])
+            moved = [(g, s) for g, s, first in pts if not first]
+            firsts = [(g, s) for g, s, first in pts if first]
+            if moved:
+                ax.scatter(*zip(*moved, strict=True), color=c, s=28, label=f"N = {n}", zorder=3)
+            if firsts:
+                ax.scatter(
+                    *zip(*firsts, strict=True), facecolors="none", edgecolors=c, s=28, zorder=3
+                )
+            ax.axhline(window_steps[n], color=c, ls=":", lw=1.2)
         ax.plot([0, top * 1.1], [0, top * 1.1], color="0.3", lw=1, label="event = grok")
         ax.set_xlabel("grok step")
         ax.set_title(f"{definition}: {verdicts.get((event, definition), '')}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{event} step (dotted: (W + 1)·N)")
+    axes[0].set_ylabel(f"{event} step (dotted: (W + 1)·N; hollow: first window)")
     axes[0].legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"When does the edge {event}? Each point a grokked run")
-    return _save(fig, path)
+    fig.suptitle(f"When does the edge {event}? Each point a grokked run at one N")
+    return save_figure(fig, path)
 
 
 def grok_aligned_figure(
@@ -113,4 +130,4 @@ def grok_aligned_figure(
     axes[-1, 0].set_xlabel(STEP_LABEL)
     axes[-1, 1].set_xlabel("optimizer steps since the grok step")
     axes[0, 0].legend(loc="lower left", fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -6,18 +6,14 @@ the docs/theory.md section each block cites (``source``).
 
 from __future__ import annotations
 
-from functools import cache
-from importlib import resources
 from typing import Any
 
-import yaml
+from grokedge.reporting.report_conf import report_yaml
 
 
-@cache
 def paper_values() -> dict[str, Any]:
     """The parsed ``paper.yaml`` shipped with the package's configs."""
-    text = resources.files("grokedge.conf").joinpath("report", "paper.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return report_yaml("paper.yaml")
 
 
 def mean_sd(entry: Any) -> str:

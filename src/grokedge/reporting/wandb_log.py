@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from grokedge.reporting.tables import Table
+from grokedge.reporting.table_format import Table
 from grokedge.reporting.wandb_records import OfflineRun, read_offline_run
 
 REPORT_JOB_TYPE = "report"

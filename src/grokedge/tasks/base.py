@@ -94,7 +94,7 @@ class GrokDataModule(L.LightningDataModule, ABC):
       maximum lengths) as keyword arguments of the model's constructor.
     - ``probe_target_names``: the names ``probe_targets(batch)`` returns (the task
       variables the probes and the functional R² may read), checked against the config
-      before training (``grokedge.tasks.probe_targets``); ``answer_modulus``: for a cyclic
+      before training (``grokedge.analysis.probe_targets``); ``answer_modulus``: for a cyclic
       answer read in the Fourier basis (modular arithmetic), its p (None: no such answer).
     """
 

@@ -1,0 +1,32 @@
+"""The report's declarative configs in ``conf/report/``, read once and cached.
+
+- ``paper.yaml``: the paper's numbers the report sets beside its own;
+- ``verdicts.yaml``: every threshold a verdict uses;
+- ``claims.yaml``: the table of the paper's claims (title, paper value, measurement, rule).
+
+None of them is a Hydra config of a training run: the report reads the files directly
+from the installed ``grokedge.conf`` package.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+CONF_PACKAGE = "grokedge.conf"
+REPORT_CONF_DIR = "report"
+
+
+@cache
+def report_yaml(name: str) -> Any:
+    """The parsed ``conf/report/<name>`` (e.g. ``"verdicts.yaml"``), cached per name."""
+    text = resources.files(CONF_PACKAGE).joinpath(REPORT_CONF_DIR, name).read_text("utf-8")
+    return yaml.safe_load(text)
+
+
+def verdict_thresholds() -> dict[str, Any]:
+    """The parsed ``conf/report/verdicts.yaml`` (blocks ``event_timing`` and ``claims``)."""
+    return report_yaml("verdicts.yaml")
