@@ -161,7 +161,7 @@ def window_memory(
     device_type: str = "cpu",
     interval_multiples: Sequence[int] = (1,),
 ) -> WindowMemory:
-    """The bytes of each buffer GramCallback allocates for ``p`` selected elements.
+    """The bytes of each buffer a DeltaRecorder allocates for ``p`` selected elements.
 
     Args:
         p: selected elements (θ_sel, or this rank's slice of it), >= 1.
@@ -215,7 +215,7 @@ def window_memory_bytes(
     device_type: str = "cpu",
     interval_multiples: Sequence[int] = (1,),
 ) -> int:
-    """Persistent bytes GramCallback allocates: ≈ (2W + 2k)·p·b_buf + 3·p·b_θ + O(W²),
+    """Persistent bytes a DeltaRecorder allocates: ≈ (2W + 2k)·p·b_buf + 3·p·b_θ + O(W²),
     plus ≈ (2W + 2)·p·b_buf per derived window (each k >= 2 of ``interval_multiples``).
 
     The window's [2, W, p] deltas, two [k, p] edge-vector buffers, θ at the last capture,
