@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from grokedge.callbacks.init_from import InitFromCheckpoint
     from grokedge.callbacks.perturbation import PerturbationCallback
     from grokedge.callbacks.probe import ProbeCallback
+    from grokedge.callbacks.run_files import RunFiles
     from grokedge.callbacks.universality import ClassCallback
     from grokedge.callbacks.wd_removal import WDRemovalCallback
 
@@ -36,6 +37,7 @@ _MODULE_OF = {
     "InitFromCheckpoint": "init_from",
     "PerturbationCallback": "perturbation",
     "ProbeCallback": "probe",
+    "RunFiles": "run_files",
     "WDRemovalCallback": "wd_removal",
     "find_gram_callback": "gram",
 }
@@ -50,6 +52,7 @@ __all__ = [
     "InitFromCheckpoint",
     "PerturbationCallback",
     "ProbeCallback",
+    "RunFiles",
     "WDRemovalCallback",
     "find_gram_callback",
 ]

@@ -78,7 +78,15 @@ def _unseen_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> fl
     return float((correct * w).sum() / w.sum())
 
 
-SHRINK_FIELDS = ("dacc", "dloss", "displacement", "theta_sq_removed_frac", "factor", "clamped")
+SHRINK_FIELDS = (
+    "dacc",
+    "dloss",
+    "displacement",
+    "theta_sq_removed_frac",
+    "factor",
+    "clamped",
+    "ratio_resolved",
+)
 
 
 def _shrink_fields(result: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -173,7 +181,9 @@ class AblationCallback(AnalysisCallback):
         ``ablation/edge_dacc``, ``ablation/edge_dloss``, ``ablation/v1_dacc``,
         ``ablation/v1_dloss``, ``ablation/bulk_dacc``, ``ablation/bulk_dloss``,
         ``ablation/random_dacc_mean``, ``ablation/random_dacc_sd``,
-        ``ablation/ratio`` = |Δ_edge acc| / (|mean Δ_random acc| + 1e-8) (the paper's),
+        ``ablation/ratio`` = |Δ_edge acc| / |mean Δ_random acc| (the paper's; absent, with
+        ``ablation/ratio_resolved`` = 0, when the control's |Δ acc| is below one labelled
+        position's worth: the same for ``matched``, ``shrink`` and ``shrink_norm``),
         ``ablation/edge_z`` = (Δ_edge − mean Δ_random) / sd (absent when the random
         controls have no spread), ``ablation/matched_dacc_mean``,
         ``ablation/matched_dacc_sd``, ``ablation/matched_ratio`` (the ratio against the
@@ -288,6 +298,12 @@ class AblationCallback(AnalysisCallback):
             "ablation/theta_sq_removed_frac": result["theta_sq_removed_frac"],
             "ablation/shrink_theta_sq_removed_frac": result["shrink_theta_sq_removed_frac"],
             "ablation/edge_dacc_unseen": unseen_dacc,
+            # 0: the control moved accuracy by less than one example's worth, so its ratio
+            # is left out (NaN) instead of dividing by a floor.
+            "ablation/ratio_resolved": float(acc_r["ratio_resolved"]),
+            "ablation/matched_ratio_resolved": float(acc_m["ratio_resolved"]),
+            "ablation/shrink_ratio_resolved": float(result["shrink_ratio_resolved"]),
+            "ablation/shrink_norm_ratio_resolved": float(result["shrink_norm_ratio_resolved"]),
         }
         fields = {
             **shape,

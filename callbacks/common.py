@@ -28,18 +28,19 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from threadpoolctl import threadpool_limits
-from torch import Tensor, nn
+from torch import nn
 
 from grokedge.analysis.background import BackgroundJobs, Deferred, Pending, Result
 from grokedge.analysis.probe_targets import pad_id_of
 from grokedge.analysis.random_state import preserved_random_state
 from grokedge.analysis.schedule import SCHEDULE_KEYS, AnalysisSchedule
 from grokedge.analysis.subsets import fixed_subset, loader_batches
-from grokedge.analysis.worker import free_cores
+from grokedge.analysis.worker import free_cores, worker_allowed
 from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
 from grokedge.checks import AUTO, check_bool_or_auto, check_int, not_allowed
+from grokedge.config_checks import built_from_config
 from grokedge.functional import (
     EVALUATE,
     TRACE,
@@ -58,14 +59,6 @@ DEFAULT_BACKGROUND_STEPS = 500
 
 FALLBACK_INTERVAL = 100
 """Phase widths without a GramCallback: the defaults of a 100-step Gram interval."""
-
-
-@torch.no_grad()
-def trace_of(model: Any, batch: Batch, params: Mapping[str, Tensor] | None = None) -> Any:
-    """``model.trace(params, batch)``: the ``ModelTrace`` (hidden states per block) of the
-    module (``grokedge.functional.TracedModel``) with ``params`` in place (None: the live
-    weights); nothing is mutated."""
-    return model.trace({} if params is None else params, batch)
 
 
 # --------------------------------------------------------------------------- base class
@@ -120,6 +113,8 @@ class AnalysisCallback(Callback, ABC):
     ) -> None:
         super().__init__()
         self.config_key = config_key
+        # Messages name config keys or Python arguments (see :meth:`argument`).
+        self.from_config = built_from_config()
         if background is not None and not self.supports_background:
             raise TypeError(
                 f"{type(self).__name__}.__init__() got an unexpected keyword argument 'background'"
@@ -169,6 +164,54 @@ class AnalysisCallback(Callback, ABC):
         return self.jobs.enabled
 
     # ------------------------------------------------------------------ identity/checks
+
+    def argument(self, name: str, value: Any) -> str:
+        """How a message names this callback's argument ``name`` set to ``value``: the
+        config key (``callbacks.ablation.every=1000``) when the callback came from a Hydra
+        config, the class and keyword (``AblationCallback(every=1000)``) when it was built
+        in Python. The config key is ``config_key`` (the default config path, or the path
+        a caller gave)."""
+        if self.from_config:
+            return f"{self.config_key}.{name}={value}"
+        return f"{type(self).__name__}({name}={value!r})"
+
+    def idle_reason(self, max_steps: int, start_step: int, can_grok: bool) -> str | None:
+        """Why this analysis cannot fire in a run that ends at ``max_steps`` (from
+        ``start_step``; ``can_grok``: the module reports a grok step), else None. Its
+        triggers: the cadence ``every`` (steps that are multiples of it, up to max_steps),
+        ``at_grok`` (only where the module has ``grok_step``) and ``at_end``."""
+        if self.schedule.fires_before(max_steps, start_step, can_grok):
+            return None
+        if self.every is None:
+            cadence = f"{self.argument('every', None)} has no cadence"
+        else:
+            cadence = (
+                f"{self.argument('every', self.every)} cannot fire before max_steps={max_steps}"
+            )
+        if self.at_grok:
+            return (
+                f"{cadence}, and at_grok needs a module that reports grok_step; it never runs "
+                f"(lower every, or set at_end=True)"
+            )
+        return f"{cadence}; it never runs (lower every, or set at_end=True)"
+
+    def warn_if_idle(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """At fit start: one warning when :meth:`idle_reason` says this analysis cannot fire
+        before ``trainer.max_steps`` (nothing is checked for a run without max_steps)."""
+        max_steps = trainer.max_steps
+        if max_steps is None or max_steps < 0:
+            return
+        can_grok = hasattr(pl_module, "grok_step")
+        reason = self.idle_reason(int(max_steps), int(trainer.global_step), can_grok)
+        if reason is not None and trainer.is_global_zero:
+            warnings.warn(reason, UserWarning, stacklevel=2)
+
+    def _worker_allowed(self) -> bool:
+        """False when the worker process would re-run the main script's training
+        (:func:`grokedge.analysis.worker.worker_allowed`: one warning, or one ValueError
+        when ``background=True`` asked for a worker by name)."""
+        asked = self.argument("background", True) if self.background is True else None
+        return worker_allowed(asked)
 
     @property
     def state_key(self) -> str:
@@ -246,6 +289,8 @@ class AnalysisCallback(Callback, ABC):
         idle = free_cores()
         auto = deferrable and idle > 0
         in_background = self.background is True or (self.background == AUTO and auto)
+        if in_background:  # before the worker starts: it would re-run an unguarded script
+            in_background = self._worker_allowed()
         self._attached = (trainer, pl_module)
         self.jobs.start(in_background, blas_threads=max(1, idle))
         if self.required() and not callable(getattr(trainer.datamodule, "val_dataloader", None)):
@@ -271,6 +316,7 @@ class AnalysisCallback(Callback, ABC):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The model is on its device now; fail before the first optimizer step.
         self.check_batch(trainer, pl_module)
+        self.warn_if_idle(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
@@ -327,7 +373,11 @@ class AnalysisCallback(Callback, ABC):
             loader = loaders[index] if isinstance(loaders, list | tuple) else loaders
             pad_id = pad_id_of(dm)
             batch = fixed_subset(
-                loader_batches(loader), self.n_sequences, self.subset_seed, self.sample, pad_id
+                loader_batches(loader, getattr(pl_module, "batch_keys", None)),
+                self.n_sequences,
+                self.subset_seed,
+                self.sample,
+                pad_id,
             )
             self._subset = to_device(batch, pl_module.device)
         return self._subset

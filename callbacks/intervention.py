@@ -18,13 +18,13 @@ from grokedge.analysis.background import Result
 from grokedge.analysis.probe_targets import probe_data, probe_target_tensors
 from grokedge.analysis_log import log_scalars
 from grokedge.batch import IGNORE_INDEX, Batch
-from grokedge.callbacks.common import CADENCE, AnalysisCallback, trace_of
+from grokedge.callbacks.common import CADENCE, AnalysisCallback
 from grokedge.checks import check_int, check_optional_int, not_allowed
 from grokedge.edge.selection import ParameterSelector
 from grokedge.experiments.attention_stats import attention_entropy
 from grokedge.experiments.probes import LINEAR, ProbeConfig, score_probes
 from grokedge.experiments.subspaces import params_norm
-from grokedge.functional import TRACE, analysed_module, check_block
+from grokedge.functional import TRACE, analysed_module, check_block, trace_of
 from grokedge.optimizer_facts import decay_of
 
 
@@ -149,6 +149,37 @@ class InterventionCallback(AnalysisCallback):
         if self.after_grok is not None and grok is not None:
             return int(grok) + self.after_grok
         return None
+
+    def idle_reason(self, max_steps: int, start_step: int, can_grok: bool) -> str | None:
+        """Why the intervention cannot fire before ``max_steps`` (it fires at the start of a
+        batch whose ``global_step`` reaches the trigger, so a trigger >= max_steps is never
+        reached), else None. No trigger at all is reported only for a callback built in
+        Python: the config sets (callbacks=full) ship some interventions off on purpose."""
+        if self.fired_step is not None:
+            return None
+        name = type(self).__name__
+        if self.at_step is not None:
+            if self.at_step < max_steps:
+                return None
+            return (
+                f"{self.argument('at_step', self.at_step)} cannot fire before "
+                f"max_steps={max_steps}; {name} never intervenes (lower at_step)"
+            )
+        if self.after_grok is not None:
+            if can_grok and self.after_grok < max_steps:
+                return None
+            why = (
+                "the module reports no grok_step"
+                if not can_grok
+                else f"grok step + {self.after_grok} is past max_steps={max_steps}"
+            )
+            return (
+                f"{self.argument('after_grok', self.after_grok)} cannot fire: {why}; "
+                f"{name} never intervenes (use at_step)"
+            )
+        if self.from_config:
+            return None
+        return f"{name}() has no trigger: it does nothing (set at_step=... or after_grok=...)"
 
     def required(self) -> tuple[str, ...]:
         """Nothing while off (no trigger): the callback then does nothing at all."""

@@ -33,7 +33,7 @@ from grokedge.analysis.probe_targets import (
     probe_target_tensors,
     task_label,
 )
-from grokedge.callbacks.common import AnalysisCallback, trace_of
+from grokedge.callbacks.common import AnalysisCallback
 from grokedge.checks import check_bool, check_choice, check_choices, check_int, not_allowed
 from grokedge.experiments.probes import (
     GROUPED_KFOLD,
@@ -44,7 +44,7 @@ from grokedge.experiments.probes import (
     ProbeScore,
     score_targets,
 )
-from grokedge.functional import TRACE, check_block
+from grokedge.functional import TRACE, check_block, trace_of
 
 PROBE_KEY = "callbacks.probe"
 PROBE = "probe"
@@ -174,6 +174,15 @@ class ProbeCallback(AnalysisCallback):
         """Before training: every chosen target is one the task declares."""
         if self.targets is not None:
             check_target_names(f"{self.config_key}.targets", list(self.targets), datamodule)
+
+    def check_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the first step, on the fixed subset: the trace (``AnalysisCallback``) and
+        the probe targets (one tensor per name, shaped as the labels) and the chosen names
+        among them; else one ValueError naming the DataModule and the fix."""
+        super().check_batch(trainer, pl_module)
+        batch = self.subset(trainer, pl_module)  # built (and cached) by the check above
+        declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
+        self._chosen_targets(declared, trainer.datamodule)
 
     def _chosen_targets(self, declared: dict, datamodule: Any) -> list[str]:
         if self.targets is None:

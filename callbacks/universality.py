@@ -41,9 +41,12 @@ from grokedge.analysis.probe_targets import (
     FunctionalReadout,
     FunctionalTarget,
     check_functional_target,
+    check_names_declared,
     functional_readout,
+    probe_target_tensors,
+    task_label,
 )
-from grokedge.callbacks.common import AnalysisCallback, trace_of
+from grokedge.callbacks.common import AnalysisCallback
 from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.checks import check_choice, check_float, check_float_map, check_int, not_allowed
 from grokedge.edge.decomposition import energy_fractions
@@ -57,7 +60,7 @@ from grokedge.experiments.universality import (
     classify_run,
     functional_epsilon,
 )
-from grokedge.functional import EVALUATE, TRACE, analysed_module, check_block
+from grokedge.functional import EVALUATE, TRACE, analysed_module, check_block, trace_of
 
 CLASS_KEY = "callbacks.classes"
 CLASSES = "classes"
@@ -185,6 +188,20 @@ class ClassCallback(AnalysisCallback):
         """Before training: the target is one the task declares, in a basis it allows."""
         if self.target.name:
             check_functional_target(self.config_key, self.target, datamodule)
+
+    def check_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the first step, on the fixed subset: the protocol (``AnalysisCallback``)
+        and the probe targets the functional R² reads (shaped as the labels)."""
+        super().check_batch(trainer, pl_module)
+        batch = self.subset(trainer, pl_module)  # built (and cached) by the check above
+        declared = probe_target_tensors(trainer.datamodule, batch, self.config_key)
+        if self.target.name:
+            check_names_declared(
+                f"{self.config_key}.target",
+                self.target.name,
+                list(declared),
+                task_label(trainer.datamodule),
+            )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

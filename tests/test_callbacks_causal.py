@@ -244,7 +244,22 @@ def test_full_run_writes_every_analysis(runs: Runs) -> None:
         *(f"probe/{kind}_r2" for kind in ("linear", "quadratic", "mlp")),
         *(f"probe/{kind}_r2_sd" for kind in ("linear", "quadratic", "mlp")),
     ]
+    # A ratio against a control below resolution is not logged (issue 22, item 8): present
+    # exactly when the last ablation row says the control is resolved.
+    row = by_kind["ablation"][-1]
+    quantum = row["acc_random"]["resolution"]  # 1 / the subset's labelled positions
+    assert 0 < quantum <= 1
+    resolved = {
+        "ablation/ratio": row["acc_random"]["ratio_resolved"],
+        "ablation/matched_ratio": row["acc_matched"]["ratio_resolved"],
+        "ablation/shrink_ratio": abs(row["shrink"]["dacc"]) >= quantum,
+        "ablation/shrink_norm_ratio": abs(row["shrink_norm"]["dacc"]) >= quantum,
+    }
+    for name, ok in resolved.items():
+        assert (name in last) == ok, name
     for name in names:
+        if resolved.get(name) is False:
+            continue  # checked above: absent, as the row says
         assert name in last and math.isfinite(last[name]), name
     assert "ablation/edge_dacc" in metrics[20] and "ablation/edge_dacc" in metrics[30]
     # The two curvature estimates agree (central difference error O(ε²)).

@@ -325,9 +325,10 @@ def test_ablation_summary_by_hand():
     assert s["ratio"] == pytest.approx(0.5 / (0.01 + 1e-8))
     assert s["z"] == pytest.approx(-25.5)  # (-0.5 - 0.01) / 0.02
     assert s["frac_random_ge"] == 0.0
-    # All random effects exactly 0 (accuracy resolution): ratio explodes, z is undefined.
+    # All random effects exactly 0 (accuracy resolution): no ratio (unresolved, not a
+    # division by the floor), z is undefined.
     flat = ablation_summary(-0.5, [0.0, 0.0, 0.0])
-    assert flat["ratio"] == pytest.approx(0.5e8)
+    assert math.isnan(flat["ratio"]) and flat["ratio_resolved"] is False
     assert flat["random_sd"] == 0.0 and math.isnan(flat["z"])
     one = ablation_summary(0.2, torch.tensor([0.3]))
     assert math.isnan(one["random_sd"]) and math.isnan(one["z"]) and one["frac_random_ge"] == 1.0

@@ -10,9 +10,15 @@ LightningModule gets them from its own ``forward`` and a loss function::
     )
     trainer = L.Trainer(callbacks=[GramCallback(), AblationCallback(), ProbeCallback()])
 
+A classifier or an MLP is first-class: labels [B] are read as [B, 1], a forward returning
+logits [B, C] gives [B, 1, C] and a block returning [B, d] gives hidden [B, 1, d]. A
+``DataLoader`` of tuples (a ``TensorDataset``) is named with ``batch_keys``::
+
+    FunctionalAdapter.attach(module, batch_keys=("x", "labels"), hidden="net")
+
 ``attach`` sets ``module.evaluate``, ``module.trace`` (when ``hidden`` is given),
-``module.input_keys`` and ``module.n_blocks``; nothing else of the module changes and
-nothing is added to its ``state_dict``. Plain torch (no Lightning import).
+``module.input_keys``, ``module.batch_keys`` and ``module.n_blocks``; nothing else of the
+module changes and nothing is added to its ``state_dict``. Plain torch (no Lightning import).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.batch import IGNORE_INDEX, LABELS, Batch, token_labels
 from grokedge.checks import not_allowed
 from grokedge.functional import EvalResult, analysed_module
 from grokedge.models.trace import ModelTrace
@@ -47,19 +53,24 @@ class FunctionalAdapter:
             default, or ``F.nll_loss`` for a forward that returns log-probabilities).
             Row weights (``batch["weight"]``, the multiplicities of deduplicated rows)
             are applied by repeating rows, so they must be whole numbers.
-        inputs: batch keys passed positionally to ``module.forward``, in order.
+        inputs: batch keys passed positionally to ``module.forward``, in order (None,
+            with ``batch_keys``: every named position but ``labels`` and ``weight``).
+        batch_keys: names of the positions of a tuple batch, in order (e.g. ``("x",
+            "labels")`` for ``TensorDataset(x, y)``), ``labels`` among them; None: the
+            evaluation batches are dicts.
         hidden: where the hidden states are: the name of a submodule whose children are
             the blocks (an ``nn.ModuleList`` or ``nn.Sequential``, e.g.
             ``"model.transformer.decoder.layers"``), or a list of submodule names. Each
             block's output (its first element if it returns a tuple) must be [B, T, d],
-            batch first. None: no ``trace`` (probes and classes then refuse the module).
+            batch first, or [B, d] when the labels are [B] (read as [B, 1, d]). None: no
+            ``trace`` (probes and classes then refuse the module).
         math_attention: run under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``:
             PyTorch's fused attention kernels (``nn.MultiheadAttention`` uses them) have
             no forward-mode AD, which the exact Hessian-vector products need.
 
     The forward's output may be logits [B, T, C], flattened [B·T, C] (as Lightning's demo
-    ``Transformer`` returns them), or a tuple / an object with ``logits`` whose first
-    element / ``logits`` is one of those.
+    ``Transformer`` returns them; a classifier's [B, C] is this with T = 1), or a tuple /
+    an object with ``logits`` whose first element / ``logits`` is one of those.
     """
 
     def __init__(
@@ -67,15 +78,39 @@ class FunctionalAdapter:
         module: nn.Module,
         loss_fn: LossFn | None = None,
         *,
-        inputs: Sequence[str] | str,
+        inputs: Sequence[str] | str | None = None,
+        batch_keys: Sequence[str] | None = None,
         hidden: str | Sequence[str] | None = None,
         math_attention: bool = True,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        cls = type(self).__name__
+        names = None if batch_keys is None else batch_keys
+        if names is not None:
+            names = (names,) if isinstance(names, str) else tuple(names)
+            if LABELS not in names or not all(isinstance(k, str) and k for k in names):
+                raise not_allowed(
+                    f"{cls}(batch_keys)",
+                    batch_keys,
+                    "one name per position of a tuple batch, 'labels' among them (e.g. "
+                    "('x', 'labels') for TensorDataset(x, y))",
+                )
+        self.batch_keys: tuple[str, ...] | None = names
+        if inputs is None:
+            if names is None:
+                raise ValueError(
+                    f"{cls}: no inputs; allowed: inputs=[the batch keys module.forward takes, "
+                    "in order] or batch_keys=(names of a tuple batch's positions); fix: "
+                    "FunctionalAdapter.attach(module, loss_fn, inputs=('x',)) for dict "
+                    "batches {'x': ..., 'labels': ...}"
+                )
+            inputs = tuple(k for k in names if k not in (LABELS, "weight"))
         keys = (inputs,) if isinstance(inputs, str) else tuple(inputs)
         if not keys or not all(isinstance(k, str) and k for k in keys):
-            raise not_allowed("inputs", inputs, "a non-empty list of batch keys")
+            raise not_allowed(f"{cls}(inputs)", inputs, "a non-empty list of batch keys")
+        if names is not None and any(k not in names for k in keys):
+            raise not_allowed(f"{cls}(inputs)", inputs, f"batch keys among batch_keys={names!r}")
         self.module = module
         self.loss_fn: LossFn = F.cross_entropy if loss_fn is None else loss_fn
         self.input_keys = keys
@@ -93,6 +128,7 @@ class FunctionalAdapter:
         module.functional_adapter = adapter
         module.evaluate = adapter.evaluate
         module.input_keys = adapter.input_keys
+        module.batch_keys = adapter.batch_keys
         module.n_blocks = adapter.n_blocks
         if adapter.blocks:
             module.trace = adapter.trace
@@ -102,8 +138,9 @@ class FunctionalAdapter:
 
     def evaluate(self, params: Mapping[str, Tensor], batch: Batch) -> EvalResult:
         """Loss (``loss_fn``), token accuracy over labels != -100 and logits [B, T, C]
-        with ``params`` in place of the analysed module's parameters."""
-        labels = batch["labels"]
+        with ``params`` in place of the analysed module's parameters (labels [B] are read
+        as [B, 1]: logits [B, 1, C])."""
+        labels = token_labels(batch[LABELS])
         with self._kernels():
             out = self._call(params, batch)
         logits = _as_logits(out, labels)
@@ -113,7 +150,8 @@ class FunctionalAdapter:
         )
 
     def trace(self, params: Mapping[str, Tensor], batch: Batch) -> ModelTrace:
-        """The output of every block of ``hidden`` (forward hooks), ``params`` in place."""
+        """The output of every block of ``hidden`` (forward hooks), ``params`` in place;
+        a block's [B, d] is [B, 1, d] when the labels have one position per row."""
         if not self.blocks:
             raise ValueError("FunctionalAdapter(hidden=None) has no hidden states to trace")
         outputs: list[Tensor] = []
@@ -128,6 +166,10 @@ class FunctionalAdapter:
         finally:
             for handle in handles:
                 handle.remove()
+        positions = token_labels(batch[LABELS]).shape[1] if LABELS in batch else None
+        if positions == 1:
+            # An MLP's hidden state is one vector per row: the one labelled position.
+            outputs = [h[:, None] if isinstance(h, Tensor) and h.ndim == 2 else h for h in outputs]
         return ModelTrace(hidden=outputs)
 
     # -------------------------------------------------------------------- plumbing
@@ -139,7 +181,11 @@ class FunctionalAdapter:
     def _inputs(self, batch: Batch) -> tuple[Tensor, ...]:
         missing = [k for k in self.input_keys if k not in batch]
         if missing:
-            raise KeyError(f"the batch has no {missing} (it has {sorted(batch)})")
+            raise ValueError(
+                f"{type(self).__name__}(inputs={self.input_keys!r}): the batch has no "
+                f"{missing} (its keys: {sorted(batch)}); fix: inputs=[the batch keys "
+                "module.forward takes, in order]"
+            )
         return tuple(batch[k] for k in self.input_keys)
 
     def _kernels(self) -> contextlib.AbstractContextManager:
@@ -165,8 +211,10 @@ class FunctionalAdapter:
 
 
 def token_accuracy(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Scalar: the fraction of labelled tokens (labels != -100) whose argmax is the label,
-    each row weighted by ``weight`` [B] (None: 1); NaN with no labelled token."""
+    """Scalar: the fraction of labelled tokens (labels [B, T] or [B] != -100) whose argmax
+    of ``logits`` [B, T, C] is the label, each row weighted by ``weight`` [B] (None: 1);
+    NaN with no labelled token."""
+    labels = token_labels(labels)
     valid = labels != IGNORE_INDEX
     w = valid.to(logits.dtype)
     if weight is not None:

@@ -187,3 +187,13 @@ def _require_file(cfg: DictConfig, key: str) -> None:
         raise not_allowed(key, value, allowed)
     if not Path(value).is_file():
         raise not_allowed(key, value, f"no such file; {allowed}")
+
+
+def built_from_config() -> bool:
+    """Whether a Hydra config is active now (``python -m grokedge.train``, or
+    ``grokedge.train.compose``): callbacks built then came from the config, and their
+    messages name config keys; callbacks built in a plain Python script name their class
+    and argument instead."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized()

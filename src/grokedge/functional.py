@@ -27,7 +27,9 @@ perturbation, gap flow)
     for a cross-entropy); ``acc`` a 0-dim floating tensor in [0, 1], the fraction of
     labelled tokens whose argmax is the label (each row weighted by ``weight``);
     ``logits`` a floating tensor [B, T, C], B and T those of ``batch["labels"]``
-    (log-probabilities serve as well: only softmaxes and argmaxes are taken).
+    (log-probabilities serve as well: only softmaxes and argmaxes are taken). The analyses
+    always hand ``evaluate`` and ``trace`` labels [B, T]: a classifier's labels [B] arrive as
+    [B, 1], so its logits are [B, 1, C] (``FunctionalAdapter`` reshapes a forward's [B, C]).
 
 ``input_keys: tuple[str, ...]``  (both protocols)
     The batch entries the network takes, in positional order (``("tokens",)`` for
@@ -38,7 +40,8 @@ perturbation, gap flow)
 interventions' read-outs)
     The hidden states of one forward pass with ``params`` in place (``{}``: the live
     weights), as a :class:`~grokedge.models.trace.ModelTrace`: ``hidden`` the output of
-    every block in order, each [B, T, d] aligned with ``batch["labels"]`` (probes read
+    every block in order, each [B, T, d] aligned with ``batch["labels"]`` ([B, 1, d] for
+    one vector per row, an MLP's hidden state under labels [B]; probes read
     ``hidden[block]``, block -1 the last); ``attn`` the attention weights per block
     [B, H, T, T] (the interventions' attention entropy; may be empty, the entropy is then
     not logged). ``n_blocks`` (optional int) lets ``block`` indices be checked before
@@ -50,11 +53,13 @@ trainer's loggers).
 
 The evaluation data (the trainer's LightningDataModule) provides ``val_dataloader()``
 (one loader, or one per name of ``eval_names``, default ``("test",)``) whose batches are
-``dict[str, Tensor]`` with the ``input_keys``, ``labels`` LongTensor [B, T]
-(``IGNORE_INDEX`` = -100 where a position has no label; a classifier has T = 1) and
-optionally ``weight`` [B] (row multiplicities, default 1); for probes, classes and the
-interventions also ``probe_targets(batch) -> {name: [B, T] tensor}`` (the task variables,
-aligned with ``labels``; the first is the primary); optionally ``model_dims()["pad_id"]``
+``dict[str, Tensor]`` (or tuples named by the module's ``batch_keys``:
+``FunctionalAdapter.attach(..., batch_keys=("x", "labels"))``) with the ``input_keys``,
+``labels`` integer [B] (a classifier: read as [B, 1]) or [B, T] (``IGNORE_INDEX`` = -100
+where a position has no label) and optionally ``weight`` [B] (row multiplicities, default
+1); for probes, classes and the interventions also ``probe_targets(batch) -> {name: tensor}``
+(the task variables, [B, T] aligned with the labels the analyses hand it, or [B] for labels
+[B, 1]; the first is the primary); optionally ``model_dims()["pad_id"]``
 (the padding id of the inputs, default 0). The analyses merge evaluation batches into one
 subset, right-padding shorter rows (``labels`` with -100, inputs with the pad id) and
 evaluating it in length buckets: padding must not change a real position's output (a
@@ -62,8 +67,11 @@ causal model), or every row must have the same length.
 
 A module that lacks these fails before training with one message naming the callback's
 config key and what is missing (:func:`check_module_has`); on the first real evaluation
-batch, before the first step, a result of the wrong type or shape does too
-(:func:`check_evaluate`, :func:`check_trace`). ``grokedge.adapters.FunctionalAdapter``
+batch, before the first step, labels of the wrong kind, a result of the wrong type or shape
+and (probes, classes) probe targets of the wrong shape do too (:func:`check_evaluate`,
+:func:`check_trace`, ``grokedge.analysis.probe_targets.probe_target_tensors``): one
+ValueError naming the callback's key, the class, what was given, what is allowed and the
+fix. docs/own_model.md has the contract as a table. ``grokedge.adapters.FunctionalAdapter``
 builds all of it for a plain LightningModule from its ``forward`` and a loss function.
 """
 
@@ -72,9 +80,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
-from grokedge.batch import Batch
+from grokedge.batch import LABELS, Batch, token_labels
 from grokedge.checks import not_allowed
 from grokedge.models.trace import ModelTrace
 
@@ -219,13 +228,16 @@ def check_evaluate(module: Any, batch: Batch, key: str) -> EvalResult:
     and logits [B, T, C] matching ``batch["labels"]``, and it honours ``params`` (halving
     every parameter changes the logits). One ValueError naming ``key``, what was expected
     and what came back, otherwise. Returns the result."""
-    labels = batch["labels"]
-    b, t = labels.shape[0], labels.shape[1] if labels.ndim > 1 else 1
+    where = f"{key}: {type(module).__name__}.evaluate(params, batch) on one evaluation batch"
+    labels = token_labels(batch[LABELS], where)
+    b, t = labels.shape
     expected = (
         f"expected EvalResult(loss: 0-dim float tensor, acc: 0-dim float tensor, logits: "
-        f"float tensor [{b}, {t}, C]) for labels of shape {list(labels.shape)}"
+        f"float tensor [{b}, {t}, C]) for labels of shape {list(labels.shape)}; fix: "
+        f"return logits batch first, one row of C scores per labelled position (a "
+        f"classifier's [B, C] as logits[:, None]), or let FunctionalAdapter.attach(module, "
+        f"loss_fn, inputs=...) build evaluate from forward"
     )
-    where = f"{key}: {type(module).__name__}.evaluate(params, batch) on one evaluation batch"
     try:
         raw = module.evaluate({}, batch)
     except Exception as e:
@@ -264,12 +276,17 @@ def check_evaluate(module: Any, batch: Batch, key: str) -> EvalResult:
 
 def check_trace(module: Any, batch: Batch, key: str, block: int | None = None) -> ModelTrace:
     """On one real batch: ``module.trace({}, batch).hidden`` is a non-empty list of
-    [B, T, d] tensors (B, T of ``batch["labels"]``) holding index ``block``. One
+    [B, T, d] tensors (B, T of ``batch["labels"]``; [B, d] when T = 1) holding index
+    ``block``. One
     ValueError naming ``key``, what was expected and what came back, otherwise."""
-    labels = batch["labels"]
-    b, t = labels.shape[0], labels.shape[1] if labels.ndim > 1 else 1
-    expected = f"expected a ModelTrace whose hidden is a list of float tensors [{b}, {t}, d]"
     where = f"{key}: {type(module).__name__}.trace(params, batch) on one evaluation batch"
+    labels = token_labels(batch[LABELS], where)
+    b, t = labels.shape
+    expected = (
+        f"expected a ModelTrace whose hidden is a list of float tensors [{b}, {t}, d] (batch "
+        f"first, one vector per labelled position; [B, d] is read as [B, 1, d] only when "
+        f"the labels are [B]); fix: {_hidden_fix(t)}"
+    )
     try:
         trace = module.trace({}, batch)
     except Exception as e:
@@ -284,8 +301,10 @@ def check_trace(module: Any, batch: Batch, key: str, block: int | None = None) -
         if not (
             isinstance(h, Tensor)
             and h.is_floating_point()
-            and h.ndim == 3
-            and tuple(h.shape[:2]) == (b, t)
+            and (
+                (h.ndim == 3 and tuple(h.shape[:2]) == (b, t))
+                or (h.ndim == 2 and t == 1 and h.shape[0] == b)
+            )
         )
     ]
     if bad:
@@ -300,6 +319,20 @@ def check_trace(module: Any, batch: Batch, key: str, block: int | None = None) -
     return trace
 
 
+def _hidden_fix(positions: int) -> str:
+    """How to give hidden states for labels with ``positions`` positions per row."""
+    if positions == 1:
+        return (
+            "FunctionalAdapter.attach(..., hidden=...) naming layers whose outputs are [B, d] "
+            "or [B, 1, d], or a trace returning those"
+        )
+    return (
+        "FunctionalAdapter.attach(..., hidden=...) naming blocks whose outputs are [B, T, d] "
+        "(transpose a sequence-first [T, B, d]); a model with one hidden vector per row "
+        "needs labels [B] (one label per row)"
+    )
+
+
 def _describe(value: Any) -> str:
     """What came back, in a few words: a tensor's shape and dtype, a container's length."""
     if isinstance(value, Tensor):
@@ -310,3 +343,11 @@ def _describe(value: Any) -> str:
     if value is None:
         return "None"
     return f"a {type(value).__name__}"
+
+
+@torch.no_grad()
+def trace_of(model: Any, batch: Batch, params: Mapping[str, Tensor] | None = None) -> Any:
+    """``model.trace(params, batch)``: the ``ModelTrace`` (hidden states per block) of the
+    module (:class:`TracedModel`) with ``params`` in place (None: the live
+    weights); nothing is mutated."""
+    return model.trace({} if params is None else params, batch)

@@ -13,7 +13,16 @@ Also the guards around a run's files and its health: :class:`OutputDirCheck` and
 :class:`SweepStatus` (Hydra callbacks: an unwritable output directory fails before Hydra
 writes anything; a sweep with a failed job exits non-zero after the last job) and
 :class:`NonFiniteLossGuard` (a Lightning callback: a NaN/inf training loss stops the run
-with a message naming the step, or is warned about),.
+with a message naming the step, or is warned about).
+
+:class:`RunFiles` is the one writer of a run's files for any Trainer (the CLI's and a
+plain ``L.Trainer(callbacks=[RunFiles(dir), ...])``): it adds a :class:`MetricHistoryLogger`
+to the trainer's loggers (``logger=False`` included), points the trainer's
+``default_root_dir`` (where the analyses write ``analyses.jsonl``) at the run directory,
+starts fresh files there (a second run into the same directory replaces the first run's
+``metrics.jsonl``, ``analyses.jsonl`` and ``summary.json``; a resumed CLI run keeps its
+carried rows), writes ``summary.json`` at the end (failed runs too) and prints the
+closing lines (:func:`closing_lines`) on stdout and into ``train.log`` if the run has one.
 """
 
 from __future__ import annotations
@@ -37,10 +46,13 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from grokedge.analysis_log import ANALYSES_FILE, read_analyses
 from grokedge.checks import not_allowed
+from grokedge.closing_summary import closing_lines
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LOG_FILE = "train.log"  # Hydra's job log of a CLI run (job name "train")
 
 STATUS_OK, STATUS_FAILED, STATUS_INTERRUPTED = "ok", "failed", "interrupted"
 """``summary.json``'s ``status``: the run finished / it raised (``error`` says what) / it
@@ -327,3 +339,152 @@ class NonFiniteLossGuard(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.first_bad_step = state_dict.get("first_bad_step")
+
+
+# ------------------------------------------------------------------ one writer for any run
+
+
+class RunFiles(Callback):
+    """The run directory of any Trainer: ``metrics.jsonl``, a fresh ``analyses.jsonl``,
+    ``summary.json`` and the closing lines.
+
+    Put it in the trainer's callbacks (first, so that the analyses' ``setup`` sees the
+    run directory)::
+
+        trainer = L.Trainer(logger=False, callbacks=[RunFiles("runs/mlp"), GramCallback(...)])
+
+    At ``setup`` (fit): appends :attr:`history` (a :class:`MetricHistoryLogger`) to the
+    trainer's loggers, sets the trainer's ``default_root_dir`` to ``run_dir`` (the
+    analyses' ``analyses.jsonl`` goes there; so do Lightning's checkpoints unless a
+    ``ModelCheckpoint`` names its own directory), and, unless resumed, deletes the
+    ``metrics.jsonl``, ``analyses.jsonl`` and ``summary.json`` of an earlier run in that
+    directory (rank zero): a second run into one directory replaces the first run's files.
+    At the end (``teardown``; ``on_exception`` for a failed run) writes ``summary.json``
+    (:meth:`summary`) and prints :func:`closing_lines` on stdout and into ``train.log`` if
+    the directory has one.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        grok_alternatives: (thresholds, patiences) for the module's ``grok_steps`` (the
+            CLI passes ``task.grok.alternatives``); None: no ``grok_steps`` field.
+        fields: extra ``summary.json`` fields written first (the CLI: ``task``,
+            ``torch_threads``).
+        closing: print the closing lines.
+
+    Attributes:
+        history: the run's :class:`MetricHistoryLogger`.
+        resumed_from: ``summary.json``'s ``resumed_from`` (set by a resume; None: fresh).
+        written: the ``summary.json`` written (None: not yet).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        grok_alternatives: tuple[Any, Any] | None = None,
+        fields: Mapping[str, Any] | None = None,
+        closing: bool = True,
+    ) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.history = MetricHistoryLogger(self.run_dir)
+        self.grok_alternatives = grok_alternatives
+        self.fields = dict(fields or {})
+        self.closing = closing
+        self.resumed_from: list[dict[str, Any]] | None = None
+        self.written: dict[str, Any] | None = None
+        self._start: float | None = None
+        self._error: BaseException | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.written, self._error = None, None
+        self._start = time.perf_counter()
+        if all(logger is not self.history for logger in trainer.loggers):
+            trainer.loggers = [*trainer.loggers, self.history]
+        # Lightning keeps the directory privately; the analyses read trainer.default_root_dir.
+        trainer._default_root_dir = str(self.run_dir)
+        if trainer.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resumed_from is None and self.history.resumed_at is None:
+                for name in (METRICS_FILE, ANALYSES_FILE, SUMMARY_FILE):
+                    (self.run_dir / name).unlink(missing_ok=True)
+
+    def summary(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException | None
+    ) -> dict[str, Any]:
+        """``summary.json``: :attr:`fields`, ``status``, ``error`` (failed), ``grok_step``
+        (the module's, None without one), ``grok_steps`` (when the module has
+        ``grok_steps``), ``steps``, ``wall_s``, ``n_params``, ``resumed_from`` (resumed),
+        the last value of every logged scalar, and the callbacks' ``summary_fields()``
+        (finished runs)."""
+        wall_s = 0.0 if self._start is None else time.perf_counter() - self._start
+        n_params = getattr(pl_module, "n_params", None)
+        if not isinstance(n_params, int):
+            n_params = sum(p.numel() for p in pl_module.parameters())
+        summary: dict[str, Any] = {
+            **self.fields,
+            "status": STATUS_OK if error is None else STATUS_FAILED,
+            **({} if error is None else {"error": error_text(error)}),
+            "grok_step": getattr(pl_module, "grok_step", None),
+        }
+        grok_steps = getattr(pl_module, "grok_steps", None)
+        if callable(grok_steps) and self.grok_alternatives is not None:
+            # The grok step under other thresholds × patiences, from the evaluations the
+            # module keeps in its checkpoints (a resumed run's metrics.jsonl starts late).
+            summary["grok_steps"] = grok_steps(*self.grok_alternatives)
+        summary |= {
+            "steps": trainer.global_step,
+            "wall_s": round(wall_s, 3),
+            "n_params": n_params,
+            **({} if self.resumed_from is None else {"resumed_from": self.resumed_from}),
+            **self.history.last,
+        }
+        for callback in trainer.callbacks:  # analyses may add fields (e.g. the run's class)
+            extra = getattr(callback, "summary_fields", None)
+            if callable(extra) and error is None:
+                summary.update(extra())
+        return summary
+
+    def finish(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException | None
+    ) -> dict[str, Any]:
+        """Write ``summary.json`` and print the closing lines, once per fit; returns the
+        summary (the one written before on a second call)."""
+        if self.written is not None:
+            return self.written
+        summary = self.summary(trainer, pl_module, error)
+        self.written = summary
+        self.history.finalize(STATUS_OK if error is None else STATUS_FAILED)
+        if not trainer.is_global_zero:  # DDP: every rank runs fit; rank 0 owns the files
+            return summary
+        write_summary(self.run_dir, summary)
+        if self.closing:
+            self.close(summary)
+        return summary
+
+    def close(self, summary: Mapping[str, Any]) -> list[str]:
+        """Print :func:`closing_lines` and append them to ``train.log`` if it exists."""
+        rows = read_analyses(self.run_dir, ["edge_summary"])
+        lines = closing_lines(
+            self.run_dir, summary.get("grok_step"), int(summary.get("steps") or 0),
+            self.history.last, rows[-1] if rows else None,
+        )  # fmt: skip
+        text = "\n".join(lines) + "\n"
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        log = self.run_dir / LOG_FILE
+        if log.is_file():
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(text)
+        return lines
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._error = exception
+        self.finish(trainer, pl_module, exception)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.finish(trainer, pl_module, self._error)

@@ -13,7 +13,6 @@ import gc
 import logging
 import shutil
 import sys
-import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
     import lightning as L
 
     from grokedge.module import GrokModule
-    from grokedge.run_files import MetricHistoryLogger
+    from grokedge.run_files import RunFiles
     from grokedge.tasks.base import GrokDataModule
 
 # Lightning 2.6 calls a torch API that torch 2.13 deprecates, once per fit: noise to users.
@@ -54,7 +53,7 @@ class Run:
     datamodule: GrokDataModule
     module: GrokModule
     trainer: L.Trainer
-    history: MetricHistoryLogger
+    files: RunFiles
 
 
 def check_resume(cfg: DictConfig, module: GrokModule) -> None:
@@ -107,13 +106,13 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
         raise ConfigError(str(cause)) from e
 
 
-def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    from grokedge.run_files import MetricHistoryLogger
+def _loggers(cfg: DictConfig, run_dir: Path, files: RunFiles) -> list[Any]:
     from grokedge.wandb_setup import wandb_init_kwargs
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    loggers: list[Any] = [MetricHistoryLogger(run_dir)]
+    # The run files' history first: Lightning names its directories after loggers[0].
+    loggers: list[Any] = [files.history]
     for name, node in (cfg.get("logger") or {}).items():
         extra: dict[str, Any] = {}
         if name == "wandb":
@@ -154,6 +153,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
 
     from grokedge.callbacks.init_from import InitFromCheckpoint
     from grokedge.resume import RunIdentity
+    from grokedge.run_files import RunFiles
     from grokedge.wandb_setup import WandbDashboardCallback
 
     _lightning_logs_on_stderr()
@@ -173,6 +173,12 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         eval_names=datamodule.eval_names,
     )
     check_resume(cfg, module)
+    # The one writer of the run's files, first: the analyses' setup reads its directory.
+    files = RunFiles(
+        run_dir,
+        grok_alternatives=grok_alternatives(cfg),
+        fields={"task": cfg.task.name, "torch_threads": torch.get_num_threads()},
+    )
     callbacks = [
         _instantiate(node)
         for name, node in (cfg.get("callbacks") or {}).items()
@@ -196,6 +202,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
                     getattr(callback, check)(against)
                 except ValueError as e:
                     raise ConfigError(str(e)) from e
+    callbacks.insert(0, files)
     callbacks += [
         _instantiate(cfg.nonfinite),
         RunIdentity(cfg.task.name, str(cfg.model.get("_target_")), run_dir),
@@ -203,9 +210,9 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         _instantiate(cfg.progress_bar),
     ]
     callbacks.append(WandbDashboardCallback())  # define_metric + summary (no-op without W&B)
-    loggers = _loggers(cfg, run_dir)
+    loggers = _loggers(cfg, run_dir, files)
     trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    return Run(cfg, run_dir, datamodule, module, trainer, loggers[0])
+    return Run(cfg, run_dir, datamodule, module, trainer, files)
 
 
 def _is_callback_node(key: str, node: Any) -> bool:
@@ -226,22 +233,18 @@ def _is_callback_node(key: str, node: Any) -> bool:
 
 
 def fit(run: Run) -> dict[str, Any]:
-    """Train, then write ``summary.json`` (``"status": "ok"``); returns the summary.
+    """Train; ``summary.json`` (``"status": "ok"``) and the closing lines come from the
+    run's :class:`~grokedge.run_files.RunFiles` callback; returns the summary.
 
     If training raises, ``summary.json`` is written with ``"status": "failed"`` and
     ``"error": "<ExceptionType>: <message>"`` (and what was logged until then), the W&B run
     is finished as failed, and the exception propagates.
     """
-    import torch
-
-    from grokedge.run_files import STATUS_FAILED, STATUS_OK, error_text, write_summary
-
     n_params = run.module.n_params
     print(f"grokedge: {run.cfg.task.name} model with {n_params:,} parameters -> {run.run_dir}")
-    start = time.perf_counter()
-    resumed_from = _carry_run_files(run)
     error: BaseException | None = None
     try:
+        run.files.resumed_from = _carry_run_files(run)
         for logger in run.trainer.loggers:
             logger.log_hyperparams(
                 {"config": OmegaConf.to_container(run.cfg, resolve=True), "n_params": n_params}
@@ -251,31 +254,10 @@ def fit(run: Run) -> dict[str, Any]:
         error = e
         raise
     finally:
-        wall_s = time.perf_counter() - start
         _finish_wandb(exit_code=0 if error is None else 1)
-        summary = {
-            "task": run.cfg.task.name,
-            "status": STATUS_OK if error is None else STATUS_FAILED,
-            **({} if error is None else {"error": error_text(error)}),
-            "grok_step": run.module.grok_step,
-            # The grok step under other thresholds × patiences (task.grok.alternatives),
-            # from the grok metric's evaluations, which the module keeps in its
-            # checkpoints: a resumed run's metrics.jsonl starts at the resume.
-            "grok_steps": run.module.grok_steps(*grok_alternatives(run.cfg)),
-            "steps": run.trainer.global_step,
-            "wall_s": round(wall_s, 3),
-            "n_params": n_params,
-            "torch_threads": torch.get_num_threads(),
-            # Where a resumed run's rows up to its checkpoint come from (see run_files).
-            **({} if resumed_from is None else {"resumed_from": resumed_from}),
-            **run.history.last,
-        }
-        for callback in run.trainer.callbacks:  # analyses may add fields (e.g. the run's class)
-            fields = getattr(callback, "summary_fields", None)
-            if callable(fields) and error is None:
-                summary.update(fields())
-        if run.trainer.is_global_zero:  # DDP: every rank runs fit; rank 0 owns the files
-            write_summary(run.run_dir, summary)
+        # The callback wrote it at the end of the fit (teardown, on_exception); an error
+        # raised outside Lightning's hooks (a resume's files) is recorded here.
+        summary = run.files.finish(run.trainer, run.module, error)
     return summary
 
 
@@ -291,7 +273,7 @@ def _carry_run_files(run: Run) -> list[dict[str, Any]] | None:
         return None
     resumed = carry_run_files(run.cfg.resume, run.run_dir, write=run.trainer.is_global_zero)
     if resumed.lines.get(METRICS_FILE):
-        run.history.carry(resumed.metrics, resumed.step)
+        run.files.history.carry(resumed.metrics, resumed.step)
     for callback in run.trainer.callbacks:  # the next checkpoints carry the chain on
         if isinstance(callback, RunIdentity):
             callback.resumed_from = resumed.resumed_from

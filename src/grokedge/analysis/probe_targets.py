@@ -1,8 +1,9 @@
 """What a probe reads: the task's declared targets and the samples of one target.
 
 A task's DataModule declares its probe targets with ``probe_targets(batch)`` (name ->
-[B, T] tensor aligned with ``labels``; ``IGNORE_INDEX`` where a position has no value)
-and their names in ``probe_target_names``. The analyses (probes, the functional R² of the
+[B, T] tensor aligned with ``labels``, or [B] when the labels are [B] (a classifier: one
+position per row); ``IGNORE_INDEX`` where a position has no value) and their names in
+``probe_target_names``. The analyses (probes, the functional R² of the
 classes, the interventions' read-outs) read them here, checked, and build their grouped
 samples with :func:`probe_data`.
 
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from grokedge.batch import IGNORE_INDEX, Batch
+from grokedge.batch import IGNORE_INDEX, LABELS, Batch, token_labels
 from grokedge.checks import not_allowed
 from grokedge.experiments.fourier import answer_power_spectrum, fourier_features, key_frequencies
 from grokedge.experiments.perturbation import UNALIGNED_KEYS
@@ -90,23 +91,42 @@ def check_functional_target(key: str, target: FunctionalTarget, datamodule: Any)
 
 
 def probe_target_tensors(datamodule: Any, batch: Batch, key: str) -> dict[str, Tensor]:
-    """``datamodule.probe_targets(batch)`` checked: name -> [B, T] aligned with ``labels``;
-    a task that declares none, or a wrong shape, is a ValueError naming ``key``."""
+    """``datamodule.probe_targets(batch)`` checked: name -> [B, T] aligned with the
+    labels [B, T] (a target [B] under labels [B] or [B, 1] is read as [B, 1]). A DataModule
+    without ``probe_targets``, an empty answer, a value that is not a tensor or of another
+    shape is one ValueError naming ``key``, the class, what was given and the fix."""
+    cls = type(datamodule).__name__
     fn = getattr(datamodule, "probe_targets", None)
     if not callable(fn):
         raise ValueError(
-            f"{key}: the task's DataModule ({type(datamodule).__name__}) declares no "
-            "probe_targets(batch); allowed: a task with probe targets (dyck, modular, scan)"
+            f"{key}: the DataModule ({cls}) has no probe_targets(batch); allowed: a "
+            "DataModule with probe_targets(batch) -> {name: tensor [B, T] aligned with the "
+            "labels, or [B] for labels [B]}; fix: add that method (the task variables to "
+            "probe, e.g. the operands of a sum) or leave this analysis out"
         )
-    targets = dict(fn(batch))
-    if not targets:
-        raise ValueError(f"{key}: {type(datamodule).__name__}.probe_targets returned nothing")
-    for name, t in targets.items():
-        if t.shape != batch["labels"].shape:
+    where = f"{key}: {cls}.probe_targets(batch)"
+    labels = token_labels(batch[LABELS], where)
+    answer = fn(batch)
+    if not isinstance(answer, dict) or not answer:
+        raise ValueError(
+            f"{where} returned {answer!r:.60}; allowed: a non-empty dict name -> tensor; fix: "
+            "return {'name': tensor, ...} (the first name is the primary target)"
+        )
+    targets = {}
+    for name, t in answer.items():
+        if isinstance(t, Tensor) and t.ndim == 1 and labels.shape[1] == 1:
+            t = t[:, None]  # one value per row, as the labels
+        if not isinstance(t, Tensor) or t.shape != labels.shape:
+            got = f"shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            allowed = f"{list(labels.shape)} (the labels' shape)"
+            if labels.shape[1] == 1:
+                allowed += f" or [{labels.shape[0]}]"
             raise ValueError(
-                f"{key}: probe target {name!r} has shape {list(t.shape)}, expected the "
-                f"labels' {list(batch['labels'].shape)}"
+                f"{where}: target {name!r} has {got}; allowed: a tensor of shape {allowed}, "
+                "IGNORE_INDEX (-100) where a position has no value; fix: one value per "
+                "labelled position, computed from the batch it is given"
             )
+        targets[name] = t
     return targets
 
 
@@ -119,7 +139,8 @@ def pad_id_of(datamodule: Any) -> int:
 def probe_data(
     datamodule: Any, module: Any, batch: Batch, hidden: Tensor, target: Tensor
 ) -> ProbeData:
-    """The probe samples of ``target`` [B, T] in ``hidden`` [B, T, d], grouped by string.
+    """The probe samples of ``target`` [B, T] in ``hidden`` [B, T, d], grouped by string
+    (with one position per row, [B] and [B, d] are read as [B, 1] and [B, 1, d]).
 
     The one place the analyses build their fold groups: a row's string is its model
     inputs (``module``'s ``input_keys``) read by
@@ -129,7 +150,11 @@ def probe_data(
     deduplicated) are then one group and never straddle a fold; distinct rows keep their
     row indices as groups.
     """
-    labels = batch["labels"]
+    labels = token_labels(batch[LABELS])
+    if hidden.ndim == 2 and labels.shape[1] == 1:
+        hidden = hidden[:, None]  # one hidden vector per row: the row's one position
+    if target.ndim == 1 and labels.shape[1] == 1:
+        target = target[:, None]
     aligned, unaligned = [], []
     for key in input_keys_of(module):
         value = batch[key]
@@ -207,7 +232,7 @@ def functional_readout(
         if name == target.name and target.basis == FOURIER:
             assert logits is not None
             ys[FOURIER] = functional_target_values(
-                target, a.targets, datamodule, logits, batch["labels"]
+                target, a.targets, datamodule, logits, token_labels(batch[LABELS])
             )
         for basis, (y, freqs) in ys.items():
             score = functional_r2(

@@ -55,5 +55,13 @@ class AnalysisSchedule:
         check_bool(f"{key}.tables", self.tables)
         return self
 
+    def fires_before(self, max_steps: int, start_step: int = 0, can_grok: bool = True) -> bool:
+        """Whether the analysis runs at least once in a run from ``start_step`` to
+        ``max_steps`` (optimizer steps): at the end, at the grok step (when the module
+        reports one: ``can_grok``), or at a multiple of ``every`` in between."""
+        if self.at_end or (self.at_grok and can_grok):
+            return True
+        return self.every is not None and max_steps // self.every > start_step // self.every
+
 
 SCHEDULE_KEYS = tuple(f.name for f in fields(AnalysisSchedule))

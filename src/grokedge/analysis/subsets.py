@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grokedge.batch import IGNORE_INDEX, Batch, labelled_length
+from grokedge.batch import IGNORE_INDEX, LABELS, Batch, labelled_length, named_batch, token_labels
 
 SEQUENCES, ROWS = "sequences", "rows"
 SAMPLE_UNITS = (SEQUENCES, ROWS)
@@ -23,8 +23,17 @@ SAMPLE_UNITS = (SEQUENCES, ROWS)
 
 def _rows_of(batches: Iterable[Batch]) -> tuple[list[Batch], list[tuple[int, int]], Tensor]:
     kept, where, weights = [], [], []
-    for b, batch in enumerate(batches):
-        batch = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+    for b, raw in enumerate(batches):
+        what = f"evaluation batch {b} (val_dataloader)"
+        batch = {k: v for k, v in named_batch(raw, None, what).items() if isinstance(v, Tensor)}
+        if LABELS not in batch:
+            raise ValueError(
+                f"{what} has no 'labels' (its keys: {sorted(batch)}); allowed: a dict with "
+                "'labels' [B] or [B, T] and the model's inputs; fix: name the labels 'labels' "
+                "(a tuple batch: FunctionalAdapter.attach(..., batch_keys=(..., 'labels')))"
+            )
+        # The analyses read [B, T] labels: a classifier's [B] is one position per row.
+        batch[LABELS] = token_labels(batch[LABELS], what)
         kept.append(batch)
         n = batch["labels"].shape[0]
         w = batch.get("weight")
@@ -61,8 +70,13 @@ def fixed_subset(
     ``pad_id``, the task's padding id: right padding never changes a real position of a
     causal encoder or decoder, and the seq2seq encoder masks ``pad_id``).
 
+    Every batch must be a dict with ``labels`` [B] or [B, T] (integer); [B] is read as
+    [B, 1]. Anything else (a tuple batch :func:`loader_batches` did not name, no
+    ``labels``, another rank) is one ValueError naming what was given and the fix.
+
     Returns:
-        One batch: every key of the input batches, ``weight`` [B] float32.
+        One batch: every key of the input batches, ``labels`` [B, T], ``weight`` [B]
+        float32.
     """
     kept, where, weights = _rows_of(batches)
     if not where:
@@ -113,14 +127,22 @@ def fixed_subset(
     return out
 
 
-def loader_batches(loader: Any) -> list[Batch]:
+def loader_batches(loader: Any, keys: tuple[str, ...] | None = None) -> list[Batch]:
     """The batches of an evaluation loader: read from its map-style dataset of pre-built
     batches when it has one (no iteration: a DataLoader iterator draws a seed from the
-    global random stream), else by iterating it."""
+    global random stream), else by iterating it. Tuple batches are named by ``keys``
+    (the module's ``batch_keys``: ``FunctionalAdapter.attach(..., batch_keys=...)``);
+    without ``keys`` they are returned as they are (:func:`fixed_subset` then names the
+    fix)."""
     dataset = getattr(loader, "dataset", None)
+    batches = None
     if getattr(loader, "batch_size", 0) is None and hasattr(dataset, "__getitem__"):
         try:
-            return [dataset[i] for i in range(len(dataset))]
+            batches = [dataset[i] for i in range(len(dataset))]
         except TypeError:  # not sized
             pass
-    return list(loader)
+    if batches is None:
+        batches = list(loader)
+    if keys is None:
+        return batches
+    return [named_batch(b, keys, f"evaluation batch {i}") for i, b in enumerate(batches)]

@@ -16,10 +16,17 @@ with the same thread budget. It dies with the training process, however that die
 Lightning-free. The analyses share one per process (:func:`acquire_shared_worker`), so
 that their jobs take the idle core in turn; :class:`grokedge.callbacks.common.AnalysisCallback`
 acquires it in ``setup`` and releases it in ``teardown``.
+
+A spawned process re-runs the main script's top-level code (as ``__mp_main__``) before it
+can take a job, so a script that trains at top level, outside an
+``if __name__ == "__main__":`` block, would train a second time inside the worker (and
+end in ``BrokenProcessPool``). :func:`unguarded_main_line` finds that case before the
+worker is started; the callbacks then keep the analyses on the training thread.
 """
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import ctypes.util
 import multiprocessing
@@ -29,8 +36,10 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +56,94 @@ ORPHAN_EXIT_CODE = 1
 """Exit status of a worker that found its parent gone (nobody is left to read it)."""
 
 _PR_SET_PDEATHSIG = 1  # prctl option number, from <linux/prctl.h>
+
+
+@dataclass(frozen=True)
+class UnguardedLine:
+    """Where the main script starts the current call at top level, outside an
+    ``if __name__ == "__main__":`` block: ``path`` (absolute) and 1-based ``line``."""
+
+    path: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.path}, line {self.line}"
+
+
+def _is_main_test(test: ast.expr) -> str | None:
+    """``"=="`` / ``"!="`` for an ``if`` test ``__name__ == "__main__"`` (either side,
+    or ``!=``), else None."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return None
+    sides = (test.left, test.comparators[0])
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    mains = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    if not (names and mains):
+        return None
+    if isinstance(test.ops[0], ast.Eq):
+        return "=="
+    if isinstance(test.ops[0], ast.NotEq):
+        return "!="
+    return None
+
+
+def _guarded(tree: ast.Module, line: int) -> bool:
+    """Whether ``line`` lies inside the main-only branch of an ``if __name__ ==
+    "__main__":`` (or the ``else`` of ``!=``) anywhere in the module's top-level code
+    (not inside a function or class, which the re-import does not run)."""
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.If):
+            kind = _is_main_test(node.test)
+            branch = node.body if kind == "==" else node.orelse if kind == "!=" else []
+            if branch and branch[0].lineno <= line <= (branch[-1].end_lineno or line):
+                return True
+        todo.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def unguarded_main_line() -> UnguardedLine | None:
+    """The main script's top-level line that the current call comes from, when a spawned
+    process would run it again; None when it would not (or cannot be told).
+
+    A ``spawn`` child re-runs the main module's top-level code as ``__mp_main__`` (by
+    name for ``python -m mod``, by path for ``python script.py``; never for a package's
+    ``__main__.py``, IPython's launcher, ``python -c``, a notebook or an interactive
+    session: no main file). The check is exact where it matters: the frame of the main
+    module's top-level code on the current stack says which statement started this
+    call; the child re-runs it unless that statement lies in the main-only branch of an
+    ``if __name__ == "__main__":`` (found in the script's syntax tree). A statement
+    merely *present* at top level is not enough to refuse a script (defining a model or
+    the data at top level is harmless); and no main frame on the stack (a call from a
+    thread, or after the script's top level has finished) means no top-level line to
+    blame: None, as for a main file that cannot be read or parsed.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None:
+        return None
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None and (name == "__main__" or name.endswith(".__main__")):
+        return None  # multiprocessing does not re-run these
+    if os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return None  # nor IPython's launcher (multiprocessing.spawn._fixup_main_from_path)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is main.__dict__:
+            break
+        frame = frame.f_back
+    if frame is None:
+        return None
+    line = frame.f_lineno
+    try:
+        with open(path, "rb") as file:
+            tree = ast.parse(file.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return None if _guarded(tree, line) else UnguardedLine(os.path.abspath(path), line)
 
 
 def free_cores() -> int:
@@ -191,3 +288,40 @@ def release_shared_worker() -> None:
     if _users == 0 and _shared is not None:
         _shared.shutdown()
         _shared = None
+
+
+GUARD_FIX = 'put the training code under `if __name__ == "__main__":`'
+"""The one-line fix for a script that trains at top level (the worker would re-run it)."""
+
+_warned_unguarded: set[UnguardedLine] = set()
+"""Unguarded script lines already warned about: one warning per line, not per analysis."""
+
+
+def worker_allowed(asked_by: str | None = None) -> bool:
+    """Whether the analyses may use the worker process: False, with one warning per script
+    line, when the main script starts training outside an ``if __name__ == "__main__":``
+    block (:func:`unguarded_main_line`: the spawned worker would re-run it and train a
+    second time); one ValueError instead when ``asked_by`` (e.g.
+    ``AblationCallback(background=True)``) requested a worker by name."""
+    unguarded = unguarded_main_line()
+    if unguarded is None:
+        return True
+    why = (
+        f"the script {unguarded.path} starts training at line {unguarded.line}, outside "
+        'an `if __name__ == "__main__":` block, and the analyses\' worker process '
+        "(multiprocessing, spawn) re-runs that line: it would train a second time"
+    )
+    if asked_by is not None:
+        raise ValueError(
+            f"{asked_by} needs a worker process, but {why}. "
+            f"Fix: {GUARD_FIX} (or background=False / 'auto')"
+        )
+    if unguarded not in _warned_unguarded:
+        _warned_unguarded.add(unguarded)
+        warnings.warn(
+            f"grokedge: the analyses run on the training thread (same numbers, no idle "
+            f"core used): {why}. Fix: {GUARD_FIX}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False

@@ -32,14 +32,14 @@ and can be produced one at a time (n·k·p memory is never needed at once).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grokedge.batch import Batch
+from grokedge.batch import IGNORE_INDEX, LABELS, Batch
 from grokedge.edge.sharding import Shard
 from grokedge.experiments.perturbation import FlatEvaluate
 from grokedge.experiments.random_controls import random_displacement_slice, random_orthonormal_slice
@@ -53,7 +53,9 @@ from grokedge.experiments.subspaces import (
 )
 
 RATIO_FLOOR = 1e-8
-"""Added to |mean Δ_random| in the paper's ratio so that it stays finite."""
+"""Added to |Δ_control| in the paper's ratio (as the paper writes it); the ratio is only
+taken against a resolved control (:func:`control_resolved`), where the floor changes
+nothing but the last digits."""
 
 
 DEFAULT_N_RANDOM = 20
@@ -63,17 +65,23 @@ DEFAULT_N_RANDOM = 20
 # ---------------------------------------------------------------------------- summary
 
 
-def ablation_summary(delta_edge: float, deltas_random: Sequence[float] | Tensor) -> dict:
+def ablation_summary(
+    delta_edge: float, deltas_random: Sequence[float] | Tensor, resolution: float | None = None
+) -> dict:
     """The edge effect against a control distribution of random effects.
 
     Args:
         delta_edge: change of a metric when the edge is removed (metric units, e.g.
             accuracy after − before).
         deltas_random: the same change for each random control.
+        resolution: the smallest change the metric can show on the evaluated batch
+            (accuracy: :func:`accuracy_resolution`; None: any non-zero change counts).
     Returns:
         dict with ``delta_edge``; ``n_random``; ``random_mean``, ``random_sd`` (sample
         sd, ddof = 1; NaN with fewer than two controls), ``random_max_abs``;
-        ``ratio`` = |Δ_edge| / (|mean Δ_random| + 1e-8) (the paper's); ``z`` =
+        ``ratio_resolved`` (:func:`control_resolved` of the mean), ``resolution``;
+        ``ratio`` = |Δ_edge| / (|mean Δ_random| + 1e-8) (the paper's) when resolved, NaN
+        when not (the two Δ are the numbers to read then); ``z`` =
         (Δ_edge − mean) / sd, NaN where sd is 0 or undefined (e.g. every random Δacc
         exactly 0: the controls show no spread to measure against); ``frac_random_ge`` =
         share of controls with |Δ_random| >= |Δ_edge| (an empirical p-value, defined
@@ -92,15 +100,43 @@ def ablation_summary(delta_edge: float, deltas_random: Sequence[float] | Tensor)
         "random_mean": mean,
         "random_sd": sd,
         "random_max_abs": max(abs(x) for x in randoms),
-        "ratio": paper_ratio(delta_edge, mean),
+        "ratio": paper_ratio(delta_edge, mean, resolution),
+        "ratio_resolved": control_resolved(mean, resolution),
+        "resolution": resolution,
         "z": z,
         "frac_random_ge": sum(abs(x) >= abs(delta_edge) for x in randoms) / n,
     }
 
 
-def paper_ratio(delta_edge: float, delta_control: float) -> float:
-    """The paper's ratio |Δ_edge| / (|Δ_control| + 1e-8) against a control's (mean) effect."""
+def control_resolved(delta_control: float, resolution: float | None = None) -> bool:
+    """Whether a control's effect can be divided by: non-zero, and at least
+    ``resolution`` in magnitude (a mean of accuracy changes below one example's quantum
+    is below what the batch can show; None: only exactly 0 is unresolved)."""
+    if delta_control == 0 or not math.isfinite(delta_control):
+        return False
+    return resolution is None or abs(delta_control) >= resolution
+
+
+def paper_ratio(delta_edge: float, delta_control: float, resolution: float | None = None) -> float:
+    """The paper's ratio |Δ_edge| / (|Δ_control| + 1e-8) against a control's (mean)
+    effect; NaN when the control's effect is below resolution (:func:`control_resolved`):
+    a floor would turn "no measurable effect" into a ratio of ~10⁸·|Δ_edge|."""
+    if not control_resolved(delta_control, resolution):
+        return math.nan
     return abs(delta_edge) / (abs(delta_control) + RATIO_FLOOR)
+
+
+def accuracy_resolution(batch: Batch) -> float | None:
+    """One example's accuracy quantum on ``batch``: 1 / (number of evaluated label
+    positions, those not ``IGNORE_INDEX``); labels [B] or [B, T]. A change of accuracy
+    smaller than this cannot come from the batch's predictions (a mean over controls can
+    still be smaller: it is then below resolution). ``inf`` for a batch with no labelled
+    position; None (unknown: only an exact 0 is unresolved) for a batch without labels."""
+    labels = batch.get(LABELS) if isinstance(batch, Mapping) else None
+    if not isinstance(labels, Tensor):
+        return None
+    n = int((labels != IGNORE_INDEX).sum())
+    return 1.0 / n if n > 0 else math.inf
 
 
 # ---------------------------------------------------------------------------- experiment
@@ -211,6 +247,7 @@ def ablation_result(
     edge_norm: float,
     shrink: ShrinkMeasure,
     shrink_norm: ShrinkMeasure,
+    acc_resolution: float | None = None,
 ) -> dict[str, Any]:
     """The dict of :func:`ablation_experiment` from its measurements ((Δloss, Δacc) per
     random subspace and per norm-matched displacement, the norms ‖θ‖ and ‖θ_edge‖, the
@@ -223,7 +260,9 @@ def ablation_result(
     ``_dloss``, ``_dacc``, ``_displacement`` (‖θ − θ·c‖), ``_factor`` (c), ``_clamped``,
     ``_theta_sq_removed_frac`` and ``_ratio`` = |Δ_edge acc| / (|Δ_control acc| + 1e-8),
     the paper's ratio against that control (one deterministic control each: no spread
-    for a z or an :func:`ablation_summary`).
+    for a z or an :func:`ablation_summary`), NaN with ``_ratio_resolved`` False when that
+    control's Δacc is below ``acc_resolution`` (:func:`control_resolved`; None: only an
+    exact 0 is unresolved). ``acc_random`` and ``acc_matched`` use the same resolution.
     """
     d_loss, d_acc = edge_loss - base_loss, edge_acc - base_acc
 
@@ -238,7 +277,8 @@ def ablation_result(
             f"{prefix}_factor": measure.factor,
             f"{prefix}_clamped": measure.clamped,
             f"{prefix}_theta_sq_removed_frac": theta_sq_removed_fraction(theta_norm, measure.norm),
-            f"{prefix}_ratio": paper_ratio(d_acc, dacc),
+            f"{prefix}_ratio": paper_ratio(d_acc, dacc, acc_resolution),
+            f"{prefix}_ratio_resolved": control_resolved(dacc, acc_resolution),
         }
 
     return {
@@ -255,9 +295,9 @@ def ablation_result(
         "random_dacc": [x[1] for x in random_d],
         "matched_dloss": [x[0] for x in matched_d],
         "matched_dacc": [x[1] for x in matched_d],
-        "acc_random": ablation_summary(d_acc, [x[1] for x in random_d]),
+        "acc_random": ablation_summary(d_acc, [x[1] for x in random_d], acc_resolution),
         "loss_random": ablation_summary(d_loss, [x[0] for x in random_d]),
-        "acc_matched": ablation_summary(d_acc, [x[1] for x in matched_d]),
+        "acc_matched": ablation_summary(d_acc, [x[1] for x in matched_d], acc_resolution),
         "loss_matched": ablation_summary(d_loss, [x[0] for x in matched_d]),
     }
 
@@ -345,6 +385,7 @@ def sharded_ablation_experiment(
         edge_norm=edge_norm,
         shrink=shrink,
         shrink_norm=shrink_norm,
+        acc_resolution=accuracy_resolution(batch),
     )
 
 

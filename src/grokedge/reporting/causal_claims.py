@@ -28,7 +28,7 @@ from grokedge.reporting.claim_rows import (
 from grokedge.reporting.claim_table import ClaimSpec, paper_entry
 from grokedge.reporting.discover import Collection, RunData
 from grokedge.reporting.run_measures import phase_mean, row_value
-from grokedge.reporting.table_format import fmt
+from grokedge.reporting.table_format import fmt, ratio_cell
 
 
 def beyond(edge: float, control: float, ratio: float) -> bool:
@@ -37,8 +37,9 @@ def beyond(edge: float, control: float, ratio: float) -> bool:
 
 
 def _ratio(edge: float, control: float) -> str:
-    """|edge| / |control| as text (∞ for a zero control)."""
-    return "∞" if control == 0 else fmt(abs(edge) / abs(control), 1)
+    """|edge| / |control| as text; a control with no effect (exactly 0) has no ratio:
+    ``unresolved (edge Δ e, control Δ c below resolution)``."""
+    return ratio_cell(None if control == 0 else abs(edge) / abs(control), edge, control)
 
 
 def _ablation_phases(runs: list[RunData], phases: Sequence[str], edge: Sequence[str]) -> list[str]:
@@ -82,7 +83,7 @@ def ablation_claim(collection: Collection, spec: ClaimSpec) -> Claim:
     ratio = float(spec.threshold("ratio_beyond_control"))
     definition, runs, _, left_out = edge_runs(collection, "ablation")
     if not runs:
-        missing = "no ablation rows: run with callbacks=full"
+        missing = "no ablation rows: run with callbacks=full (in Python: AblationCallback)"
         if any(r.rows("ablation") for r in collection.ok):
             missing = NO_TREATED + " with ablation rows"
         return not_tested(title, paper, missing, definition=definition)
@@ -102,7 +103,10 @@ def ablation_claim(collection: Collection, spec: ClaimSpec) -> Claim:
     done = [r for r in results.values() if r is not None]
     control = "; ".join(cell for cell, _ in done) or "–"
     if missing:
-        why = f"ablation rows without {', '.join(missing)}: rerun with callbacks=full"
+        why = (
+            f"ablation rows without {', '.join(missing)}: rerun with callbacks=full "
+            "(in Python: AblationCallback)"
+        )
         return Claim(title, paper, grokedge, control, NOT_TESTED, why, support, definition)
     failed = [f for _, fs in done for f in fs]
     if failed:
@@ -114,7 +118,7 @@ def ablation_claim(collection: Collection, spec: ClaimSpec) -> Claim:
     return Claim(title, paper, grokedge, control, HOLDS, why, support, definition)
 
 
-NO_PERTURBATION = "no perturbation rows: run with callbacks=full"
+NO_PERTURBATION = "no perturbation rows: run with callbacks=full (in Python: PerturbationCallback)"
 
 
 def max_kl(rows: Iterable[dict[str, Any]], ks: Sequence[int] = (1, 2)) -> float | None:

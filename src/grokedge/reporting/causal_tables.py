@@ -15,7 +15,7 @@ from grokedge.reporting.run_measures import (
     shrink_dacc,
     shrink_ratio,
 )
-from grokedge.reporting.table_format import Table, fmt
+from grokedge.reporting.table_format import Table, fmt, ratio_cell
 
 SHRINK_NOTE = (
     "shrink: θ·(1 − d/‖θ‖), θ moved the edge removal's distance d = ‖Δθ‖ toward 0; "
@@ -58,14 +58,17 @@ def ablation_table(rows: Sequence[dict[str, Any]]) -> Table:
                 fmt(r["v1"]["dacc"]),
                 fmt(r["bulk"]["dacc"]),
                 f"{fmt(ar['random_mean'], 4)} ± {fmt(ar['random_sd'], 4)}",
-                fmt(ar["ratio"], 1),
+                _summary_ratio(r, ar),
                 fmt(ar["z"], 1),
                 f"{fmt(am['random_mean'], 4)} ± {fmt(am['random_sd'], 4)}",
-                fmt(am["ratio"], 1),
+                _summary_ratio(r, am),
                 *(
                     cell
                     for key, _ in SHRINK_CONTROLS
-                    for cell in (fmt(shrink_dacc(r, key), 4), fmt(shrink_ratio(r, key), 1))
+                    for cell in (
+                        fmt(shrink_dacc(r, key), 4),
+                        ratio_cell(shrink_ratio(r, key), r["edge"]["dacc"], shrink_dacc(r, key)),
+                    )
                 ),
                 fmt(r["displacement"], 2),
                 fmt(r.get("edge_dacc_unseen")),
@@ -154,3 +157,13 @@ def causal_markdown(run_dir: Any, rows: Sequence[dict[str, Any]]) -> str:
     parts = [f"Run directory: `{run_dir}`; grok step: {grok}"]
     parts += [t.markdown() for t in causal_tables(rows)]
     return "\n\n".join(parts) + "\n"
+
+
+def _summary_ratio(row: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The ratio cell of an ablation row's ``acc_random`` / ``acc_matched`` summary."""
+    return ratio_cell(
+        summary.get("ratio"),
+        row["edge"]["dacc"],
+        summary.get("random_mean"),
+        summary.get("ratio_resolved"),
+    )

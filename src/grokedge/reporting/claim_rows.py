@@ -29,7 +29,10 @@ NOT_TESTED = "not tested"
 VERDICTS = (HOLDS, WINDOW_ARTIFACT, NOT_REPRODUCED, INCONCLUSIVE, NOT_TESTED)
 
 NO_TREATED = "no run with ω ≠ 0 grokked"
-NO_EDGE = "no edge_summary rows: run with callbacks=gram (the default)"
+NO_EDGE = (
+    "no edge_summary rows: run with callbacks=gram (the default; in Python: GramCallback "
+    "and EdgeAlignmentCallback)"
+)
 
 
 NO_EDGE_DEFINITION = "none (reads no edge)"

@@ -62,7 +62,7 @@ def probe_claim(collection: Collection, spec: ClaimSpec) -> Claim:
     kinds = {str(k): v for k, v in spec.measure["kinds"].items()}
     runs = [r for r in treated(collection) if r.rows("probe")]
     if not runs:
-        why = "no probe rows of a grokked run: run with callbacks=full"
+        why = "no probe rows of a grokked run: run with callbacks=full (in Python: ProbeCallback)"
         return not_tested(title, paper, why, definition=definition)
     support = spec.support_files(collection, runs[0])
     ours = {k: mean_over(runs, lambda r, k=k: last_late_probe(r, k)) for k in kinds}
@@ -221,7 +221,10 @@ def class_claim(collection: Collection, spec: ClaimSpec) -> Claim:
     classified = [r for r in treated(collection) if class_fields(r.summary).get(field)]
     definition, runs, left_out = one_definition(classified)
     if not runs:
-        why = "no class fields in a grokked run's summary.json: run with callbacks=full"
+        why = (
+            "no class fields in a grokked run's summary.json: run with callbacks=full "
+            "(in Python: ClassCallback)"
+        )
         return not_tested(title, paper, why, definition=one_definition(collection.ok)[0])
     observed = observed_classes(runs, field)
     judged = observed_classes(judged_runs(runs, least), field)

@@ -20,7 +20,7 @@ from grokedge.reporting.run_measures import (
     shrink_dacc,
     shrink_ratio,
 )
-from grokedge.reporting.table_format import Table, finite_mean, fmt
+from grokedge.reporting.table_format import Table, finite_mean, fmt, ratio_cell
 
 BOOKKEEPING = {"analysis", "step", "phase", "grok_step", "seconds", "trigger"}
 """Fields of an analysis row that are not measurements (left out of the gap-flow table)."""
@@ -85,10 +85,6 @@ def ablation_phase_table(run: RunData) -> Table:
         if not sel:
             continue
 
-        def med(xs: list[float | None]) -> float | None:
-            ys = [x for x in xs if x is not None and math.isfinite(x)]
-            return statistics.median(ys) if ys else None
-
         out.append(
             [
                 phase,
@@ -102,9 +98,12 @@ def ablation_phase_table(run: RunData) -> Table:
                     fmt(finite_mean(shrink_dacc(r, key) for r in sel), 4)
                     for key, _ in SHRINK_CONTROLS
                 ),
-                fmt(med([r["acc_random"]["ratio"] for r in sel]), 1),
-                fmt(med([r["acc_matched"]["ratio"] for r in sel]), 1),
-                *(fmt(med([shrink_ratio(r, key) for r in sel]), 1) for key, _ in SHRINK_CONTROLS),
+                _median_ratio(sel, lambda r: r["acc_random"]),
+                _median_ratio(sel, lambda r: r["acc_matched"]),
+                *(
+                    _median_ratio(sel, lambda r, key=key: _shrink_summary(r, key))
+                    for key, _ in SHRINK_CONTROLS
+                ),
             ]
         )
     return Table(
@@ -167,3 +166,31 @@ def gapflow_table(run: RunData, max_columns: int = 12) -> Table | None:
     out = [[str(s), p] + [fmt(v.get(k), 4) for k in names] for s, p, v in flat]
     source = "`gap_flow` rows" if rows else "`gapflow/*` metrics"
     return Table(f"Gap-flow terms by window ({source})", ["step", "phase", *names], out)
+
+
+def _shrink_summary(row: dict[str, Any], key: str) -> dict[str, Any]:
+    """A shrink control of an ablation row as a ratio summary (``ratio``, ``random_mean``)."""
+    return {"ratio": shrink_ratio(row, key), "random_mean": shrink_dacc(row, key)}
+
+
+def _median_ratio(rows: list[dict[str, Any]], summary: Any) -> str:
+    """The median ratio over the rows whose control is resolved; ``unresolved (...)`` with
+    the mean Δ of edge and control when none is (rows without ``ratio_resolved``: a
+    finite ratio against a non-zero control counts as resolved)."""
+    resolved, edges, controls = [], [], []
+    for r in rows:
+        s = summary(r)
+        ratio, control = s.get("ratio"), s.get("random_mean")
+        ok = s.get("ratio_resolved")
+        if ok is None:
+            ok = ratio is not None and math.isfinite(ratio) and control != 0
+        if ok:
+            resolved.append(ratio)
+        elif control is not None:
+            edges.append(r["edge"]["dacc"])
+            controls.append(control)
+    if resolved:
+        return fmt(statistics.median(resolved), 1)
+    if controls:
+        return ratio_cell(None, finite_mean(edges), finite_mean(controls), False)
+    return fmt(None)

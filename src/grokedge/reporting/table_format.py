@@ -21,6 +21,25 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def ratio_cell(
+    ratio: float | None,
+    edge: float | None,
+    control: float | None,
+    resolved: bool | None = None,
+    digits: int = 1,
+) -> str:
+    """A ratio |Δ_edge| / |Δ_control| for a table, or, when the control's effect is below
+    resolution (``resolved`` False; rows without the flag: a control Δ of exactly 0, or no
+    finite ratio), ``unresolved (edge Δ e, control Δ c below resolution)``: the two numbers
+    instead of a division by a floor."""
+    if resolved is None:
+        finite = ratio is not None and math.isfinite(ratio)
+        resolved = finite and control != 0
+    if not resolved and edge is not None and control is not None:
+        return f"unresolved (edge Δ {fmt(edge, 4)}, control Δ {fmt(control, 4)} below resolution)"
+    return fmt(ratio if resolved else None, digits)
+
+
 def finite_mean(values: Iterable[float | None]) -> float | None:
     """The mean of the finite values (None and NaN/inf left out); None if there are none."""
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
