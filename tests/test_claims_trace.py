@@ -19,6 +19,7 @@ import yaml
 
 from grokedge.report import main as report_main
 from tests.real_runs import train
+from tests.test_report_claims import _claim_rows
 
 REPO = Path(__file__).resolve().parents[1]
 DEFINITIONS = ("paper", "burn_in", "normalized")
@@ -44,19 +45,6 @@ def _close(printed: str, value: float) -> bool:
 
 def _yaml_numbers(path: Path) -> list[float]:
     return [float(x) for x in NUMBER.findall(path.read_text())]
-
-
-def _table(markdown: str) -> dict[int, dict[str, str]]:
-    lines = markdown.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("| claim |"))
-    columns = [c.strip() for c in lines[header].strip("|").split(" | ")]
-    out = {}
-    for line in lines[header + 2 :]:
-        if not line.startswith("|"):
-            break
-        row = dict(zip(columns, [c.strip() for c in line.strip("|").split(" | ")], strict=True))
-        out[int(row["claim"].split(".")[0])] = row
-    return out
 
 
 def _compression(rows: list[dict[str, Any]], definition: str, grok: int) -> float | None:
@@ -107,7 +95,7 @@ def test_every_number_of_claims_md_traces_to_the_run_files(tmp_path: Path) -> No
         ["task=dyck", "seed=42", "callbacks=gram", "trainer.max_steps=1200"],
     )
     assert report_main([str(run), "--no-wandb"]) == 0
-    rows = _table((run / "report" / "claims.md").read_text())
+    rows = _claim_rows((run / "report" / "claims.md").read_text())
     analyses = [json.loads(line) for line in (run / "analyses.jsonl").read_text().splitlines()]
     summary_json = json.loads((run / "summary.json").read_text())
     edge = [r for r in analyses if r["analysis"] == "edge_directions"]

@@ -20,7 +20,7 @@ from grokedge.edge.memory import derived_memory
 from grokedge.edge.readouts import definition_readouts
 from grokedge.edge.recorder import DeltaRecorder
 from grokedge.edge.spectrum import EdgeState, WindowSpectrum
-from tests.test_spectral_sharding import run_ranks
+from tests.test_spectral_sharding import _train_gram, run_ranks
 
 DEFINITIONS = EDGE_DEFINITIONS
 
@@ -414,29 +414,10 @@ def test_recorder_state_round_trip_continues_the_derived_windows_bit_identically
 
 
 def _sharded_gram(collective, steps: int, state: dict | None = None, start: int = 0):
-    from tests.test_spectral_sharding import _Net, _train_step
-
-    net = _Net()
-    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.5)
-    gram = GramCallback(
-        select="all",
-        interval=1,
-        window=3,
-        top_k=2,
-        collective=collective,
-        interval_multiples=[1, 2, 3],
+    """The sharding tests' tiny AdamW run, with derived windows of N = 2 and 3."""
+    return _train_gram(
+        collective, steps, state, start, window=3, top_k=2, interval_multiples=[1, 2, 3]
     )
-    if state is not None:
-        state = copy.deepcopy(state)
-        gram.load_state_dict(state["gram"])
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-    gram.attach(net, opt, step=start)
-    for step in range(start, steps):
-        _train_step(net, opt, step)
-        gram.capture(step + 1)
-    gram.net, gram.opt = net, opt
-    return gram
 
 
 def _assert_derived_close(got: GramCallback, want: GramCallback) -> None:

@@ -309,13 +309,21 @@ def _train_step(net: _Net, opt: torch.optim.Optimizer, step: int) -> None:
 
 
 def _train_gram(
-    collective: Any, steps: int = 9, state: dict | None = None, start: int = 0
+    collective: Any,
+    steps: int = 9,
+    state: dict | None = None,
+    start: int = 0,
+    **knobs: Any,
 ) -> GramCallback:
     """A GramCallback on a tiny net trained by AdamW with a fixed data stream (the same
-    on every rank: DDP keeps replicas identical)."""
+    on every rank: DDP keeps replicas identical). ``knobs``: GramCallback arguments over
+    the defaults here (window 4, top_k 3, one step per delta)."""
     net = _Net()
     opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.5)
-    gram = GramCallback(select="all", interval=1, window=4, top_k=3, collective=collective)
+    gram = GramCallback(
+        **{"select": "all", "interval": 1, "window": 4, "top_k": 3, **knobs},
+        collective=collective,
+    )
     if state is not None:
         # The optimizer adopts the state's tensors and updates them in place: a copy each.
         state = copy.deepcopy(state)
