@@ -47,6 +47,7 @@ from grokedge.analysis.background import Deferred, Result
 from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.callbacks.common import AnalysisCallback
 from grokedge.checks import check_int
+from grokedge.config_checks import names_python_arguments
 from grokedge.edge.selection import ParameterSelector
 from grokedge.edge.sharding import Shard
 from grokedge.experiments.ablation import sharded_ablation_experiment
@@ -216,6 +217,7 @@ class AblationCallback(AnalysisCallback):
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 1000}
 
+    @names_python_arguments
     def __init__(
         self,
         n_random: int = 20,
@@ -232,6 +234,7 @@ class AblationCallback(AnalysisCallback):
         self.seed = check_int(f"{config_key}.seed", seed, 0)
         self.buckets = check_int(f"{config_key}.buckets", buckets, 1)
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.gram is not None and self.gram.top_k < 2:

@@ -40,7 +40,7 @@ from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table
 from grokedge.batch import Batch, to_device
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
 from grokedge.checks import AUTO, check_bool_or_auto, check_int, not_allowed
-from grokedge.config_checks import built_from_config
+from grokedge.config_checks import built_from_config, message_label, names_python_arguments
 from grokedge.functional import (
     EVALUATE,
     TRACE,
@@ -103,6 +103,7 @@ class AnalysisCallback(Callback, ABC):
     """Whether the deferred jobs evaluate the module (then only a CPU run may defer them:
     the worker is a CPU process)."""
 
+    @names_python_arguments
     def __init__(
         self,
         *,
@@ -175,25 +176,16 @@ class AnalysisCallback(Callback, ABC):
             return f"{self.config_key}.{name}={value}"
         return f"{type(self).__name__}({name}={value!r})"
 
+    @property
+    def label(self) -> str:
+        """How messages name this callback: its config key, or its class in Python."""
+        return message_label(self)
+
     def idle_reason(self, max_steps: int, start_step: int, can_grok: bool) -> str | None:
         """Why this analysis cannot fire in a run that ends at ``max_steps`` (from
-        ``start_step``; ``can_grok``: the module reports a grok step), else None. Its
-        triggers: the cadence ``every`` (steps that are multiples of it, up to max_steps),
-        ``at_grok`` (only where the module has ``grok_step``) and ``at_end``."""
-        if self.schedule.fires_before(max_steps, start_step, can_grok):
-            return None
-        if self.every is None:
-            cadence = f"{self.argument('every', None)} has no cadence"
-        else:
-            cadence = (
-                f"{self.argument('every', self.every)} cannot fire before max_steps={max_steps}"
-            )
-        if self.at_grok:
-            return (
-                f"{cadence}, and at_grok needs a module that reports grok_step; it never runs "
-                f"(lower every, or set at_end=True)"
-            )
-        return f"{cadence}; it never runs (lower every, or set at_end=True)"
+        ``start_step``; ``can_grok``: the module reports a grok step), else None: its
+        cadence ``every``, ``at_grok`` and ``at_end`` (:meth:`AnalysisSchedule.idle_reason`)."""
+        return self.schedule.idle_reason(max_steps, start_step, can_grok, self.argument)
 
     def warn_if_idle(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """At fit start: one warning when :meth:`idle_reason` says this analysis cannot fire
@@ -221,6 +213,7 @@ class AnalysisCallback(Callback, ABC):
         """The protocol methods this callback will call (``requires``; none when off)."""
         return self.requires
 
+    @names_python_arguments
     def check_module(self, pl_module: nn.Module) -> None:
         """Checks against the built model (``train.build`` calls this before training):
         it has what :meth:`required` names and ``input_keys`` (``grokedge.functional``)."""
@@ -228,10 +221,12 @@ class AnalysisCallback(Callback, ABC):
         if needs:
             check_module_has(pl_module, needs, self.config_key)
 
+    @names_python_arguments
     def check_data(self, datamodule: Any) -> None:
         """Checks against the task's declarations (``train.build`` calls this before
         training, ``setup`` again for a Trainer built by hand); none by default."""
 
+    @names_python_arguments
     def check_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """On the fixed evaluation subset, before the first step: ``evaluate`` and
         ``trace`` (what :meth:`required` names) return what the protocol says
@@ -256,6 +251,7 @@ class AnalysisCallback(Callback, ABC):
 
     # ----------------------------------------------------------------- Lightning hooks
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -264,9 +260,9 @@ class AnalysisCallback(Callback, ABC):
         self.gram = find_gram_callback(trainer, required=False)
         if self.gram is None and self.needs_edge:
             try:
-                find_gram_callback(trainer)
+                find_gram_callback(trainer, from_config=self.from_config)
             except ValueError as e:
-                raise ValueError(f"{self.config_key}: {e}") from e
+                raise ValueError(f"{self.label}: {e}") from e
         # The run's phases are set once, on the GramCallback (callbacks.gram.phase_*).
         gram = self.gram
         self.phases = gram.phases if gram is not None else Phases.around(FALLBACK_INTERVAL)
@@ -307,7 +303,7 @@ class AnalysisCallback(Callback, ABC):
             order = list(trainer.callbacks)
             if order.index(self.gram) > order.index(self):
                 warnings.warn(
-                    f"{self.config_key}: the GramCallback comes after this callback, so "
+                    f"{self.label}: the GramCallback comes after this callback, so "
                     "its analyses use the edge of the previous interval; list "
                     "gram_spectrum first",
                     stacklevel=2,

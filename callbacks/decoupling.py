@@ -48,8 +48,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from grokedge.callbacks.gram import find_gram_callback
 from grokedge.callbacks.intervention import InterventionCallback
 from grokedge.checks import check_choice
+from grokedge.config_checks import names_python_arguments
 from grokedge.edge.spectrum import EdgeState
 from grokedge.functional import analysed_module
 from grokedge.optimizer_facts import decay_of, group_index, inexact_groups, lr_of, optimizer_for
@@ -94,6 +96,7 @@ class EdgeDecouplingCallback(InterventionCallback):
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 100}
 
+    @names_python_arguments
     def __init__(
         self,
         mode: str = "remove",
@@ -118,13 +121,14 @@ class EdgeDecouplingCallback(InterventionCallback):
 
     # ------------------------------------------------------------------ hooks setup
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.enabled and self.gram is None:
-            raise ValueError(
-                f"{self.config_key}: needs a GramCallback (callbacks.gram) for the edge v_1; "
-                "add gram_spectrum to the callbacks"
-            )
+            try:  # its edge v_1 is the GramCallback's
+                find_gram_callback(trainer, from_config=self.from_config)
+            except ValueError as e:
+                raise ValueError(f"{self.label}: {e}") from e
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # the protocol check on one batch

@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from grokedge.analysis_log import AnalysisLog, Phases, log_scalars, log_table, read_analyses
 from grokedge.callbacks.gram import GramCallback, find_gram_callback
 from grokedge.checks import check_float, check_int
+from grokedge.config_checks import built_from_config, message_label, names_python_arguments
 from grokedge.edge.definitions import EDGE_DEFINITIONS
 from grokedge.edge.events import DefinitionEvents, EdgeEvents
 from grokedge.edge.readouts import edge_scalars, measure, spectrum_row
@@ -116,6 +117,7 @@ class EdgeAlignmentCallback(Callback):
         >>> L.Trainer(callbacks=callbacks).fit(module, datamodule)  # doctest: +SKIP
     """
 
+    @names_python_arguments
     def __init__(
         self,
         tables: bool = True,
@@ -125,6 +127,7 @@ class EdgeAlignmentCallback(Callback):
     ) -> None:
         super().__init__()
         self.config_key = config_key
+        self.from_config = built_from_config()  # messages: config keys or arguments
         dominance_threshold = check_float(
             f"{config_key}.dominance_threshold", dominance_threshold, 0, 1, strict_minimum=True
         )
@@ -148,13 +151,14 @@ class EdgeAlignmentCallback(Callback):
 
     # ----------------------------------------------------------------- Lightning hooks
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         try:
-            self.gram = find_gram_callback(trainer)
+            self.gram = find_gram_callback(trainer, from_config=self.from_config)
         except ValueError as e:
-            raise ValueError(f"{self.config_key}: {e}") from e
+            raise ValueError(f"{message_label(self)}: {e}") from e
         self.gram.add_listener(self.on_edge)
         self.gram.add_derived_listener(self.on_derived_window)
         self.phases = self.gram.phases

@@ -39,6 +39,7 @@ from grokedge.analysis.background import Result
 from grokedge.analysis_log import log_scalars, log_table
 from grokedge.callbacks.common import AnalysisCallback
 from grokedge.checks import check_choice, check_int, check_optional_int, not_allowed
+from grokedge.config_checks import names_python_arguments
 from grokedge.edge.geometry import kstar_ratio
 from grokedge.edge.spectrum import EdgeState
 from grokedge.experiments.gap_flow import gap_flow_at, mode_coefficients, newest_grad_projections
@@ -141,6 +142,7 @@ class GapFlowCallback(AnalysisCallback):
         "eval_set": "train",
     }
 
+    @names_python_arguments
     def __init__(
         self,
         k: int | None = None,
@@ -158,6 +160,7 @@ class GapFlowCallback(AnalysisCallback):
         self.buckets = check_int(f"{key}.buckets", buckets, 1)
         self.record = GapFlowRecord()  # pairs, balances and agreement (Lightning-free)
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or self.gram is None:

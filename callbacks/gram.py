@@ -27,6 +27,7 @@ from grokedge.checks import (
     check_int,
     check_optional_int,
 )
+from grokedge.config_checks import built_from_config, message_label, names_python_arguments
 from grokedge.edge.definitions import NORMALIZED, check_definition
 from grokedge.edge.derived_windows import DerivedWindows, check_interval_multiples
 from grokedge.edge.provenance import WindowProvenance
@@ -53,16 +54,6 @@ window (``interval``: its N = k·N0, in optimizer steps)."""
 DEFAULT_INTERVAL_MULTIPLES = (1, 2, 3)
 """Gram intervals recorded from one run by default: N0, 2·N0 and 3·N0 (the base
 interval and two derived windows; conf/callbacks/gram_spectrum.yaml)."""
-
-
-def _plain_select(select: Any) -> Any:
-    """Hydra hands lists over as ``ListConfig``: make them plain lists."""
-    if isinstance(select, str):
-        return select
-    try:
-        return list(select)
-    except TypeError:
-        return select
 
 
 class GramCallback(Callback):
@@ -121,6 +112,7 @@ class GramCallback(Callback):
         (tensor([...], dtype=torch.float64), torch.Size([4, 131072]))
     """
 
+    @names_python_arguments
     def __init__(
         self,
         select: str | Sequence[str] = "attention",
@@ -141,7 +133,8 @@ class GramCallback(Callback):
     ) -> None:
         super().__init__()
         key = self.config_key = config_key
-        checked = check_select(_plain_select(select), f"{key}.select")
+        self.from_config = built_from_config()  # messages: config keys or arguments
+        checked = check_select(select, f"{key}.select")
         self.select: str | list[str] = checked if isinstance(checked, str) else list(checked)
         interval = check_int(f"{key}.interval", interval, 1)
         window = check_int(f"{key}.window", window, MIN_WINDOW)
@@ -374,6 +367,7 @@ class GramCallback(Callback):
             analysed_module(pl_module), self.select, key=f"{self.config_key}.select"
         )
 
+    @names_python_arguments
     def check_module(self, pl_module: nn.Module, optimizer: Optimizer | None = None) -> None:
         """Validate against a built model before training (for ``train.build``): ValueError
         naming the key if the selector matches nothing or, with an optimizer (given or from
@@ -387,6 +381,7 @@ class GramCallback(Callback):
 
     # ----------------------------------------------------------------- Lightning hooks
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             _refuse_fsdp(trainer, self.config_key)
@@ -406,7 +401,8 @@ class GramCallback(Callback):
         # self.log is not allowed in on_fit_start: straight to the (rank-zero) loggers.
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
-        rank_zero_info(f"grokedge: {self.config_key} predicts {self.recorder.describe_buffers()}")
+        buffers = self.recorder.describe_buffers()
+        rank_zero_info(f"grokedge: {message_label(self)} predicts {buffers}")
 
     def on_train_batch_end(
         self,
@@ -475,18 +471,24 @@ def _refuse_fsdp(trainer: L.Trainer, key: str) -> None:
         )
 
 
-def find_gram_callback(trainer: L.Trainer, required: bool = True) -> GramCallback | None:
+def find_gram_callback(
+    trainer: L.Trainer, required: bool = True, from_config: bool = True
+) -> GramCallback | None:
     """The trainer's ``GramCallback`` (the first, if several).
 
     Raises:
-        ValueError: none is attached and ``required`` (the message says how to add one).
+        ValueError: none is attached and ``required``; the fix is worded for a config
+            (``from_config``) or for a script.
     """
     for callback in trainer.callbacks:
         if isinstance(callback, GramCallback):
             return callback
     if required:
-        raise ValueError(
-            f"this analysis needs a GramCallback ({GRAM_KEY}); use callbacks=gram, or add "
-            "gram_spectrum to the defaults of your callbacks set"
-        )
+        raise ValueError(f"this analysis needs a GramCallback; fix: {_ADD_GRAM[from_config]}")
     return None
+
+
+_ADD_GRAM = {
+    True: "use callbacks=gram, or add gram_spectrum to the defaults of your callbacks set",
+    False: "add one before this callback: L.Trainer(callbacks=[GramCallback(), ...])",
+}

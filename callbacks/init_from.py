@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from grokedge.checks import not_allowed
+from grokedge.config_checks import built_from_config, names_python_arguments
 
 INIT_FROM_KEY = "init_from"
 """The root config key holding the checkpoint path (``init_from=<path>``)."""
@@ -41,9 +42,11 @@ class InitFromCheckpoint(Callback):
         >>> InitFromCheckpoint("outputs/dyck/run/checkpoints/last.ckpt")  # doctest: +SKIP
     """
 
+    @names_python_arguments
     def __init__(self, path: str | None, strict: bool = True, config_key: str = INIT_FROM_KEY):
         super().__init__()
         self.config_key = config_key
+        self.from_config = built_from_config()  # messages: config keys or arguments
         if not isinstance(path, str | Path) or not str(path):
             raise not_allowed(
                 f"{config_key}",
@@ -80,6 +83,7 @@ class InitFromCheckpoint(Callback):
             "or a bare module state_dict is allowed)"
         )
 
+    @names_python_arguments
     def check_module(self, pl_module: torch.nn.Module) -> None:
         """Fail before training if the checkpoint does not fit the model."""
         state, _ = self.read()
@@ -100,6 +104,7 @@ class InitFromCheckpoint(Callback):
         if not dry_run:
             pl_module.load_state_dict(state, strict=self.strict)
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

@@ -20,6 +20,7 @@ from grokedge.analysis_log import log_scalars
 from grokedge.batch import IGNORE_INDEX, Batch
 from grokedge.callbacks.common import CADENCE, AnalysisCallback
 from grokedge.checks import check_int, check_optional_int, not_allowed
+from grokedge.config_checks import names_python_arguments
 from grokedge.edge.selection import ParameterSelector
 from grokedge.experiments.attention_stats import attention_entropy
 from grokedge.experiments.probes import LINEAR, ProbeConfig, score_probes
@@ -106,6 +107,7 @@ class InterventionCallback(AnalysisCallback):
     fixed_schedule: ClassVar[Mapping[str, Any]] = {"at_grok": False, "at_end": False}
     """Triggered by ``at_step`` / ``after_grok``, not by the grok step or the end."""
 
+    @names_python_arguments
     def __init__(
         self,
         *,
@@ -185,10 +187,12 @@ class InterventionCallback(AnalysisCallback):
         """Nothing while off (no trigger): the callback then does nothing at all."""
         return self.requires if self.enabled else ()
 
+    @names_python_arguments
     def check_module(self, pl_module: nn.Module) -> None:
         super().check_module(pl_module)
         check_block(f"{self.config_key}.block", self.block, pl_module)
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":

@@ -38,6 +38,7 @@ from grokedge.analysis.background import Deferred, Result
 from grokedge.batch import Batch
 from grokedge.callbacks.common import AnalysisCallback
 from grokedge.checks import check_choice, check_float, check_int, not_allowed
+from grokedge.config_checks import names_python_arguments
 from grokedge.edge.selection import ParameterSelector
 from grokedge.experiments.curvature import directional_curvature, finite_difference_curvature
 from grokedge.experiments.perturbation import (
@@ -154,6 +155,7 @@ class PerturbationCallback(AnalysisCallback):
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 2000, "n_sequences": 200}
 
+    @names_python_arguments
     def __init__(
         self,
         n_directions: int = 4,
@@ -186,6 +188,7 @@ class PerturbationCallback(AnalysisCallback):
         self.buckets = check_int(f"{key}.buckets", buckets, 1)
         self.grid = epsilon_grid(self.grid_points, self.max_eps)
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.gram is not None and self.n_directions > self.gram.top_k:

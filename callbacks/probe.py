@@ -35,6 +35,7 @@ from grokedge.analysis.probe_targets import (
 )
 from grokedge.callbacks.common import AnalysisCallback
 from grokedge.checks import check_bool, check_choice, check_choices, check_int, not_allowed
+from grokedge.config_checks import names_python_arguments
 from grokedge.experiments.probes import (
     GROUPED_KFOLD,
     MLP,
@@ -119,6 +120,7 @@ class ProbeCallback(AnalysisCallback):
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"at_end": True}
 
+    @names_python_arguments
     def __init__(
         self,
         block: int = -1,
@@ -166,15 +168,18 @@ class ProbeCallback(AnalysisCallback):
             quadratic_dtype=check_choice(f"{key}.quadratic_dtype", quadratic_dtype, GRAM_DTYPES),
         )
 
+    @names_python_arguments
     def check_module(self, pl_module) -> None:
         super().check_module(pl_module)
         check_block(f"{self.config_key}.block", self.block, pl_module)
 
+    @names_python_arguments
     def check_data(self, datamodule: Any) -> None:
         """Before training: every chosen target is one the task declares."""
         if self.targets is not None:
             check_target_names(f"{self.config_key}.targets", list(self.targets), datamodule)
 
+    @names_python_arguments
     def check_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Before the first step, on the fixed subset: the trace (``AnalysisCallback``) and
         the probe targets (one tensor per name, shaped as the labels) and the chosen names

@@ -49,6 +49,7 @@ from grokedge.analysis.probe_targets import (
 from grokedge.callbacks.common import AnalysisCallback
 from grokedge.callbacks.gap_flow import GapFlowCallback
 from grokedge.checks import check_choice, check_float, check_float_map, check_int, not_allowed
+from grokedge.config_checks import names_python_arguments
 from grokedge.edge.decomposition import energy_fractions
 from grokedge.edge.spectrum import EdgeState
 from grokedge.experiments.direction_rotation import DirectionRotation
@@ -130,6 +131,7 @@ class ClassCallback(AnalysisCallback):
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"at_grok": False, "at_end": True}
 
+    @names_python_arguments
     def __init__(
         self,
         eps_fraction: float = PAPER_EPS_FRACTION,
@@ -180,15 +182,18 @@ class ClassCallback(AnalysisCallback):
         # The Fourier basis reads the key frequencies off the answer logits.
         return (TRACE, EVALUATE) if self.target.basis == FOURIER else (TRACE,)
 
+    @names_python_arguments
     def check_module(self, pl_module: Any) -> None:
         super().check_module(pl_module)
         check_block(f"{self.config_key}.block", self.block, pl_module)
 
+    @names_python_arguments
     def check_data(self, datamodule: Any) -> None:
         """Before training: the target is one the task declares, in a basis it allows."""
         if self.target.name:
             check_functional_target(self.config_key, self.target, datamodule)
 
+    @names_python_arguments
     def check_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Before the first step, on the fixed subset: the protocol (``AnalysisCallback``)
         and the probe targets the functional R² reads (shaped as the labels)."""
@@ -203,6 +208,7 @@ class ClassCallback(AnalysisCallback):
                 task_label(trainer.datamodule),
             )
 
+    @names_python_arguments
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":

@@ -21,6 +21,7 @@ import lightning as L
 
 from grokedge.callbacks.intervention import InterventionCallback
 from grokedge.checks import check_bool, check_float
+from grokedge.config_checks import names_python_arguments
 
 WD_REMOVAL_KEY = "callbacks.wd_removal"
 WD_REMOVAL = "wd_removal"
@@ -64,6 +65,7 @@ class WDRemovalCallback(InterventionCallback):
 
     schedule_defaults: ClassVar[Mapping[str, Any]] = {"every": 100}
 
+    @names_python_arguments
     def __init__(
         self,
         weight_decay_after: float = 0.0,

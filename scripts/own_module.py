@@ -6,8 +6,10 @@ The model is Lightning's demo ``Transformer`` (``lightning.pytorch.demos``: an
 ``nn.Transformer`` encoder-decoder with ``nn.MultiheadAttention``, returning
 log-probabilities flattened to [B·T, V]) inside a small LightningModule written the way
 Lightning's docs write one. It learns to sort synthetic token sequences generated here
-(no network), trained with AdamW; OUT_DIR receives ``metrics.jsonl`` (every logged
-scalar) and ``analyses.jsonl`` (the analyses' rows).
+(no network), trained with AdamW; OUT_DIR is a run directory as the CLI writes one
+(``grokedge.callbacks.RunFiles``): ``metrics.jsonl`` (every logged scalar),
+``analyses.jsonl`` (the analyses' rows) and ``summary.json``, so that
+``python -m grokedge.report OUT_DIR`` reads it.
 
 The one grokedge line is ``FunctionalAdapter.attach(...)``: it builds, from the module's
 own ``forward`` and its loss (``F.nll_loss``), the functional ``evaluate(params, batch)``
@@ -51,8 +53,8 @@ from grokedge.callbacks import (
     GramCallback,
     PerturbationCallback,
     ProbeCallback,
+    RunFiles,
 )
-from grokedge.run_files import MetricHistoryLogger
 
 VOCAB = 12  # token 0 starts the decoder (BOS); 1..11 are the values sorted
 LENGTH = 8
@@ -181,9 +183,10 @@ def main(argv: list[str] | None = None) -> Path:
     trainer = L.Trainer(
         max_steps=args.steps,
         accelerator="cpu",
-        default_root_dir=args.out,  # analyses.jsonl goes here
-        logger=MetricHistoryLogger(args.out),  # metrics.jsonl
-        callbacks=analyses(args.steps),
+        logger=False,  # RunFiles writes metrics.jsonl whatever the logger
+        # RunFiles first: the run directory of the CLI (metrics.jsonl, a fresh
+        # analyses.jsonl, summary.json, the closing lines) for this plain Trainer.
+        callbacks=[RunFiles(args.out), *analyses(args.steps)],
         val_check_interval=20,
         check_val_every_n_epoch=None,
         log_every_n_steps=5,

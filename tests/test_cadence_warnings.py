@@ -29,18 +29,6 @@ CLI_STEPS = 20
 TIMEOUT_S = 600
 
 
-@pytest.fixture(autouse=True)
-def no_hydra_config():
-    """Callbacks built here are built in Python: no Hydra config left active by another
-    test of the same session (``grokedge.train.compose`` sets one)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    saved = HydraConfig.instance().cfg
-    HydraConfig.instance().cfg = None
-    yield
-    HydraConfig.instance().cfg = saved
-
-
 def _fit(tmp_path: Path, callbacks: list) -> list[str]:
     """Train MAX_STEPS steps; the messages of the warnings raised."""
     torch.set_num_threads(1)

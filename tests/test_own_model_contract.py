@@ -287,7 +287,7 @@ def test_a_missing_input_key_is_refused_before_training(tmp_path):
     module = _adapted(inputs=["tokens"])
     message = _refused(module, SumData(), [_probe()], tmp_path)
     assert message.startswith(
-        "callbacks.probe: SumMLP.trace(params, batch) on one evaluation batch raised "
+        "ProbeCallback: SumMLP.trace(params, batch) on one evaluation batch raised "
         "ValueError: FunctionalAdapter(inputs=('tokens',)): the batch has no ['tokens'] (its "
         "keys: ['labels', 'weight', 'x']); fix: inputs=[the batch keys module.forward takes, "
         "in order];"
@@ -299,7 +299,7 @@ def test_hidden_b_d_under_labels_b_t_is_refused_with_its_fix(tmp_path):
     data.targets = lambda batch: {"a": batch["x"][:, :1].expand(-1, 3)}
     message = _refused(_adapted(), data, [_probe()], tmp_path)
     assert message == (
-        "callbacks.probe: SumMLP.trace(params, batch) on one evaluation batch returned "
+        "ProbeCallback: SumMLP.trace(params, batch) on one evaluation batch returned "
         "hidden[0] a tensor of shape [32, 24] (float32); expected a ModelTrace whose hidden "
         "is a list of float tensors [32, 3, d] (batch first, one vector per labelled "
         "position; [B, d] is read as [B, 1, d] only when the labels are [B]); fix: "
@@ -313,7 +313,7 @@ def test_probe_targets_of_the_wrong_shape_are_refused_before_training(tmp_path):
     data = SumData(targets=lambda batch: {"a": batch["x"]})  # [B, 2], not [B]
     message = _refused(_adapted(), data, [_probe()], tmp_path)
     assert message == (
-        "callbacks.probe: SumData.probe_targets(batch): target 'a' has shape [32, 2]; "
+        "ProbeCallback: SumData.probe_targets(batch): target 'a' has shape [32, 2]; "
         "allowed: a tensor of shape [32, 1] (the labels' shape) or [32], IGNORE_INDEX (-100) "
         "where a position has no value; fix: one value per labelled position, computed from "
         "the batch it is given"
@@ -326,7 +326,7 @@ def test_a_data_module_without_probe_targets_is_refused_before_training(tmp_path
         _adapted(), SumData(probe=False), [GramCallback(select="all"), classes], tmp_path
     )
     assert message == (
-        "callbacks.classes: the DataModule (SumData) has no probe_targets(batch); allowed: a "
+        "ClassCallback: the DataModule (SumData) has no probe_targets(batch); allowed: a "
         "DataModule with probe_targets(batch) -> {name: tensor [B, T] aligned with the "
         "labels, or [B] for labels [B]}; fix: add that method (the task variables to probe, "
         "e.g. the operands of a sum) or leave this analysis out"

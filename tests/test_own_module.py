@@ -11,6 +11,7 @@ with one message naming the callback's config key, what was expected and what ca
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -114,6 +115,13 @@ def test_example_runs_every_analysis_on_the_demo_transformer(example, tmp_path, 
     for name in ("ablation/edge_dacc", "curvature/hvp_v1", "probe/linear_r2", "gram/sigma_1"):
         assert name in metrics
 
+    # RunFiles made it a run directory as the CLI writes one: the report reads it.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["steps"] == STEPS
+    from grokedge.reporting.discover import discover
+
+    assert [run.path for run in discover(out).ok] == [out]
+
 
 # --------------------------------------------------------------------------- the checks
 
@@ -149,7 +157,7 @@ def test_a_module_without_evaluate_fails_before_training(example, tmp_path):
     with pytest.raises(ValueError) as info:
         _fit(example, module, [ablation], tmp_path)
     message = str(info.value)
-    assert message.startswith("callbacks.ablation: the module (SortingTransformer) has no ")
+    assert message.startswith("AblationCallback: the module (SortingTransformer) has no ")
     assert "evaluate(params, batch)" in message and "FunctionalAdapter.attach" in message
     assert "trace" not in message.split(";")[0]  # the ablation needs no hidden states
     assert module.global_step == 0
@@ -163,9 +171,9 @@ def test_a_module_without_hidden_states_fails_for_the_probe_only(example):
     )
     AblationCallback().check_module(module)  # evaluate is there
     WDRemovalCallback().check_module(module)  # off (no trigger): needs nothing
-    with pytest.raises(ValueError, match=r"^callbacks\.probe: .* has no trace\(params, batch\)"):
+    with pytest.raises(ValueError, match=r"^ProbeCallback: .* has no trace\(params, batch\)"):
         ProbeCallback().check_module(module)
-    with pytest.raises(ValueError, match=r"callbacks\.wd_removal: .* has no trace"):
+    with pytest.raises(ValueError, match=r"WDRemovalCallback: .* has no trace"):
         WDRemovalCallback(at_step=3).check_module(module)
 
 
@@ -182,7 +190,7 @@ def test_wrong_logit_shape_fails_on_the_first_batch_before_training(example, tmp
         _fit(example, module, [AblationCallback(n_sequences=16, every=2)], tmp_path)
     message = str(info.value)
     assert message.startswith(
-        "callbacks.ablation: SortingTransformer.evaluate(params, batch) on one evaluation "
+        "AblationCallback: SortingTransformer.evaluate(params, batch) on one evaluation "
         "batch returned logits a tensor of shape [128, 12] (float32); expected "
     )
     assert "logits: float tensor [16, 8, C]) for labels of shape [16, 8]" in message
@@ -199,7 +207,7 @@ def test_wrong_hidden_shape_fails_on_the_first_batch_before_training(example, tm
     with pytest.raises(ValueError) as info:
         _fit(example, module, [probe], tmp_path)
     message = str(info.value)
-    assert message.startswith("callbacks.probe: SortingTransformer.trace(params, batch)")
+    assert message.startswith("ProbeCallback: SortingTransformer.trace(params, batch)")
     assert "returned hidden[0] a tensor of shape [8, 16, 32] (float32)" in message
     assert "expected a ModelTrace whose hidden is a list of float tensors [16, 8, d]" in message
     assert module.global_step == 0

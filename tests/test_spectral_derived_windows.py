@@ -474,7 +474,7 @@ def test_bad_interval_multiples_are_refused_naming_the_key(value) -> None:
     with pytest.raises(ConfigError) as info:
         GramCallback(interval_multiples=value)
     message = str(info.value)
-    assert "callbacks.gram.interval_multiples=" in message
+    assert message.startswith("GramCallback(interval_multiples=")  # built in Python
     assert "distinct integers >= 1" in message and "contains 1" in message
     with pytest.raises(ValueError, match=r"rec\.interval_multiples="):
         DeltaRecorder(10, 5, 2, key="rec", interval_multiples=value)

@@ -18,13 +18,40 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A configuration value that grokedge cannot run with."""
+    """A configuration value that grokedge cannot run with.
+
+    Errors made by :func:`not_allowed` keep their parts (``key``, ``value``, ``allowed``),
+    so that a callback built in Python can name itself instead of its config key
+    (:meth:`for_argument`); other ConfigErrors have ``key=None``."""
+
+    def __init__(
+        self, message: str, *, key: str | None = None, value: Any = None, allowed: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.key, self.value, self.allowed = key, value, allowed
+
+    def for_argument(self, owner: str, config_key: str) -> ConfigError:
+        """The same error naming ``owner(argument=value)`` where its key is
+        ``<config_key>.<argument>`` (e.g. ``callbacks.gram.window`` ->
+        ``GramCallback(window=1)``); this error itself for any other key."""
+        prefix = f"{config_key}."
+        if self.key is None or not self.key.startswith(prefix):
+            return self
+        argument = self.key[len(prefix) :]
+        return ConfigError(
+            f"{owner}({argument}={self.value!r}) is not allowed: {self.allowed}",
+            key=f"{owner}({argument})",
+            value=self.value,
+            allowed=self.allowed,
+        )
 
 
 def not_allowed(key: str, value: Any, allowed: str) -> ConfigError:
     """The error for ``key=value`` (shown as its repr) and what ``allowed`` says is allowed:
     ``"<key>=<value!r> is not allowed: <allowed>"``. Raise it: ``raise not_allowed(...)``."""
-    return ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    return ConfigError(
+        f"{key}={value!r} is not allowed: {allowed}", key=key, value=value, allowed=allowed
+    )
 
 
 def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> int:

@@ -7,16 +7,23 @@ here: Hydra rejects them while composing, listing the available options.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from grokedge.checks import not_allowed
+from grokedge.checks import ConfigError, not_allowed
 
 TASKS = ("dyck", "modular", "scan")
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _is_number(value: Any) -> bool:
@@ -189,11 +196,67 @@ def _require_file(cfg: DictConfig, key: str) -> None:
         raise not_allowed(key, value, f"no such file; {allowed}")
 
 
-def built_from_config() -> bool:
-    """Whether a Hydra config is active now (``python -m grokedge.train``, or
-    ``grokedge.train.compose``): callbacks built then came from the config, and their
-    messages name config keys; callbacks built in a plain Python script name their class
-    and argument instead."""
-    from hydra.core.hydra_config import HydraConfig
+_BUILDING_FROM_CONFIG: ContextVar[bool] = ContextVar("grokedge_from_config", default=False)
 
-    return HydraConfig.initialized()
+
+@contextmanager
+def building_from_config() -> Iterator[None]:
+    """While open, callbacks are being instantiated from a config (``grokedge.train.build``):
+    their messages name config keys. Outside it (a plain Python script, a test), they name
+    their class and argument."""
+    token = _BUILDING_FROM_CONFIG.set(True)
+    try:
+        yield
+    finally:
+        _BUILDING_FROM_CONFIG.reset(token)
+
+
+def built_from_config() -> bool:
+    """Whether the callback being built now comes from a config (inside
+    :func:`building_from_config`); a callback records this when it is constructed."""
+    return _BUILDING_FROM_CONFIG.get()
+
+
+def message_label(owner: Any) -> str:
+    """How messages name a callback: its ``config_key`` when it was built from a config,
+    its class when it was built in Python."""
+    return owner.config_key if owner.from_config else type(owner).__name__
+
+
+def names_python_arguments(method: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a callback's ``__init__`` / ``setup`` / check method so that its messages
+    name what a script's author wrote when the callback was built in Python: a
+    :class:`ConfigError` about ``<config_key>.<argument>`` names ``Class(argument=value)``,
+    and a ``ValueError`` worded ``"<config_key>: ..."`` names ``"Class: ..."``. Built from a
+    config (``from_config``), messages keep the config keys. The callback sets
+    ``config_key`` (and, once constructed, ``from_config``) before its checks run."""
+
+    @functools.wraps(method)
+    def named(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except ValueError as e:
+            owner = args[0]
+            from_config = getattr(owner, "from_config", None)
+            if from_config is None:
+                from_config = built_from_config()
+            config_key = getattr(owner, "config_key", None)
+            if from_config or config_key is None:
+                raise
+            renamed = _named_in_python(e, type(owner).__name__, config_key)
+            if renamed is e:
+                raise
+            raise renamed from None  # one message: the argument the author wrote
+
+    return named
+
+
+def _named_in_python(error: ValueError, owner: str, config_key: str) -> ValueError:
+    """``error`` naming ``owner`` instead of ``config_key`` (itself if it names neither)."""
+    if isinstance(error, ConfigError) and error.key is not None:
+        return error.for_argument(owner, config_key)
+    message = str(error)
+    if message.startswith(f"{config_key}: "):
+        kind = ConfigError if isinstance(error, ConfigError) else ValueError
+        return kind(f"{owner}: {message[len(config_key) + 2 :]}")
+    return error

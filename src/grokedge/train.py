@@ -27,7 +27,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grokedge.checks import ConfigError, not_allowed
-from grokedge.config_checks import check_config, grok_alternatives, torch_threads
+from grokedge.config_checks import (
+    building_from_config,
+    check_config,
+    grok_alternatives,
+    torch_threads,
+)
 
 # Lightning (with torch, torchmetrics, scipy.signal and matplotlib behind it: ~3 s on 2
 # cores), W&B, the model and the callbacks are imported where a run needs them, so that
@@ -179,17 +184,19 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         grok_alternatives=grok_alternatives(cfg),
         fields={"task": cfg.task.name, "torch_threads": torch.get_num_threads()},
     )
-    callbacks = [
-        _instantiate(node)
-        for name, node in (cfg.get("callbacks") or {}).items()
-        if _is_callback_node(f"callbacks.{name}", node)
-    ]
+    with building_from_config():  # their messages name config keys, not Python arguments
+        callbacks = [
+            _instantiate(node)
+            for name, node in (cfg.get("callbacks") or {}).items()
+            if _is_callback_node(f"callbacks.{name}", node)
+        ]
     init_from = cfg.get("init_from")
     if init_from is not None and "init_from" not in (cfg.get("callbacks") or {}):
         # init_from=<ckpt> works with any callbacks set (experiment=wd_intervention also
         # names the callback in its set, with its knobs).
         try:
-            callbacks.insert(0, InitFromCheckpoint(init_from))
+            with building_from_config():
+                callbacks.insert(0, InitFromCheckpoint(init_from))
         except ValueError as e:
             raise ConfigError(str(e)) from e
     for callback in callbacks:

@@ -6,7 +6,9 @@ their hooks; the keys are those every ``conf/callbacks/<analysis>.yaml`` shares.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 from grokedge.analysis.subsets import SAMPLE_UNITS, SEQUENCES
 from grokedge.checks import (
@@ -62,6 +64,30 @@ class AnalysisSchedule:
         if self.at_end or (self.at_grok and can_grok):
             return True
         return self.every is not None and max_steps // self.every > start_step // self.every
+
+    def idle_reason(
+        self,
+        max_steps: int,
+        start_step: int,
+        can_grok: bool,
+        argument: Callable[[str, Any], str],
+    ) -> str | None:
+        """Why the analysis cannot fire in a run that ends at ``max_steps`` (from
+        ``start_step``; ``can_grok``: the module reports a grok step), else None.
+        ``argument(name, value)`` names a setting the way its author wrote it (a config key
+        or a Python argument)."""
+        if self.fires_before(max_steps, start_step, can_grok):
+            return None
+        if self.every is None:
+            cadence = f"{argument('every', None)} has no cadence"
+        else:
+            cadence = f"{argument('every', self.every)} cannot fire before max_steps={max_steps}"
+        if self.at_grok:
+            return (
+                f"{cadence}, and at_grok needs a module that reports grok_step; it never runs "
+                f"(lower every, or set at_end=True)"
+            )
+        return f"{cadence}; it never runs (lower every, or set at_end=True)"
 
 
 SCHEDULE_KEYS = tuple(f.name for f in fields(AnalysisSchedule))

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from grokedge.checks import not_allowed
 from grokedge.edge.definitions import NORMALIZED, PAPER, all_spectra, spectrum_edge
 from grokedge.edge.derived_windows import DerivedWindows, check_interval_multiples
 from grokedge.edge.memory import describe_memory, window_memory_bytes
@@ -221,14 +222,19 @@ class DeltaRecorder(RecorderCheckpoint):
         # With allow_inexact_split the tracker warns once and records zeros.
         try:
             return DecoupledWeightDecayTracker(
-                optimizer, named, allow_inexact=self.allow_inexact_split, start=start, stop=stop
+                optimizer,
+                named,
+                allow_inexact=self.allow_inexact_split,
+                switch=None,
+                start=start,
+                stop=stop,
             )
         except ValueError as e:
-            raise ValueError(
-                f"{self.key}.allow_inexact_split={self.allow_inexact_split}: {e}. "
-                f"Allowed: a decoupled optimizer, or {self.key}."
-                "allow_inexact_split=true to run without the split (the whole delta "
-                "then counts as gradient)"
+            raise not_allowed(
+                f"{self.key}.allow_inexact_split",
+                self.allow_inexact_split,
+                f"{e}, or allow_inexact_split set to true to run without the split (the "
+                "whole delta then counts as gradient)",
             ) from e
 
     # ------------------------------------------------------------------ the mechanics

@@ -104,7 +104,7 @@ def check_select(select: object, key: str) -> str | tuple[str, ...]:
             return select
         allowed = f"{ALLOWED_DESCRIPTION} (wrap a single pattern in a list: [{select!r}])"
         raise not_allowed(key, select, allowed)
-    if isinstance(select, Iterable):
+    if isinstance(select, Iterable):  # a list, or Hydra's ListConfig
         patterns = tuple(select)
         if patterns and all(isinstance(s, str) for s in patterns):
             return patterns

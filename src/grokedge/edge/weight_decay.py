@@ -45,6 +45,8 @@ class DecoupledWeightDecayTracker:
             ``ParameterSelector.named(model)``); laid out by sorted name, like the selector.
         allow_inexact: for a group whose decay is not decoupled but ω > 0, record zeros and
             warn once instead of raising.
+        switch: how the refusal's message names that switch (None: no hint; a caller with
+            its own argument for it names it itself).
         start, stop: slice ``[start, stop)`` of the flat vector to accumulate (docs/design.md,
             Scale); default the whole p.
         dtype: accumulator dtype (default: the parameters' dtype promoted to >= float32).
@@ -66,6 +68,7 @@ class DecoupledWeightDecayTracker:
         named_params: Iterable[tuple[str, Tensor]],
         *,
         allow_inexact: bool = False,
+        switch: str | None = "allow_inexact=True",
         start: int = 0,
         stop: int | None = None,
         dtype: torch.dtype | None = None,
@@ -96,6 +99,7 @@ class DecoupledWeightDecayTracker:
             for s in segments
         ]
         self.allow_inexact = allow_inexact
+        self.switch = switch
         self._warned = False
         self.steps = 0  # records since the last take()
         self.bind(optimizer)
@@ -135,7 +139,10 @@ class DecoupledWeightDecayTracker:
             "(torch.optim.AdamW, or Adam(decoupled_weight_decay=True)) or weight_decay=0"
         )
         if not self.allow_inexact:
-            raise ValueError(message + "; pass allow_inexact=True to record zeros instead")
+            # A caller with its own name for the switch (GramCallback: allow_inexact_split)
+            # passes switch=None and names it itself: one name per switch in a message.
+            hint = f"; pass {self.switch} to record zeros instead" if self.switch else ""
+            raise ValueError(message + hint)
         if not self._warned:
             warnings.warn(message + "; recording zeros for those groups", stacklevel=3)
             self._warned = True
