@@ -297,7 +297,11 @@ class AnalysisCallback(Callback, ABC):
         names = getattr(trainer.datamodule, "eval_names", ("test",))
         if self.eval_set not in names:
             raise not_allowed(
-                f"{self.config_key}.eval_set", self.eval_set, f"one of {', '.join(names)}"
+                f"{self.config_key}.eval_set",
+                self.eval_set,
+                f"one of {', '.join(names)} (the DataModule's eval_names); fix: "
+                f"eval_names = ({', '.join(map(repr, (*names, self.eval_set)))}) with "
+                "val_dataloader() returning one loader per name, or another eval_set",
             )
         if self.gram is not None and self.needs_edge:
             order = list(trainer.callbacks)

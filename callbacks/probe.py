@@ -252,9 +252,9 @@ class ProbeCallback(AnalysisCallback):
         scalars["probe/n_samples"] = float(shape["n_samples"])
         if not_converged:
             warnings.warn(
-                f"{self.config_key}: {not_converged} MLP probe fit(s) stopped at "
+                f"{self.label}: {not_converged} MLP probe fit(s) stopped at "
                 f"mlp_max_iter={self.mlp_max_iter} before converging (step {step}); raise "
-                f"{self.config_key}.mlp_max_iter for a tighter MLP R²",
+                f"{self.argument('mlp_max_iter', self.mlp_max_iter)} for a tighter MLP R²",
                 RuntimeWarning,
                 stacklevel=2,
             )

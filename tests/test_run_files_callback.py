@@ -151,6 +151,13 @@ def test_closing_lines_against_the_row_and_the_scalars():
         "grokedge: edge: no flip or alignment measured (no EdgeAlignmentCallback)",
         *tail,
     ]
+    # A run that failed says so, and does not blame a missing callback for the missing edge.
+    error = "ValueError: ProbeCallback: the DataModule has no probe_targets(batch)\nmore"
+    assert closing_lines("/tmp/x", None, 0, {}, None, error) == [
+        "grokedge: failed at step 0: ValueError: ProbeCallback: the DataModule has no "
+        "probe_targets(batch)",
+        *tail,
+    ]
 
 
 def test_cli_run_ends_with_the_closing_lines(tmp_path, capsys):

@@ -22,6 +22,7 @@ def closing_lines(
     steps: int,
     last: Mapping[str, float],
     edge_summary: Mapping[str, Any] | None = None,
+    error: str | None = None,
 ) -> list[str]:
     """The few plain lines every run ends with.
 
@@ -36,18 +37,21 @@ def closing_lines(
             its ``definitions`` ({d: {event: step}}), ``events`` (``event``,
             ``definition``, ``window_artifact``), ``interval`` and ``intervals``
             ({str(N): {"definitions": {d: {event: step}}}}, the derived N).
+        error: the failure of a run that stopped on an exception (None: it finished).
 
-    Lines: ``grokedge: grokked at step G`` or ``grokedge: did not grok in S steps``; one
+    Lines: ``grokedge: grokked at step G``, ``grokedge: did not grok in S steps`` or
+    ``grokedge: failed at step S: <error>``; one
     ``grokedge: edge <d>: flip <step|-> [(window artifact)], align <step|->
     [(window artifact)][; flip at N=<N>: <step|->, ...]`` per edge definition;
     ``grokedge: run directory <dir>``; ``grokedge: report: python -m grokedge.report <dir>``.
     """
     row = dict(edge_summary or {})
-    lines = [
-        f"grokedge: grokked at step {grok_step}"
-        if grok_step is not None
-        else f"grokedge: did not grok in {steps} steps"
-    ]
+    if error is not None:
+        lines = [f"grokedge: failed at step {steps}: {error.splitlines()[0] if error else ''}"]
+    elif grok_step is not None:
+        lines = [f"grokedge: grokked at step {grok_step}"]
+    else:
+        lines = [f"grokedge: did not grok in {steps} steps"]
     artifact = {
         (e.get("event"), e.get("definition")): bool(e.get("window_artifact"))
         for e in row.get("events") or []
@@ -85,7 +89,7 @@ def closing_lines(
             pairs = sorted(derived[d].items())
             line += "; flip at " + ", ".join(f"N={n}: {_step_text(v)}" for n, v in pairs)
         lines.append(line)
-    if not order:
+    if not order and error is None:
         lines.append("grokedge: edge: no flip or alignment measured (no EdgeAlignmentCallback)")
     run_dir = Path(run_dir).resolve()
     lines.append(f"grokedge: run directory {run_dir}")

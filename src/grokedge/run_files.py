@@ -468,7 +468,7 @@ class RunFiles(Callback):
         rows = read_analyses(self.run_dir, ["edge_summary"])
         lines = closing_lines(
             self.run_dir, summary.get("grok_step"), int(summary.get("steps") or 0),
-            self.history.last, rows[-1] if rows else None,
+            self.history.last, rows[-1] if rows else None, summary.get("error"),
         )  # fmt: skip
         text = "\n".join(lines) + "\n"
         sys.stdout.write(text)
