@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from grokedge.callbacks.edge_readouts import EdgeAlignmentCallback
     from grokedge.callbacks.gap_flow import GapFlowCallback
     from grokedge.callbacks.gram import GramCallback, find_gram_callback
+    from grokedge.callbacks.indicators import IndicatorCallback
     from grokedge.callbacks.init_from import InitFromCheckpoint
     from grokedge.callbacks.perturbation import PerturbationCallback
     from grokedge.callbacks.probe import ProbeCallback
@@ -34,6 +35,7 @@ _MODULE_OF = {
     "EdgeDecouplingCallback": "decoupling",
     "GapFlowCallback": "gap_flow",
     "GramCallback": "gram",
+    "IndicatorCallback": "indicators",
     "InitFromCheckpoint": "init_from",
     "PerturbationCallback": "perturbation",
     "ProbeCallback": "probe",
@@ -49,6 +51,7 @@ __all__ = [
     "EdgeDecouplingCallback",
     "GapFlowCallback",
     "GramCallback",
+    "IndicatorCallback",
     "InitFromCheckpoint",
     "PerturbationCallback",
     "ProbeCallback",

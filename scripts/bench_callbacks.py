@@ -1,8 +1,12 @@
-"""Cost of callbacks=full: a Dyck run to grok + N steps, and each analysis per call.
+"""Cost of callbacks=full (and other sets): a Dyck run to grok + N steps, each analysis per call.
 
     python scripts/bench_callbacks.py --threads 1 --json bench_callbacks.json
     python scripts/bench_callbacks.py --threads 1 --after-grok 500 --skip-none   # quick look
     python scripts/bench_callbacks.py --threads 1 --full-overrides callbacks.probe.background=false
+    python scripts/bench_callbacks.py --threads 1 --sets indicators   # the indicator bench
+
+``--sets`` names the callbacks sets compared with ``callbacks=none`` (default: full; e.g.
+``--sets full indicators``); ``--full-overrides`` apply to every compared set.
 
 (a) Wall time of ``fit`` for Dyck seed 42 (ω = 1, the task defaults) run until
     ``--after-grok`` steps past its grok step (``task.stop_after_grok``), with
@@ -48,7 +52,11 @@ from grokedge.experiments.curvature import (
 from grokedge.functional import analysed_module
 from grokedge.train import build, compose, fit
 
-ANALYSES = ("ablation", "perturbation", "probe", "gap_flow", "classes", "wd_removal")
+ANALYSES = (
+    "ablation", "perturbation", "probe", "gap_flow", "classes", "wd_removal", "indicators",
+)  # fmt: skip
+SETS = ("full", "indicators")
+"""The callbacks sets ``--sets`` may compare with ``callbacks=none``."""
 
 
 class Timed:
@@ -173,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--after-grok", type=int, default=2000, help="steps past the grok step")
     parser.add_argument("--repeats", type=int, default=1, help="none/full run pairs")
-    parser.add_argument("--skip-none", action="store_true", help="only the full run")
+    parser.add_argument("--skip-none", action="store_true", help="only the compared sets")
+    parser.add_argument(
+        "--sets", nargs="+", choices=SETS, default=["full"], help="callbacks sets to compare"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument(
         "--full-overrides", nargs="*", default=[], help="extra overrides of the full runs"
@@ -186,16 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "full_overrides": extra,
     }
-    walls: dict[str, list[float]] = {"none": [], "full": []}
-    full_runs = []
+    sets = list(dict.fromkeys(args.sets))
+    walls: dict[str, list[float]] = {name: [] for name in ("none", *sets)}
+    set_runs: dict[str, list[dict]] = {name: [] for name in sets}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for i in range(args.repeats):
-            order = (
-                ("full",)
-                if args.skip_none
-                else (("none", "full") if i % 2 == 0 else ("full", "none"))
-            )
+            order = sets if args.skip_none else ["none", *sets]
+            if i % 2:  # alternating order, so that drifting machine load spreads evenly
+                order = order[::-1]
             for cb in order:
                 r = one_run(cb, args.after_grok, args.threads, root / f"{cb}{i}", extra)
                 walls[cb].append(r["wall_s"])
@@ -204,40 +214,57 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['steps']} steps",
                     flush=True,
                 )
-                if cb == "full":
-                    full_runs.append(r)
-        last = full_runs[-1]
-        results["grok_step"] = last["grok_step"]
-        results["steps"] = last["steps"]
+                if cb != "none":
+                    set_runs[cb].append(r)
         results["walls"] = walls
-        results["gram_edge_s"] = last["gram_edge_s"]
-        results["analyses"] = last["analyses"]
-        results["hvp"] = hvp_precision(last["run"])
+        results["sets"] = {}
+        for name in sets:
+            last = set_runs[name][-1]
+            results["grok_step"] = last["grok_step"]
+            results["steps"] = last["steps"]
+            results["sets"][name] = {
+                "gram_edge_s": last["gram_edge_s"], "analyses": last["analyses"]
+            }  # fmt: skip
+        if "full" in sets:  # the perturbation's HVP precision: a full run's
+            results["hvp"] = hvp_precision(set_runs["full"][-1]["run"])
 
-    med_full = statistics.median(walls["full"])
     print(f"\nDyck seed 42 to grok ({results['grok_step']}) + {args.after_grok} steps")
     print("| | wall of fit (s) |\n|---|---|")
-    if walls["none"]:
-        med_none = statistics.median(walls["none"])
-        results["ratio"] = med_full / med_none
-        pairs = [f / n for f, n in zip(walls["full"], walls["none"], strict=True)]
-        results["pair_ratios"] = pairs
+    med_none = statistics.median(walls["none"]) if walls["none"] else None
+    if med_none is not None:
         print(f"| callbacks=none | {med_none:.1f} |")
-    print(f"| callbacks=full | {med_full:.1f} |")
-    if "ratio" in results:
-        pair_text = ", ".join(f"{r:.3f}" for r in results["pair_ratios"])
-        print(f"| ratio of medians | **{results['ratio']:.3f}** (pairs: {pair_text}) |")
-    inside = sum(a["total_s"] for a in results["analyses"].values())
-    print(f"\nTime inside the analyses: {inside:.1f} s; Gram + EdgeAlignment hooks and the")
-    print(f"per-step weight-decay record: {results['gram_edge_s']:.1f} s\n")
-    print("| analysis | calls (steps) | s per call: mean | min | max | total s | on a worker, s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, a in results["analyses"].items():
-        steps = ", ".join(str(s) for s in a["steps"])
+    for name in sets:
+        med = statistics.median(walls[name])
+        print(f"| callbacks={name} | {med:.1f} |")
+        if med_none is not None:
+            pairs = [f / n for f, n in zip(walls[name], walls["none"], strict=True)]
+            results["sets"][name].update(ratio=med / med_none, pair_ratios=pairs)
+            pair_text = ", ".join(f"{r:.3f}" for r in pairs)
+            print(f"| ratio of medians, {name} | **{med / med_none:.3f}** (pairs: {pair_text}) |")
+    if "full" in sets:  # the top-level fields earlier JSON files had
+        results.update({k: results["sets"]["full"][k] for k in ("analyses", "gram_edge_s")})
+        if med_none is not None:
+            results["ratio"] = results["sets"]["full"]["ratio"]
+    for name in sets:
+        figures = results["sets"][name]
+        inside = sum(a["total_s"] for a in figures["analyses"].values())
+        hooks = figures["gram_edge_s"]
+        print(f"\ncallbacks={name}: time inside the analyses: {inside:.1f} s; Gram +")
+        print(f"EdgeAlignment hooks and the per-step weight-decay record: {hooks:.1f} s\n")
         print(
-            f"| {name} | {a['calls']} ({steps}) | {a['mean_s']:.2f} | {a['min_s']:.2f} | "
-            f"{a['max_s']:.2f} | {a['total_s']:.1f} | {a['worker_total_s']:.1f} |"
+            "| analysis | calls (steps) | s per call: mean | min | max | total s | on a worker, s |"
         )
+        print("|---|---|---|---|---|---|---|")
+        for analysis, a in figures["analyses"].items():
+            steps = ", ".join(str(s) for s in a["steps"])
+            print(
+                f"| {analysis} | {a['calls']} ({steps}) | {a['mean_s']:.2f} | {a['min_s']:.2f} | "
+                f"{a['max_s']:.2f} | {a['total_s']:.1f} | {a['worker_total_s']:.1f} |"
+            )
+    if "hvp" not in results:
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+        return 0
     print("\n| direction | HVP float32: value, s | HVP float64: value, s | central difference |")
     print("|---|---|---|---|")
     for k, row in results["hvp"].items():

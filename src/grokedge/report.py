@@ -10,6 +10,8 @@ per direction, the probes, the weight-decay read-outs and the gap-flow terms, wi
 tables. For a sweep: the same per job (``report/runs/<job>/``), and across jobs mean ± sd
 over seeds per configuration, the weight-decay-intervention table (the paper's Table 1)
 and the universality-class table beside the paper's values (``conf/report/paper.yaml``).
+When any run logged ``indicator/`` series, an "Indicators" section judges each indicator
+(and the edge's own series) against the grok step (:mod:`grokedge.reporting.indicator_rule`).
 Beside it, ``DIR/report/claims.md``: one row per claim of the paper that grokedge can
 test, with the paper's, grokedge's and the control's numbers, a verdict and the figure
 that supports it (the table ``conf/report/claims.yaml``, evaluated by
@@ -62,6 +64,9 @@ from grokedge.reporting.event_tables import (
     sensitivity_table,
     timing_fit_table,
 )
+from grokedge.reporting.indicator_figures import indicator_figure
+from grokedge.reporting.indicator_runs import bench, has_indicators
+from grokedge.reporting.indicator_tables import indicator_table, ranking_paragraph
 from grokedge.reporting.readout_figures import gapflow_figure, wd_figure
 from grokedge.reporting.run_measures import class_fields
 from grokedge.reporting.run_tables import (
@@ -283,6 +288,7 @@ def sweep_section(collection: Collection, out: Path, base: Path) -> Section:
         base,
         "no gap_flow rows with a balance in any run",
     )
+    indicators_section(collection, out, base, s)  # its own "##" heading: last
     return s
 
 
@@ -316,6 +322,30 @@ def events_section(collection: Collection, out: Path, base: Path, s: Section) ->
     )
     s.table(event_timing_table(events))
     s.table(control_table(events))
+
+
+def indicators_section(collection: Collection, out: Path, base: Path, s: Section) -> None:
+    """The indicator bench (when any run logged ``indicator/`` series): per task, every
+    indicator's change point against the grok step, its verdict, a ranking and the
+    grok-aligned figure ``indicators_<task>.png``."""
+    if not has_indicators(collection):
+        return
+    s.markdown.append(
+        "## Indicators\n\n"
+        "Which signal announces grokking? Each indicator's change point near the grok step, "
+        "fitted on the grok step over trajectories, against a permutation null and the ω = 0 "
+        "runs (reporting/indicator_rule.py).\n"
+    )
+    for task, (runs, verdicts) in bench(collection).items():
+        s.table(indicator_table(task, verdicts))
+        s.markdown.append(ranking_paragraph(task, verdicts) + "\n")
+        s.figure(
+            f"indicators_{task}",
+            indicator_figure(task, runs, verdicts, out / f"indicators_{task}.png"),
+            f"{task}: indicators aligned at the grok step",
+            base,
+            "no grokked run to align on",
+        )
 
 
 def _wandb_summary(run: RunData) -> dict[str, Any]:
@@ -390,6 +420,7 @@ def build_report(root: str | Path, use_wandb: bool = True) -> Path:
                     wandb_lines.append(f"- the sweep: W&B run `{where}`")
     elif collection.ok:
         section = run_section(collection.ok[0], out, out)
+        indicators_section(collection, out, out, section)
         md += section.markdown
         if use_wandb:
             wandb_lines.append(_log_run_to_wandb(collection.ok[0], section))

@@ -28,5 +28,13 @@ def report_yaml(name: str) -> Any:
 
 
 def verdict_thresholds() -> dict[str, Any]:
-    """The parsed ``conf/report/verdicts.yaml`` (blocks ``event_timing`` and ``claims``)."""
+    """The parsed ``conf/report/verdicts.yaml`` (blocks ``event_timing``, ``claims`` and
+    ``indicators``)."""
     return report_yaml("verdicts.yaml")
+
+
+def indicator_settings() -> dict[str, Any]:
+    """The ``indicators`` block of ``conf/report/verdicts.yaml``: the change-point search
+    (:mod:`grokedge.reporting.change_points`), the indicator bench's verdict thresholds
+    (:mod:`grokedge.reporting.indicator_rule`) and the indicators' order and labels."""
+    return verdict_thresholds()["indicators"]
