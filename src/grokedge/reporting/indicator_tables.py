@@ -61,9 +61,10 @@ def indicator_table(task: str, verdicts: list[IndicatorVerdict]) -> Table:
             "why",
         ],
         rows,
-        note="Per series, one change point (ruptures, penalised) searched from "
-        f"{c['span_before']} × the grok step before it to {c['span_after']} × after it "
-        "(ω = 0 runs: around the task's median grok step). Lead = grok − change step "
+        note="Per series, one change point (ruptures, penalised) searched in the task's one "
+        f"span, the same for every run (ω = 0 included): from {c['span_before']} × the "
+        f"earliest grok step before it to {c['span_after']} × the latest after it. "
+        "Lead = grok − change step "
         "(positive: the change comes first). The change tracks grokking when the slope's "
         f"{c['interval_level']:.0%} bootstrap interval ({c['bootstrap']} resamples of the "
         f"trajectories) holds 1 but not 0 and the {c['correlation']} correlation's "
