@@ -257,12 +257,9 @@ class AnalysisCallback(Callback, ABC):
             return
         self.check_module(pl_module)
         self.check_data(trainer.datamodule)
-        self.gram = find_gram_callback(trainer, required=False)
-        if self.gram is None and self.needs_edge:
-            try:
-                find_gram_callback(trainer, from_config=self.from_config)
-            except ValueError as e:
-                raise ValueError(f"{self.label}: {e}") from e
+        self.gram = find_gram_callback(
+            trainer, required=self.needs_edge, from_config=self.from_config, reader=self.label
+        )
         # The run's phases are set once, on the GramCallback (callbacks.gram.phase_*).
         gram = self.gram
         self.phases = gram.phases if gram is not None else Phases.around(FALLBACK_INTERVAL)

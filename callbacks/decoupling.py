@@ -125,10 +125,8 @@ class EdgeDecouplingCallback(InterventionCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.enabled and self.gram is None:
-            try:  # its edge v_1 is the GramCallback's
-                find_gram_callback(trainer, from_config=self.from_config)
-            except ValueError as e:
-                raise ValueError(f"{self.label}: {e}") from e
+            # Its edge v_1 is the GramCallback's: raises, naming this callback and the fix.
+            find_gram_callback(trainer, from_config=self.from_config, reader=self.label)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # the protocol check on one batch

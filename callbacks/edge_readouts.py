@@ -155,10 +155,9 @@ class EdgeAlignmentCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        try:
-            self.gram = find_gram_callback(trainer, from_config=self.from_config)
-        except ValueError as e:
-            raise ValueError(f"{message_label(self)}: {e}") from e
+        self.gram = find_gram_callback(
+            trainer, from_config=self.from_config, reader=message_label(self)
+        )
         self.gram.add_listener(self.on_edge)
         self.gram.add_derived_listener(self.on_derived_window)
         self.phases = self.gram.phases

@@ -472,19 +472,25 @@ def _refuse_fsdp(trainer: L.Trainer, key: str) -> None:
 
 
 def find_gram_callback(
-    trainer: L.Trainer, required: bool = True, from_config: bool = True
+    trainer: L.Trainer,
+    required: bool = True,
+    from_config: bool = True,
+    reader: str | None = None,
 ) -> GramCallback | None:
     """The trainer's ``GramCallback`` (the first, if several).
 
     Raises:
-        ValueError: none is attached and ``required``; the fix is worded for a config
-            (``from_config``) or for a script.
+        ValueError: none is attached and ``required``; the message starts with ``reader``
+            (the callback that needs it, as its messages name it) and words the fix for a
+            config (``from_config``) or for a script.
     """
     for callback in trainer.callbacks:
         if isinstance(callback, GramCallback):
             return callback
     if required:
-        raise ValueError(f"this analysis needs a GramCallback; fix: {_ADD_GRAM[from_config]}")
+        who = "" if reader is None else f"{reader}: "
+        fix = _ADD_GRAM[from_config]
+        raise ValueError(f"{who}this analysis needs a GramCallback; fix: {fix}")
     return None
 
 

@@ -42,10 +42,22 @@ from grokedge.checks import (
 from grokedge.config_checks import names_python_arguments
 from grokedge.edge.selection import ParameterSelector
 from grokedge.experiments.fourier import answer_power_spectrum, key_frequencies
-from grokedge.experiments.llc import SGLDConfig, estimate_llc
+from grokedge.experiments.llc import (
+    DEFAULT_BURN_IN,
+    DEFAULT_CHAINS,
+    DEFAULT_CONVERGENCE_TOL,
+    DEFAULT_DRAWS,
+    DEFAULT_LOCALIZATION,
+    DEFAULT_R_HAT_MAX,
+    DEFAULT_STEP_SIZE,
+    SGLDConfig,
+    effective_n_beta,
+    estimate_llc,
+)
 from grokedge.experiments.perturbation import BucketedEvaluate, flat_evaluator
 from grokedge.experiments.restricted_loss import restricted_excluded_loss
 from grokedge.experiments.sharpness import edge_hessian_overlap, flat_hvp, top_hessian_eigenpairs
+from grokedge.experiments.subspaces import theta_norms
 from grokedge.functional import analysed_module
 
 INDICATORS_KEY = "callbacks.indicators"
@@ -86,10 +98,11 @@ class MinibatchLoss:
     def __init__(self, pl_module: Any, selector: ParameterSelector, batch: Batch, size: int):
         self.evaluate = flat_evaluator(pl_module.evaluate, selector, analysed_module(pl_module))
         self.batch, self.size = batch, size
+        # The draw's probabilities, once: __call__ runs at every SGLD step.
+        self.weight = batch["weight"].to("cpu", torch.float64)
 
     def __call__(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        weight = self.batch["weight"].to("cpu", torch.float64)
-        rows = torch.multinomial(weight, self.size, replacement=True, generator=generator)
+        rows = torch.multinomial(self.weight, self.size, replacement=True, generator=generator)
         rows = rows.to(self.batch["labels"].device)
         sub = {key: value[rows] for key, value in self.batch.items()}
         sub["weight"] = torch.ones_like(sub["weight"])  # the draw already weighted the rows
@@ -129,11 +142,10 @@ def llc_job(pl_module: Any, selector: ParameterSelector, theta: torch.Tensor, ba
         loss, theta.detach().clone(), n, settings.sgld, generator, init_loss=init_loss,
         convergence_tol=settings.convergence_tol, r_hat_max=settings.r_hat_max,
     )  # fmt: skip
-    n_beta = settings.sgld.n_beta
     return {
         "llc": est.llc, "per_chain": est.per_chain, "init_loss": est.init_loss,
         "converged": est.converged, "r_hat": est.r_hat, "n": n,
-        "n_beta": n / math.log(n) if n_beta is None else n_beta,
+        "n_beta": effective_n_beta(n, settings.sgld),
         "loss_trace": est.loss_trace.tolist(),
     }  # fmt: skip
 
@@ -195,15 +207,15 @@ class IndicatorCallback(AnalysisCallback):
         lanczos_seed: int = 0,
         hvp_dtype: str = "float32",
         buckets: int = 4,
-        llc_step_size: float = 1e-4,
-        llc_localization: float = 100.0,
+        llc_step_size: float = DEFAULT_STEP_SIZE,
+        llc_localization: float = DEFAULT_LOCALIZATION,
         llc_n_beta: float | None = None,
-        llc_chains: int = 4,
-        llc_draws: int = 300,
-        llc_burn_in: int = 200,
+        llc_chains: int = DEFAULT_CHAINS,
+        llc_draws: int = DEFAULT_DRAWS,
+        llc_burn_in: int = DEFAULT_BURN_IN,
         llc_batch_size: int = 32,
-        llc_convergence_tol: float = 0.5,
-        llc_r_hat_max: float = 1.1,
+        llc_convergence_tol: float = DEFAULT_CONVERGENCE_TOL,
+        llc_r_hat_max: float = DEFAULT_R_HAT_MAX,
         llc_seed: int = 0,
         n_frequencies: int = 4,
         config_key: str = INDICATORS_KEY,
@@ -276,20 +288,17 @@ class IndicatorCallback(AnalysisCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        try:  # θ_sel is the Gram's selection: it must be in the run
-            gram = find_gram_callback(trainer, from_config=self.from_config)
-        except ValueError as e:
-            raise ValueError(f"{self.config_key}: {e}") from e
+        # θ_sel is the Gram's selection: it must be in the run (else one error, the fix named).
+        gram = self.gram or find_gram_callback(
+            trainer, from_config=self.from_config, reader=self.label
+        )
         self.selector = gram.make_selector(pl_module)
         self.modulus = getattr(trainer.datamodule, "answer_modulus", None)
 
     def norms(self, pl_module: L.LightningModule) -> dict[str, float]:
         """‖θ‖ over every parameter and ‖θ_sel‖ (parameter units, float64 sums)."""
         assert self.selector is not None
-        net = analysed_module(pl_module)
-        total = sum(float(p.detach().double().square().sum()) for p in net.parameters())
-        selected = torch.linalg.vector_norm(self.selector.flatten(net).double())
-        return {"theta_norm": math.sqrt(total), "theta_norm_selected": float(selected)}
+        return theta_norms(analysed_module(pl_module), self.selector)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

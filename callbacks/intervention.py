@@ -24,7 +24,7 @@ from grokedge.config_checks import names_python_arguments
 from grokedge.edge.selection import ParameterSelector
 from grokedge.experiments.attention_stats import attention_entropy
 from grokedge.experiments.probes import LINEAR, ProbeConfig, score_probes
-from grokedge.experiments.subspaces import params_norm
+from grokedge.experiments.subspaces import theta_norms
 from grokedge.functional import TRACE, analysed_module, check_block, trace_of
 from grokedge.optimizer_facts import decay_of
 
@@ -52,10 +52,7 @@ def compression_measures(
     first parameter group of the optimizer now).
     """
     net = analysed_module(pl_module)
-    values: dict[str, float] = {
-        f"{prefix}/theta_norm": params_norm(net.parameters()),
-        f"{prefix}/theta_norm_selected": params_norm(t for _, t in selector.named(net)),
-    }
+    values = {f"{prefix}/{name}": v for name, v in theta_norms(net, selector).items()}
     trace = trace_of(pl_module, batch)
     valid = batch["labels"] != IGNORE_INDEX
     if trace.attn:

@@ -86,6 +86,11 @@ class LLCEstimate:
     r_hat: float | None  # Gelman–Rubin R̂ across chains (None with one chain)
 
 
+def effective_n_beta(n: int, config: SGLDConfig) -> float:
+    """The nβ an estimate on ``n`` samples uses: ``config.n_beta``, or n / log n."""
+    return n / math.log(n) if config.n_beta is None else config.n_beta
+
+
 def gelman_rubin(trace: Tensor) -> float:
     """Gelman–Rubin R̂ of ``trace`` [chains >= 2, draws >= 2] (float64): √(V̂ / W) with W the
     mean within-chain variance, B/N the variance of the chain means, V̂ = (N−1)/N·W + B/N.
@@ -174,7 +179,7 @@ def estimate_llc(
     check_float("convergence_tol", convergence_tol, 0.0, strict_minimum=True)
     check_float("r_hat_max", r_hat_max, 1.0)
     check_int("init_loss_draws", init_loss_draws, 1)
-    n_beta = n / math.log(n) if config.n_beta is None else config.n_beta
+    n_beta = effective_n_beta(n, config)
     w_star = theta.detach().clone()
     if init_loss is None:
         with torch.no_grad():

@@ -13,8 +13,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from grokedge.edge.selection import ParameterSelector
 from grokedge.edge.sharding import Shard, to_comm_device
 
 RANK_RTOL = 1e-10
@@ -209,6 +210,15 @@ def params_norm(params: Iterable[Tensor]) -> float:
     for p in params:
         total += float(p.detach().to(torch.float64).pow(2).sum())
     return math.sqrt(total)
+
+
+def theta_norms(net: nn.Module, selector: ParameterSelector) -> dict[str, float]:
+    """``theta_norm`` (‖θ‖ over every parameter of ``net``) and ``theta_norm_selected``
+    (over the ``selector``'s), in parameter units, float64 sums."""
+    return {
+        "theta_norm": params_norm(net.parameters()),
+        "theta_norm_selected": params_norm(t for _, t in selector.named(net)),
+    }
 
 
 def edge_basis(vectors: Tensor, sigma: Tensor, indices: Sequence[int]) -> Tensor:

@@ -31,7 +31,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from grokedge.edge.definitions import EDGE_DEFINITIONS, PAPER
+from grokedge.edge.geometry import g23, kstar_ratio
 from grokedge.reporting.change_points import ChangePoint, change_point, search_span
 from grokedge.reporting.discover import Collection, RunData
 from grokedge.reporting.edge_series import UNRECORDED, analysed_definition, definition_sigma
@@ -45,22 +48,17 @@ EDGE = "edge"
 Series = tuple[list[int], list[float]]
 
 
-def _kstar(sigma: list[float]) -> int:
-    """k* = argmax_j σ_j/σ_{j+1}, 1-based (as ``grokedge.edge.geometry.kstar_ratio``)."""
-    pairs = zip(sigma[:-1], sigma[1:], strict=True)
-    ratios = [(a / b, j + 1) for j, (a, b) in enumerate(pairs) if b > 0]
-    return max(ratios, key=lambda r: (r[0], -r[1]))[1] if ratios else 1
-
-
 def _sigma_values(sigma: list[float]) -> dict[str, float]:
-    """The edge's σ-derived scalars of one window (module docstring)."""
+    """The edge's σ-derived scalars of one window (module docstring), by the edge's own
+    read-outs (``grokedge.edge.geometry``)."""
     out: dict[str, float] = {}
+    s = torch.tensor(sigma, dtype=torch.float64)
     if sigma:
         out["sigma_1"] = sigma[0]
     if len(sigma) >= 3:
-        out["g23"] = sigma[1] ** 2 - sigma[2] ** 2
+        out["g23"] = g23(s)
     if len(sigma) >= 2:
-        k = _kstar(sigma)
+        k = kstar_ratio(s)
         out["kstar"] = float(k)
         if sigma[k] > 0:
             out["gap_ratio"] = sigma[k - 1] / sigma[k]
