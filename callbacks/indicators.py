@@ -186,6 +186,12 @@ class IndicatorCallback(AnalysisCallback):
         n_frequencies: key frequencies of the restricted/excluded loss.
         at_grok, at_end, tables, background, background_steps, config_key: as
             ``AblationCallback``.
+
+    Example::
+
+        >>> indicators = IndicatorCallback(sharpness_every=100, llc_every=200)
+        >>> callbacks = [GramCallback(), indicators]  # the Gram first: θ_sel and v₁ are its
+        >>> L.Trainer(callbacks=callbacks).fit(module, datamodule)  # doctest: +SKIP
     """
 
     analysis = INDICATORS

@@ -25,7 +25,7 @@ from grokedge.checks import ConfigError
 from grokedge.experiments.curvature import flat_loss
 from grokedge.experiments.restricted_loss import restricted_excluded_loss
 from grokedge.functional import analysed_module
-from grokedge.run_files import metrics_by_step
+from grokedge.run_files import metrics_by_step, read_metrics
 from grokedge.train import Run, build, compose, fit
 
 EVAL, SHARP, LLC_EVERY, K = 20, 20, 40, 3
@@ -237,6 +237,31 @@ def test_state_round_trips_a_checkpoint(runs: Runs) -> None:
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
     assert cb.state_dict()["part_calls"] == {"sharpness": 3, "llc": 1, "fourier": 0}
+
+
+WALL_TIMES = ("seconds", "worker_seconds")
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    """Rows without their wall times (the one thing a resumed run cannot share)."""
+    return [{k: v for k, v in row.items() if k not in WALL_TIMES} for row in rows]
+
+
+def test_a_resumed_run_writes_what_the_uninterrupted_run_writes(runs: Runs, tmp_path: Path) -> None:
+    """Resumed from the step-40 checkpoint into a new directory, the run ends with the
+    uninterrupted run's metrics.jsonl (every float bit: the SGLD generator is seeded from
+    the step, the Lanczos start from its seed) and its analyses.jsonl but for wall times,
+    the calls after the checkpoint included (sharpness at 60; no LLC call is due there)."""
+    full = run_dir(runs.dyck)
+    ckpt = full / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == 40
+    overrides = [*DYCK, *INDICATORS, f"trainer.max_steps={DYCK_STEPS}", f"resume={ckpt}"]
+    resumed = built(tmp_path / "resumed", overrides)
+    fit(resumed)
+    assert read_metrics(run_dir(resumed)) == read_metrics(full)
+    rows, full_rows = read_analyses(run_dir(resumed)), read_analyses(full)
+    assert [r["step"] for r in full_rows if r["analysis"] == "indicators"] == [20, 40, 60]
+    assert _untimed(rows) == _untimed(full_rows)
 
 
 @pytest.mark.parametrize(
