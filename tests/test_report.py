@@ -305,3 +305,28 @@ def test_single_run_report(sweep: Path) -> None:
 
 def test_report_of_a_directory_without_runs_fails_cleanly(tmp_path: Path) -> None:
     assert report_main([str(tmp_path), "--no-wandb"]) == 2
+
+
+def test_directory_of_sweeps_is_read_as_one_sweep(sweep: Path, tmp_path: Path) -> None:
+    """Two multiruns side by side (one per preset, e.g. experiment=classes and
+    experiment=classes_scan) are judged together: every job of both, named
+    ``<sweep>/<job>``, each with its own figures under ``report/runs/<sweep>/<job>/``."""
+    import shutil
+
+    from grokedge.reporting.discover import discover
+
+    parent = tmp_path / "both"
+    for name in ("first", "second"):
+        shutil.copytree(sweep, parent / name, ignore=shutil.ignore_patterns("report"))
+    collection = discover(parent)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
+    assert collection.is_sweep
+    assert sorted(r.name for r in collection.runs) == sorted(
+        f"{s}/{j}" for s in ("first", "second") for j in jobs
+    )
+    assert len(collection.ok) == 2 * len(discover(sweep).ok) == 8
+    assert report_main([str(parent), "--no-wandb"]) == 0
+    md = (parent / "report" / "report.md").read_text()
+    assert f"A sweep of {2 * len(jobs)} job(s): 8 finished" in md
+    for name in ("first", "second"):
+        _png(parent / "report" / "runs" / name / "0" / "lifecycle.png")

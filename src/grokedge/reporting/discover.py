@@ -2,7 +2,9 @@
 
 A *run* directory holds ``summary.json``, ``metrics.jsonl``, ``analyses.jsonl`` and
 (when launched by Hydra) ``.hydra/``. A *sweep* directory (Hydra's multirun directory, or
-any directory of run directories) holds numbered (or named) run directories. A job whose
+any directory of run directories) holds numbered (or named) run directories; a directory of
+sweeps (one level more, e.g. one sweep per task beside each other) is read as one sweep
+whose jobs are named ``<sweep>/<job>``. A job whose
 ``summary.json`` says ``"status": "failed"``, or that has no ``summary.json`` at all (killed,
 crashed before the end), is kept and marked failed: the report lists it and skips it.
 """
@@ -191,6 +193,13 @@ def _job_order(path: Path) -> tuple[int, str]:
     return (int(path.name), "") if path.name.isdigit() else (1 << 30, path.name)
 
 
+def _jobs(sweep: Path) -> list[Path]:
+    """The run directories of a sweep directory, in job order (its report/ left out)."""
+    return sorted(
+        (p for p in sweep.iterdir() if is_run_dir(p) and p.name != "report"), key=_job_order
+    )
+
+
 @dataclass
 class Collection:
     """What the report was pointed at: one run, or a sweep of runs."""
@@ -241,14 +250,18 @@ def discover(root: str | Path) -> Collection:
         raise FileNotFoundError(f"{root} is not a directory")
     if (root / SUMMARY_FILE).is_file() or (root / METRICS_FILE).is_file():
         return Collection(root, [load_run(root)], is_sweep=False)
-    jobs = sorted(
-        (p for p in root.iterdir() if is_run_dir(p) and p.name != "report"), key=_job_order
-    )
+    jobs = _jobs(root)
     if jobs:
         return Collection(root, [load_run(p) for p in jobs], is_sweep=True)
+    # A directory of sweeps: several multiruns judged together (a claim over tasks that
+    # need different presets, e.g. experiment=classes and experiment=classes_scan).
+    sweeps = sorted(p for p in root.iterdir() if p.is_dir() and p.name != "report")
+    runs = [load_run(job, f"{s.name}/{job.name}") for s in sweeps for job in _jobs(s)]
+    if runs:
+        return Collection(root, runs, is_sweep=True)
     if is_run_dir(root):  # only .hydra/: a job that died at once
         return Collection(root, [load_run(root)], is_sweep=False)
     raise FileNotFoundError(
-        f"{root} holds no run (summary.json, metrics.jsonl, analyses.jsonl or .hydra/) and no "
-        "run directories"
+        f"{root} holds no run (summary.json, metrics.jsonl, analyses.jsonl or .hydra/), no "
+        "run directories and no sweep directories"
     )
