@@ -262,7 +262,6 @@ class IndicatorCallback(AnalysisCallback):
         self.n_frequencies = check_int(f"{key}.n_frequencies", n_frequencies, 1)
         self.selector: ParameterSelector | None = None
         self.modulus: int | None = None
-        self.last_eval_step: int | None = None
         self.part_calls = {SHARPNESS: 0, LLC: 0, FOURIER: 0}
         self._trigger = GROK
         self._train_set: Batch | None = None
@@ -314,7 +313,6 @@ class IndicatorCallback(AnalysisCallback):
         metrics = trainer.callback_metrics
         if "test/loss" in metrics and "train/loss" in metrics:
             values["indicator/loss_gap"] = float(metrics["test/loss"] - metrics["train/loss"])
-        self.last_eval_step = trainer.global_step
         log_scalars(trainer, pl_module, values, direct=True)
 
     def _run(
@@ -408,10 +406,9 @@ class IndicatorCallback(AnalysisCallback):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()  # first: it collects the worker's finished calls
-        return {**state, "last_eval_step": self.last_eval_step, "part_calls": {**self.part_calls}}
+        return {**state, "part_calls": {**self.part_calls}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if state_dict:
-            self.last_eval_step = state_dict.get("last_eval_step")
             self.part_calls.update(state_dict.get("part_calls", {}))
