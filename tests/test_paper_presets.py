@@ -84,8 +84,8 @@ def test_every_preset_claiming_the_paper_declares_it() -> None:
 
 def test_the_paper_presets_are_the_ones_read_from_the_headers() -> None:
     """What the headers say today: the paper's Dyck run and control, modular arithmetic,
-    SCAN, the WD intervention, its Table 2 classes (on Dyck and modular, and on SCAN), and the decoupling (compared with
-    them); never edge_controls."""
+    SCAN, the WD intervention, its Table 2 classes (on Dyck and modular, and on SCAN), and
+    the decoupling (compared with them); never edge_controls."""
     expected = [
         "classes",
         "classes_scan",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 from grokedge.report import main as report_main
 from grokedge.reporting.causal_figures import ablation_figure
 from grokedge.reporting.causal_tables import ablation_table
-from grokedge.reporting.discover import RunData
+from grokedge.reporting.discover import RunData, discover
 from grokedge.reporting.run_tables import ablation_phase_table
 from grokedge.reporting.wandb_records import history_of, read_offline_run
 
@@ -311,10 +312,6 @@ def test_directory_of_sweeps_is_read_as_one_sweep(sweep: Path, tmp_path: Path) -
     """Two multiruns side by side (one per preset, e.g. experiment=classes and
     experiment=classes_scan) are judged together: every job of both, named
     ``<sweep>/<job>``, each with its own figures under ``report/runs/<sweep>/<job>/``."""
-    import shutil
-
-    from grokedge.reporting.discover import discover
-
     parent = tmp_path / "both"
     for name in ("first", "second"):
         shutil.copytree(sweep, parent / name, ignore=shutil.ignore_patterns("report"))
